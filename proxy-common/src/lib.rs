@@ -1,0 +1,215 @@
+//! Map keys, values, names and sizes shared by the eBPF programs and the
+//! userspace daemon. Everything here is `#[repr(C)]` plain data: both sides
+//! must agree on the layout byte for byte.
+//!
+//! Addresses and ports are stored in **network byte order** (the bytes as they
+//! sit in the packet), so the data path compares them without swapping.
+#![no_std]
+
+use core::net::Ipv4Addr;
+
+/// Names of the maps in the eBPF object; also their file names under the pin
+/// directory.
+pub mod map_name {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const STATS: &str = "STATS";
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, RR_CURSORS, CONNTRACK, STATS];
+}
+
+/// Name of the TC classifier in the eBPF object.
+pub const TC_PROGRAM: &str = "kpr_tc";
+
+/// Service frontends (VIP, port, protocol); also the size of `RR_CURSORS`,
+/// which service ids index.
+pub const MAX_SERVICES: u32 = 262_144;
+/// Backend slots over all services.
+pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
+/// Tracked flows; each connection takes two entries (one per direction).
+pub const MAX_CONNTRACK: u32 = 262_144;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of `SERVICES`: one service port as clients address it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Index into `RR_CURSORS` and first half of every `BackendKey` of this
+    /// service. Allocated by the daemon; stable while the service exists.
+    pub id: u32,
+    /// Slots `0..backend_count` of `BACKENDS` are populated.
+    pub backend_count: u32,
+    /// ClientIP affinity timeout in seconds; 0 means no affinity.
+    pub affinity_timeout: u32,
+    pub flags: u32,
+}
+
+/// Key of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `BACKENDS`: where a new flow of that service may be sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, port: u16) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            _pad: 0,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// Key of `CONNTRACK`: a packet's 5-tuple as it arrives, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `NatEntry::flags`: the entry rewrites the source of replies (backend back
+/// to the service address) rather than the destination of requests.
+pub const NAT_REPLY: u8 = 1;
+
+/// Value of `CONNTRACK`: the address and port to write into the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatEntry {
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Service and slot the backend was chosen from (request direction), so
+    /// a new connection reusing the tuple can tell whether the choice still
+    /// stands.
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Indices into the per-CPU `STATS` array: what happened to each packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A new flow to a service: backend chosen, destination translated.
+    NewFlow = 0,
+    /// A request packet of a tracked flow, translated.
+    Established = 1,
+    /// A reply from a backend, source translated back to the service.
+    Reply = 2,
+    /// IPv4 packet to no service: passed untouched.
+    NoMatch = 3,
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    NotIpv4 = 4,
+    /// An IPv4 fragment: passed untouched (no L4 header to translate by).
+    Fragment = 5,
+    /// Headers shorter than they claim: passed untouched for the kernel to drop.
+    Truncated = 6,
+    /// A service with no usable backend: dropped.
+    NoBackend = 7,
+    /// Conntrack insert or packet rewrite failed: dropped.
+    Error = 8,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::NewFlow,
+        Stat::Established,
+        Stat::Reply,
+        Stat::NoMatch,
+        Stat::NotIpv4,
+        Stat::Fragment,
+        Stat::Truncated,
+        Stat::NoBackend,
+        Stat::Error,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stat::NewFlow => "new_flow",
+            Stat::Established => "established",
+            Stat::Reply => "reply",
+            Stat::NoMatch => "no_match",
+            Stat::NotIpv4 => "not_ipv4",
+            Stat::Fragment => "fragment",
+            Stat::Truncated => "truncated",
+            Stat::NoBackend => "no_backend",
+            Stat::Error => "error",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] integers with explicit padding
+    // fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NatEntry {}
+}

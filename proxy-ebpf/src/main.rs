@@ -1,0 +1,110 @@
+//! The TC data path: DNAT to service backends and reverse NAT of replies.
+//!
+//! Stages, as in Cilium's lb.h: parse -> conntrack -> lookup service ->
+//! select backend -> translate (or reverse-translate a reply).
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{Stat, NAT_REPLY};
+
+use crate::parse::{ParseError, Packet, MAX_HEADERS};
+
+/// What became of a packet: every packet is counted under exactly one stat.
+enum Verdict {
+    /// Translated; accepted.
+    Translated(Stat),
+    /// Not ours: left untouched for whatever comes next on the hook.
+    Untouched(Stat),
+    Drop(Stat),
+}
+
+#[classifier]
+pub fn kpr_tc(ctx: TcContext) -> i32 {
+    let verdict = process(&ctx);
+    let (stat, action) = match verdict {
+        Verdict::Translated(s) => (s, TC_ACT_OK as i32),
+        Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),
+        Verdict::Drop(s) => (s, TC_ACT_SHOT as i32),
+    };
+    maps::count(stat);
+    action
+}
+
+#[inline(always)]
+fn process(ctx: &TcContext) -> Verdict {
+    let pkt = match parse_packet(ctx) {
+        Ok(pkt) => pkt,
+        Err(ParseError::NotIpv4) => return Verdict::Untouched(Stat::NotIpv4),
+        Err(ParseError::Fragment) => return Verdict::Untouched(Stat::Fragment),
+        Err(ParseError::Truncated) => return Verdict::Untouched(Stat::Truncated),
+        Err(ParseError::OtherProtocol) => return Verdict::Untouched(Stat::NoMatch),
+    };
+
+    if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
+        if entry.flags & NAT_REPLY != 0 {
+            return applied(nat::translate_src(ctx, &pkt, entry.addr, entry.port), Stat::Reply);
+        }
+        if !pkt.may_open_flow() || lb::still_selected(&entry) {
+            return applied(
+                nat::translate_dst(ctx, &pkt, entry.addr, entry.port),
+                Stat::Established,
+            );
+        }
+        // A new connection on a reused tuple whose backend has gone: choose
+        // again below.
+    }
+
+    let Some(svc) = lb::lookup_service(&pkt) else {
+        return Verdict::Untouched(Stat::NoMatch);
+    };
+    let Some((slot, backend)) = lb::select_backend(&svc) else {
+        return Verdict::Drop(Stat::NoBackend);
+    };
+    if conntrack::create(&pkt, svc.id, slot, &backend).is_err() {
+        return Verdict::Drop(Stat::Error);
+    }
+    applied(nat::translate_dst(ctx, &pkt, backend.addr, backend.port), Stat::NewFlow)
+}
+
+/// Makes sure the headers are in the linear part of the skb, then parses.
+#[inline(always)]
+fn parse_packet(ctx: &TcContext) -> Result<Packet, ParseError> {
+    let linear = ctx.data_end() - ctx.data();
+    let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
+    if linear < want {
+        // On failure the parse below reports the short headers.
+        let _ = ctx.pull_data(want as u32);
+    }
+    parse::parse(ctx.data(), ctx.data_end())
+}
+
+#[inline(always)]
+fn applied(result: Result<(), i64>, stat: Stat) -> Verdict {
+    match result {
+        Ok(()) => Verdict::Translated(stat),
+        Err(_) => Verdict::Drop(Stat::Error),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

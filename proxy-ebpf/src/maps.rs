@@ -1,0 +1,39 @@
+//! The maps, laid out by `proxy_common`. All are pinned by name so that a
+//! daemon restart finds them again with every flow still tracked.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, MAX_BACKEND_SLOTS,
+    MAX_CONNTRACK, MAX_SERVICES,
+};
+
+// Written only by the daemon, so they need not be preallocated.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+/// One shared round-robin cursor per service id: a global counter (not a
+/// per-CPU one) is what makes the rotation exact across CPUs.
+#[map]
+pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *counter += 1 };
+    }
+}

@@ -1,0 +1,140 @@
+//! Loads the programs with their maps pinned under the pin directory and
+//! attaches the classifier through pinned TCX links, so that a restarted
+//! daemon atomically replaces the running program and reuses every map:
+//! established flows never notice.
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    sys::SyscallError,
+    Ebpf, EbpfLoader,
+};
+use proxy_common::TC_PROGRAM;
+
+use super::{bpffs, EBPF_OBJECT};
+
+const LINK_DIR: &str = "links";
+const PROGRAM_PIN: &str = "prog_kpr_tc";
+
+/// Loads the object with its maps at `pin_dir/<MAP>` (created, or reused
+/// from an earlier run) and the classifier loaded and pinned.
+pub fn load(pin_dir: &Path) -> Result<Ebpf> {
+    bpffs::ensure_pin_dir(pin_dir)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)
+        .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
+    let program = classifier(&mut ebpf)?;
+    program.load().context("loading the TC classifier (the verifier rejected it?)")?;
+    let pin = pin_dir.join(PROGRAM_PIN);
+    let _ = std::fs::remove_file(&pin);
+    program.pin(&pin).with_context(|| format!("pinning the classifier at {}", pin.display()))?;
+    Ok(ebpf)
+}
+
+fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(TC_PROGRAM)
+        .with_context(|| format!("the eBPF object has no program {TC_PROGRAM}"))?;
+    Ok(program.try_into()?)
+}
+
+fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(LINK_DIR).join(format!("tc_ingress_{iface}"))
+}
+
+/// Attaches the classifier at the ingress of `iface`. A link pinned by an
+/// earlier run is updated in place (no moment without a program); otherwise
+/// a new TCX link is created and pinned.
+pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
+    let path = link_path(pin_dir, iface);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let program = classifier(ebpf)?;
+    let link_id = match PinnedLink::from_pin(&path) {
+        Ok(old) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+            match program.attach_to_link(link) {
+                Ok(id) => id,
+                Err(e) => {
+                    // The interface the old link belonged to is gone (a
+                    // pod's veth recreated under the same name): start over.
+                    tracing::debug!(%iface, error = %e, "stale link pin, attaching anew");
+                    std::fs::remove_file(&path)?;
+                    return attach(ebpf, pin_dir, iface);
+                }
+            }
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
+            program
+                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching to the ingress of {iface}"))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening the pinned link {}", path.display())),
+    };
+    let link = program.take_link(link_id)?;
+    let fd_link: FdLink = link.try_into().context("TCX link expected (kernel >= 6.6)")?;
+    let _ = std::fs::remove_file(&path);
+    fd_link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(())
+}
+
+/// Unpins the link of an interface that went away.
+pub fn forget(pin_dir: &Path, iface: &str) {
+    let _ = std::fs::remove_file(link_path(pin_dir, iface));
+}
+
+/// Interfaces with a pinned link from this or an earlier run.
+pub fn attached_interfaces(pin_dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(pin_dir.join(LINK_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("tc_ingress_").map(str::to_owned))
+        .collect()
+}
+
+/// The interfaces of the current network namespace, loopback excepted.
+pub fn interfaces() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 {
+            let name = CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned();
+            if name != "lo" {
+                names.push(name);
+            }
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}
+
+/// Removes every pin (links first, which detaches the programs); the maps
+/// and programs go away with their last reference.
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    let links = pin_dir.join(LINK_DIR);
+    if links.exists() {
+        std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for entry in std::fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}

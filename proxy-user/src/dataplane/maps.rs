@@ -1,0 +1,83 @@
+//! Typed access to the pinned maps, for the daemon's syncer and for the CLI.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{map_name, Backend, BackendKey, ServiceKey, ServiceValue, Stat};
+
+use crate::sync::{ServiceTable, TableError};
+
+fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!("opening map {} (is the daemon running with this pin directory?)", path.display())
+    })
+}
+
+/// SERVICES and BACKENDS.
+pub struct ServiceMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+}
+
+impl ServiceMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::SERVICES)?))?,
+            backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
+        })
+    }
+
+    /// Every frontend with its backends in slot order.
+    pub fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceValue, Vec<Backend>)>> {
+        let mut out = Vec::new();
+        for (key, value) in self.services()? {
+            let backends = (0..value.backend_count)
+                .filter_map(|slot| self.backends.get(&BackendKey { service_id: value.id, slot }, 0).ok())
+                .collect();
+            out.push((key, value, backends));
+        }
+        out.sort_by_key(|(k, _, _)| (k.ip(), k.port(), k.proto));
+        Ok(out)
+    }
+}
+
+fn table_err(op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> TableError {
+    let op = op.into();
+    move |e| TableError { op, reason: e.to_string() }
+}
+
+impl ServiceTable for ServiceMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, TableError> {
+        self.services.iter().collect::<Result<_, _>>().map_err(table_err("reading SERVICES"))
+    }
+
+    fn backends(&self) -> Result<Vec<(BackendKey, Backend)>, TableError> {
+        self.backends.iter().collect::<Result<_, _>>().map_err(table_err("reading BACKENDS"))
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), TableError> {
+        self.services.insert(key, value, 0).map_err(table_err("writing SERVICES"))
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError> {
+        self.services.remove(key).map_err(table_err("deleting from SERVICES"))
+    }
+
+    fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError> {
+        self.backends.insert(key, value, 0).map_err(table_err("writing BACKENDS"))
+    }
+
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {
+        self.backends.remove(key).map_err(table_err("deleting from BACKENDS"))
+    }
+}
+
+/// The per-CPU packet counters, summed.
+pub fn read_stats(pin_dir: &Path) -> Result<Vec<(Stat, u64)>> {
+    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_name::STATS)?))?;
+    Stat::ALL
+        .iter()
+        .map(|&s| Ok((s, stats.get(&(s as u32), 0)?.iter().sum())))
+        .collect()
+}

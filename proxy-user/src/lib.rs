@@ -1,0 +1,11 @@
+//! kpr: a kube-proxy replacement on eBPF.
+//!
+//! A source (a manifest directory, later the Kubernetes API) yields Services
+//! and EndpointSlices; the pure [`model`] turns them into the desired
+//! frontends and backends; the [`sync`] writes only the differences into the
+//! BPF maps; the programs in `proxy-ebpf` read them per packet.
+pub mod daemon;
+pub mod dataplane;
+pub mod model;
+pub mod source;
+pub mod sync;

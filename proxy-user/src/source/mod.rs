@@ -1,0 +1,13 @@
+//! Where Services and EndpointSlices come from. Every source produces a
+//! [`Snapshot`] of validated objects that the model turns into map contents.
+pub mod manifests;
+
+use std::collections::BTreeMap;
+
+use crate::model::objects::{EndpointSliceInfo, ObjectName, ServiceInfo};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ObjectName, ServiceInfo>,
+    pub slices: BTreeMap<ObjectName, EndpointSliceInfo>,
+}

@@ -1,0 +1,233 @@
+//! The syncer: makes the service maps equal to the desired state by writing
+//! only what differs. It remembers exactly what it has written, so a failed
+//! write (a full map, say) is retried by the next sync and touches nothing
+//! else.
+use std::collections::{BTreeMap, BTreeSet};
+
+use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES};
+
+use crate::model::{objects::Protocol, BackendAddr, DesiredState, Frontend};
+
+/// A failed map operation, named for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {reason}")]
+pub struct TableError {
+    pub op: String,
+    pub reason: String,
+}
+
+/// The two maps that describe services: what the syncer reads and writes.
+pub trait ServiceTable {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, TableError>;
+    fn backends(&self) -> Result<Vec<(BackendKey, Backend)>, TableError>;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), TableError>;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError>;
+    fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError>;
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError>;
+}
+
+/// What is in the maps for one frontend, as far as the syncer knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Applied {
+    id: u32,
+    /// The service entry's backend count and affinity, once written.
+    value: Option<ServiceValue>,
+    /// Slot contents; `None` for a slot not (or no longer) written.
+    slots: Vec<Option<Backend>>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    /// Frontends that could not be (fully) programmed; retried next sync.
+    pub failures: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Syncer {
+    applied: BTreeMap<ServiceKey, Applied>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey::new(f.ip, f.port, f.protocol.ip_proto())
+}
+
+pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend { ip: key.ip(), port: key.port(), protocol: Protocol::from_ip_proto(key.proto)? })
+}
+
+fn backend(b: &BackendAddr) -> Backend {
+    Backend::new(b.ip, b.port)
+}
+
+impl Syncer {
+    /// Takes over whatever a previous daemon left in the maps, keeping its
+    /// service ids (and so the round-robin cursors and tracked flows).
+    /// Backends of no service are removed.
+    pub fn recover(table: &mut impl ServiceTable) -> Result<Self, TableError> {
+        let mut syncer = Syncer::default();
+        let mut by_id: BTreeMap<u32, ServiceKey> = BTreeMap::new();
+        for (key, value) in table.services()? {
+            by_id.insert(value.id, key);
+            syncer.applied.insert(key, Applied { id: value.id, value: Some(value), slots: Vec::new() });
+        }
+        for (key, b) in table.backends()? {
+            let Some(applied) = by_id.get(&key.service_id).and_then(|k| syncer.applied.get_mut(k)) else {
+                table.remove_backend(&key)?;
+                continue;
+            };
+            let slot = key.slot as usize;
+            if applied.slots.len() <= slot {
+                applied.slots.resize(slot + 1, None);
+            }
+            applied.slots[slot] = Some(b);
+        }
+        syncer.next_id = by_id.keys().next_back().map_or(0, |id| id + 1);
+        syncer.free_ids = (0..syncer.next_id).filter(|id| !by_id.contains_key(id)).rev().collect();
+        Ok(syncer)
+    }
+
+    pub fn sync(&mut self, desired: &DesiredState, table: &mut impl ServiceTable) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted: BTreeMap<ServiceKey, (&Frontend, ServiceValue, Vec<Backend>)> = desired
+            .frontends
+            .iter()
+            .map(|(f, state)| {
+                let backends: Vec<Backend> = state.backends.iter().map(backend).collect();
+                let value = ServiceValue {
+                    id: 0,
+                    backend_count: backends.len() as u32,
+                    affinity_timeout: state.affinity_timeout.unwrap_or(0),
+                    flags: 0,
+                };
+                (service_key(f), (f, value, backends))
+            })
+            .collect();
+
+        let stale: Vec<ServiceKey> = self.applied.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in stale {
+            match self.remove(&key, table) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report.failures.push(format!("removing {}: {e}", describe(&key))),
+            }
+        }
+        for (key, (f, value, backends)) in &wanted {
+            let is_new = !self.applied.contains_key(key);
+            match self.apply(key, *value, backends, table) {
+                Ok(false) => {}
+                Ok(true) if is_new => report.added += 1,
+                Ok(true) => report.updated += 1,
+                Err(e) => report.failures.push(format!("programming {f}: {e}")),
+            }
+        }
+        report
+    }
+
+    /// Brings one frontend to `value` with `backends`; `Ok(true)` when
+    /// anything was written.
+    fn apply(
+        &mut self,
+        key: &ServiceKey,
+        mut value: ServiceValue,
+        backends: &[Backend],
+        table: &mut impl ServiceTable,
+    ) -> Result<bool, TableError> {
+        if !self.applied.contains_key(key) {
+            let id = self.allocate_id().ok_or_else(|| TableError {
+                op: "allocating a service id".into(),
+                reason: format!("all {MAX_SERVICES} are in use"),
+            })?;
+            self.applied.insert(*key, Applied { id, value: None, slots: Vec::new() });
+        }
+        let applied = self.applied.get_mut(key).expect("inserted above");
+        value.id = applied.id;
+        let target = place(&applied.slots, backends);
+        let mut wrote = false;
+
+        // Fill slots before the count grows and shrink the count before
+        // slots go, so the data path never picks an empty slot.
+        for (slot, b) in target.iter().enumerate() {
+            if applied.slots.get(slot).copied().flatten() != Some(*b) {
+                table.put_backend(&BackendKey { service_id: value.id, slot: slot as u32 }, b)?;
+                if applied.slots.len() <= slot {
+                    applied.slots.resize(slot + 1, None);
+                }
+                applied.slots[slot] = Some(*b);
+                wrote = true;
+            }
+        }
+        if applied.value != Some(value) {
+            table.put_service(key, &value)?;
+            applied.value = Some(value);
+            wrote = true;
+        }
+        while applied.slots.len() > target.len() {
+            let slot = applied.slots.len() - 1;
+            if applied.slots[slot].is_some() {
+                table.remove_backend(&BackendKey { service_id: value.id, slot: slot as u32 })?;
+                wrote = true;
+            }
+            applied.slots.pop();
+        }
+        Ok(wrote)
+    }
+
+    fn remove(&mut self, key: &ServiceKey, table: &mut impl ServiceTable) -> Result<(), TableError> {
+        let applied = self.applied.get_mut(key).expect("called for applied keys");
+        if applied.value.is_some() {
+            table.remove_service(key)?;
+            applied.value = None;
+        }
+        while let Some(last) = applied.slots.last().copied() {
+            if last.is_some() {
+                let slot = applied.slots.len() as u32 - 1;
+                table.remove_backend(&BackendKey { service_id: applied.id, slot })?;
+            }
+            applied.slots.pop();
+        }
+        let id = applied.id;
+        self.applied.remove(key);
+        self.free_ids.push(id);
+        Ok(())
+    }
+
+    fn allocate_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_ids.pop() {
+            return Some(id);
+        }
+        if self.next_id >= MAX_SERVICES {
+            return None;
+        }
+        self.next_id += 1;
+        Some(self.next_id - 1)
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.applied.len()
+    }
+}
+
+fn describe(key: &ServiceKey) -> String {
+    frontend(key).map_or_else(|| format!("{}:{}/{}", key.ip(), key.port(), key.proto), |f| f.to_string())
+}
+
+/// Slot layout for `backends` that moves as few backends as possible: a
+/// backend keeps its slot when it stays and the slot still exists, so flows
+/// tracked to it keep validating against their slot.
+fn place(current: &[Option<Backend>], backends: &[Backend]) -> Vec<Backend> {
+    let wanted: BTreeSet<Backend> = backends.iter().copied().collect();
+    let mut slots: Vec<Option<Backend>> = (0..backends.len())
+        .map(|i| current.get(i).copied().flatten().filter(|b| wanted.contains(b)))
+        .collect();
+    let placed: BTreeSet<Backend> = slots.iter().flatten().copied().collect();
+    let mut rest = backends.iter().filter(|b| !placed.contains(b));
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = rest.next().copied();
+    }
+    slots.into_iter().map(|s| s.expect("as many slots as backends")).collect()
+}
+

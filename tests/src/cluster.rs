@@ -1,0 +1,265 @@
+//! One node namespace running the daemon, pods behind it on routed veths
+//! (as Calico lays them out), and an outside client on the node's external
+//! interface.
+//!
+//! ```text
+//!  outside (192.0.2.100) --eth0/eth0-- node (192.0.2.10) --vpodN/eth0-- podN (10.244.0.1N/32)
+//! ```
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use proxy_common::ServiceKey;
+use proxy_user::dataplane::maps::ServiceMaps;
+
+use crate::{netns::Netns, pod::PodServer, sh, unique_id};
+
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+/// The gateway every pod routes through; it answers with the node-side
+/// veth's MAC, which is the same on every veth.
+const POD_GATEWAY: &str = "169.254.1.1";
+const VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+pub const POD_PORT: u16 = 8080;
+
+pub struct ClusterSpec {
+    pub pods: Vec<String>,
+}
+
+impl ClusterSpec {
+    /// `n` pods named `<prefix>-0` .. `<prefix>-{n-1}`.
+    pub fn pods(prefix: &str, n: usize) -> Self {
+        ClusterSpec { pods: (0..n).map(|i| format!("{prefix}-{i}")).collect() }
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    server: Option<PodServer>,
+}
+
+pub struct Cluster {
+    pub id: String,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+    daemon: Option<Child>,
+    log: PathBuf,
+    pub pods: Vec<Pod>,
+    pub outside: Option<Netns>,
+    pub node: Option<Netns>,
+}
+
+impl Cluster {
+    /// Builds the namespaces and starts the daemon in the node.
+    pub fn start(spec: ClusterSpec) -> Result<Self> {
+        let id = unique_id();
+        let dir = PathBuf::from("/run/kpr-test").join(&id);
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        let bpffs = dir.join("bpf");
+        std::fs::create_dir_all(&bpffs)?;
+        let mut cluster = Cluster {
+            pin_dir: bpffs.join("node0"),
+            manifests: dir.join("manifests"),
+            log: dir.join("daemon.log"),
+            id: id.clone(),
+            dir,
+            bpffs,
+            daemon: None,
+            pods: Vec::new(),
+            outside: None,
+            node: None,
+        };
+        // The bpffs lives outside /sys: `ip netns exec` remounts /sys, so
+        // pins there would be invisible to the daemon.
+        sh("mount", &["-t", "bpf", "bpf", cluster.bpffs.to_str().expect("utf-8 path")])?;
+
+        let node = Netns::new(&format!("{id}-node"))?;
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            node.sysctl(key, value)?;
+        }
+        let outside = Netns::new(&format!("{id}-out"))?;
+        sh("ip", &["link", "add", "name", "eth0", "netns", &node.name, "type", "veth", "peer", "name", "eth0", "netns", &outside.name])?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
+        node.ip(&["link", "set", "eth0", "up"])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+        outside.ip(&["link", "set", "eth0", "up"])?;
+        outside.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
+        cluster.node = Some(node);
+        cluster.outside = Some(outside);
+
+        for (i, name) in spec.pods.iter().enumerate() {
+            let pod = cluster.add_pod(i, name)?;
+            cluster.pods.push(pod);
+        }
+        cluster.start_daemon()?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self) -> &Netns {
+        self.node.as_ref().expect("node exists while the cluster does")
+    }
+
+    pub fn outside(&self) -> &Netns {
+        self.outside.as_ref().expect("outside exists while the cluster does")
+    }
+
+    fn add_pod(&self, index: usize, name: &str) -> Result<Pod> {
+        let ip = Ipv4Addr::new(10, 244, 0, 10 + index as u8);
+        let ns = Netns::new(&format!("{}-p{index}", self.id))?;
+        let host_if = format!("vpod{index}");
+        let node = self.node();
+        sh("ip", &[
+            "link", "add", "name", &host_if, "address", VETH_MAC, "netns", &node.name, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns.name,
+        ])?;
+        node.ip(&["link", "set", &host_if, "up"])?;
+        node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if, "scope", "link"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        ns.ip(&["neigh", "add", POD_GATEWAY, "lladdr", VETH_MAC, "dev", "eth0", "nud", "permanent"])?;
+        let server = PodServer::start(&ns, name, POD_PORT)?;
+        Ok(Pod { name: name.to_owned(), ip, ns, server: Some(server) })
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
+        self.pods.iter().map(|p| p.ip).collect()
+    }
+
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node().name])
+            .arg(kpr_binary()?)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["run", "--interfaces", "eth0,vpod*", "--poll-ms", "100", "--manifests"])
+            .arg(&self.manifests)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        self.daemon = Some(child);
+        // Ready once its maps are pinned and it has synced once.
+        self.wait_until("the daemon to start", || Ok(self.log().contains("synced")))
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it; pins stay.
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        if let Some(mut child) = self.daemon.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Writes a manifest file atomically, as an editor or `kubectl` would.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        Ok(std::fs::remove_file(self.manifests.join(file))?)
+    }
+
+    /// The backends programmed for a frontend, `None` when it is absent.
+    pub fn programmed(&self, frontend: SocketAddr, proto: u8) -> Result<Option<Vec<SocketAddr>>> {
+        let SocketAddr::V4(v4) = frontend else { bail!("IPv4 only") };
+        let key = ServiceKey::new(*v4.ip(), v4.port(), proto);
+        let maps = ServiceMaps::open(&self.pin_dir)?;
+        Ok(maps.frontends()?.into_iter().find(|(k, _, _)| *k == key).map(|(_, _, backends)| {
+            backends.iter().map(|b| SocketAddr::from((b.ip(), b.port()))).collect()
+        }))
+    }
+
+    /// Waits until the frontend has exactly these backends (in any order).
+    pub fn wait_for_backends(&self, frontend: SocketAddr, proto: u8, want: &[SocketAddr]) -> Result<()> {
+        let mut want = want.to_vec();
+        want.sort();
+        self.wait_until(&format!("{frontend} to have backends {want:?}"), || {
+            Ok(self.programmed(frontend, proto)?.is_some_and(|mut got| {
+                got.sort();
+                got == want
+            }))
+        })
+    }
+
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last_err = None;
+        while Instant::now() < deadline {
+            match done() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out waiting for {what} (last error: {last_err:?}); daemon log:\n{}", self.log())
+    }
+}
+
+/// The daemon binary: `KPR_BIN`, or `kpr` next to (or one level above) the
+/// running executable, as cargo lays out `target/<profile>/`.
+pub fn kpr_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KPR_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has a directory")?;
+    for candidate in [dir.join("kpr"), dir.join("../kpr")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("the daemon binary `kpr` is not built next to {}: run `cargo build -p proxy-user` (or `cargo xtask test`)", exe.display())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.stop_daemon();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log of cluster {} ----\n{}", self.id, self.log());
+        }
+        for pod in &mut self.pods {
+            pod.server.take();
+        }
+        self.pods.clear();
+        self.outside.take();
+        self.node.take();
+        let _ = sh("umount", &[path_str(&self.bpffs)]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

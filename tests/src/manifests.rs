@@ -1,0 +1,54 @@
+//! Service and EndpointSlice YAML as `kubectl get -o yaml` prints it.
+use std::{fmt::Write, net::Ipv4Addr};
+
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub protocol: &'a str,
+}
+
+pub fn tcp<'a>(name: &'a str, port: u16) -> Port<'a> {
+    Port { name, port, protocol: "TCP" }
+}
+
+pub fn udp<'a>(name: &'a str, port: u16) -> Port<'a> {
+    Port { name, port, protocol: "UDP" }
+}
+
+pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
+    );
+    for p in ports {
+        let _ = write!(yaml, "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n", p.name, p.port, p.protocol, p.name);
+    }
+    yaml
+}
+
+/// An endpoint: its address and whether it is ready.
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+}
+
+pub fn ready(ips: &[Ipv4Addr]) -> Vec<Endpoint> {
+    ips.iter().map(|&ip| Endpoint { ip, ready: true }).collect()
+}
+
+pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\nports:\n"
+    );
+    for p in ports {
+        let _ = write!(yaml, "- name: {}\n  port: {}\n  protocol: {}\n", p.name, p.port, p.protocol);
+    }
+    yaml.push_str("endpoints:\n");
+    for e in endpoints {
+        let _ = write!(
+            yaml,
+            "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: false\n",
+            e.ip, e.ready, e.ready
+        );
+    }
+    yaml
+}

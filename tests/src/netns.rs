@@ -1,0 +1,56 @@
+//! Named network namespaces, and running code inside one.
+use std::{fs::File, os::fd::AsRawFd};
+
+use anyhow::{Context, Result};
+
+use crate::sh;
+
+/// A named network namespace (`ip netns`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Self> {
+        sh("ip", &["netns", "add", name])?;
+        let ns = Netns { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        sh("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// creates live in the namespace for their whole life.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: a valid namespace fd; only this thread switches.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        anyhow::bail!("setns into {path}: {}", std::io::Error::last_os_error());
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}

@@ -1,0 +1,170 @@
+//! ClusterIP traffic through the real dataplane, from pods of a namespace
+//! cluster, asserted on what real clients receive.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+};
+
+use kpr_testbed::{
+    cluster::POD_PORT,
+    manifests::{endpoint_slice, ready, service, tcp, udp},
+    pod::{connect, Datagrams, Reply},
+    Cluster, ClusterSpec,
+};
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+use proxy_user::dataplane::maps::read_stats;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from((VIP, port))
+}
+
+/// Three `web` backends and one `client` pod; `web` has a TCP and a UDP port.
+fn web_cluster() -> Cluster {
+    let mut spec = ClusterSpec::pods("web", 3);
+    spec.pods.push("client".into());
+    let cluster = Cluster::start(spec).expect("cluster");
+    let backends: Vec<Ipv4Addr> = cluster.pods[..3].iter().map(|p| p.ip).collect();
+    write_web(&cluster, &backends);
+    cluster
+}
+
+fn write_web(cluster: &Cluster, backends: &[Ipv4Addr]) {
+    let yaml = format!(
+        "{}---\n{}",
+        service("web", VIP, &[tcp("http", 80), udp("dns", 53)]),
+        endpoint_slice("web-abc12", "web", &[tcp("http", POD_PORT), udp("dns", POD_PORT)], &ready(backends))
+    );
+    cluster.write_manifest("web.yaml", &yaml).unwrap();
+    let want: Vec<SocketAddr> = backends.iter().map(|&ip| SocketAddr::from((ip, POD_PORT))).collect();
+    cluster.wait_for_backends(vip(80), IPPROTO_TCP, &want).unwrap();
+    cluster.wait_for_backends(vip(53), IPPROTO_UDP, &want).unwrap();
+}
+
+fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in replies {
+        *counts.entry(r.pod.clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn even(n: usize) -> BTreeMap<String, usize> {
+    (0..3).map(|i| (format!("web-{i}"), n)).collect()
+}
+
+#[test]
+fn tcp_connections_rotate_exactly_and_keep_the_client_address() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    // Each connection stays open until the end, so no source port is reused.
+    let mut conns = Vec::new();
+    let mut replies = Vec::new();
+    for _ in 0..30 {
+        let mut conn = connect(&client.ns, vip(80)).unwrap();
+        let reply = conn.request().unwrap();
+        assert_eq!(reply.peer, conn.local_addr(), "the backend must see the client pod's own address (no SNAT)");
+        assert_eq!(reply.peer.ip(), std::net::IpAddr::V4(client.ip));
+        replies.push(reply);
+        conns.push(conn);
+    }
+    assert_eq!(tally(&replies), even(10));
+    // Sequential connections follow the rotation exactly.
+    for window in replies.windows(2) {
+        assert_ne!(window[0].pod, window[1].pod, "consecutive connections must reach different pods");
+    }
+    // And it was our program that did it.
+    let stats: BTreeMap<&str, u64> =
+        read_stats(&cluster.pin_dir).unwrap().into_iter().map(|(s, n)| (s.name(), n)).collect();
+    assert_eq!(stats["new_flow"], 30, "{stats:?}");
+    assert!(stats["reply"] >= 60 && stats["established"] >= 60, "{stats:?}");
+}
+
+#[test]
+fn udp_flows_rotate_exactly_and_replies_come_from_the_service() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let sockets: Vec<Datagrams> = (0..30).map(|_| Datagrams::open(&client.ns).unwrap()).collect();
+    let replies: Vec<Reply> = sockets.iter().map(|s| s.request(vip(53)).unwrap()).collect();
+    assert_eq!(tally(&replies), even(10));
+    // Every later datagram of a flow goes to the backend its first one did.
+    for (socket, first) in sockets.iter().zip(&replies) {
+        assert_eq!(socket.request(vip(53)).unwrap().pod, first.pod);
+    }
+}
+
+#[test]
+fn a_long_lived_connection_keeps_its_backend_while_others_rotate() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let mut long = connect(&client.ns, vip(80)).unwrap();
+    let pinned = long.request().unwrap().pod;
+    let mut others = Vec::new();
+    let mut keep = Vec::new();
+    for _ in 0..9 {
+        let mut conn = connect(&client.ns, vip(80)).unwrap();
+        others.push(conn.request().unwrap());
+        keep.push(conn);
+        assert_eq!(long.request().unwrap().pod, pinned, "the long-lived connection changed backend");
+    }
+    assert_eq!(tally(&others).len(), 3, "short connections must reach every pod: {:?}", tally(&others));
+}
+
+#[test]
+fn manifest_edits_apply_live_without_breaking_surviving_connections() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let ips = cluster.pod_ips();
+    // One open connection to each backend.
+    let mut conns: Vec<_> = (0..3).map(|_| connect(&client.ns, vip(80)).unwrap()).collect();
+    let owners: Vec<String> = conns.iter_mut().map(|c| c.request().unwrap().pod).collect();
+    assert_eq!(tally(&owners.iter().map(|p| Reply { pod: p.clone(), peer: vip(0) }).collect::<Vec<_>>()).len(), 3);
+
+    // Remove web-2.
+    write_web(&cluster, &ips[..2]);
+    for (conn, owner) in conns.iter_mut().zip(&owners) {
+        if owner != "web-2" {
+            assert_eq!(&conn.request().unwrap().pod, owner, "a connection to a surviving backend broke");
+        }
+    }
+    let mut keep = Vec::new();
+    let fresh: Vec<Reply> = (0..6)
+        .map(|_| {
+            let mut c = connect(&client.ns, vip(80)).unwrap();
+            let r = c.request().unwrap();
+            keep.push(c);
+            r
+        })
+        .collect();
+    assert_eq!(tally(&fresh), [("web-0".to_string(), 3), ("web-1".to_string(), 3)].into());
+
+    // Add it back: new connections use all three again; old ones survive.
+    write_web(&cluster, &ips[..3]);
+    for (conn, owner) in conns.iter_mut().zip(&owners) {
+        if owner != "web-2" {
+            assert_eq!(&conn.request().unwrap().pod, owner);
+        }
+    }
+    let fresh: Vec<Reply> = (0..9)
+        .map(|_| {
+            let mut c = connect(&client.ns, vip(80)).unwrap();
+            let r = c.request().unwrap();
+            keep.push(c);
+            r
+        })
+        .collect();
+    assert_eq!(tally(&fresh), even(3));
+}
+
+#[test]
+fn traffic_to_no_service_passes_untouched() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    // Straight to a pod IP: no translation, the pod answers as itself.
+    let target = SocketAddr::from((cluster.pod("web-1").ip, POD_PORT));
+    let mut conn = connect(&client.ns, target).unwrap();
+    assert_eq!(conn.request().unwrap().pod, "web-1");
+    let udp = Datagrams::open(&client.ns).unwrap();
+    assert_eq!(udp.request(target).unwrap().pod, "web-1");
+}
