@@ -1,1 +1,96 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build-ebpf|test|demo>`.
+mod toolchain;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent: skips what is present).
+    Setup,
+    /// Build the eBPF programs (proxy-ebpf) for bpfel-unknown-none, with BTF.
+    BuildEbpf,
+    /// Set up, build, check formatting and lints, and run every test (what CI runs).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        skip_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Set up, build, and show the proxy forwarding a ClusterIP on a small namespace cluster.
+    Demo,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", describe(cmd));
+    let status = cmd.current_dir(root()).status().with_context(|| format!("running {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} creates network namespaces and loads BPF programs: run it as root (e.g. `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+fn build_user_space() -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => toolchain::setup(),
+        Task::BuildEbpf => toolchain::build_ebpf(),
+        Task::Test { skip_lint, cargo_args } => {
+            require_root("the test suite")?;
+            toolchain::setup()?;
+            toolchain::build_ebpf()?;
+            if !skip_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            }
+            build_user_space()?;
+            toolchain::remove_stale_test_leftovers();
+            run(cargo().args(["test", "--workspace"]).args(&cargo_args))
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            toolchain::setup()?;
+            toolchain::build_ebpf()?;
+            build_user_space()?;
+            run(&mut Command::new(root().join("target/debug/kpr-demo")))
+        }
+    }
+}
