@@ -130,3 +130,5 @@ fn backends_for_port(slices: &[&EndpointSliceInfo], port_name: &str, protocol: P
         .collect()
 }
 
+#[cfg(test)]
+mod tests;

@@ -11,3 +11,6 @@ pub struct Snapshot {
     pub services: BTreeMap<ObjectName, ServiceInfo>,
     pub slices: BTreeMap<ObjectName, EndpointSliceInfo>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -231,3 +231,6 @@ fn place(current: &[Option<Backend>], backends: &[Backend]) -> Vec<Backend> {
     slots.into_iter().map(|s| s.expect("as many slots as backends")).collect()
 }
 
+
+#[cfg(test)]
+mod tests;
