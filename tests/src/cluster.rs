@@ -7,7 +7,7 @@
 //! ```
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use proxy_common::ServiceKey;
 use proxy_user::dataplane::maps::ServiceMaps;
 
-use crate::{netns::Netns, pod::PodServer, sh, unique_id};
+use crate::{bpffs::BpffsMount, netns::Netns, pod::PodServer, sh};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -46,8 +46,6 @@ pub struct Pod {
 
 pub struct Cluster {
     pub id: String,
-    dir: PathBuf,
-    bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
     daemon: Option<Child>,
@@ -55,31 +53,29 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub outside: Option<Netns>,
     pub node: Option<Netns>,
+    /// Holds the test's directory too; dropped last.
+    bpffs: Option<BpffsMount>,
 }
 
 impl Cluster {
     /// Builds the namespaces and starts the daemon in the node.
     pub fn start(spec: ClusterSpec) -> Result<Self> {
-        let id = unique_id();
-        let dir = PathBuf::from("/run/kpr-test").join(&id);
-        std::fs::create_dir_all(dir.join("manifests"))?;
-        let bpffs = dir.join("bpf");
-        std::fs::create_dir_all(&bpffs)?;
+        // The bpffs lives outside /sys: `ip netns exec` remounts /sys, so
+        // pins there would be invisible to the daemon.
+        let bpffs = BpffsMount::new()?;
+        let id = bpffs.id.clone();
+        std::fs::create_dir_all(bpffs.dir.join("manifests"))?;
         let mut cluster = Cluster {
-            pin_dir: bpffs.join("node0"),
-            manifests: dir.join("manifests"),
-            log: dir.join("daemon.log"),
+            pin_dir: bpffs.path.join("node0"),
+            manifests: bpffs.dir.join("manifests"),
+            log: bpffs.dir.join("daemon.log"),
             id: id.clone(),
-            dir,
-            bpffs,
             daemon: None,
             pods: Vec::new(),
             outside: None,
             node: None,
+            bpffs: Some(bpffs),
         };
-        // The bpffs lives outside /sys: `ip netns exec` remounts /sys, so
-        // pins there would be invisible to the daemon.
-        sh("mount", &["-t", "bpf", "bpf", cluster.bpffs.to_str().expect("utf-8 path")])?;
 
         let node = Netns::new(&format!("{id}-node"))?;
         for (key, value) in [
@@ -255,11 +251,6 @@ impl Drop for Cluster {
         self.pods.clear();
         self.outside.take();
         self.node.take();
-        let _ = sh("umount", &[path_str(&self.bpffs)]);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.bpffs.take();
     }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }

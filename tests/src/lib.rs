@@ -2,9 +2,12 @@
 //! pairs, with the real daemon running in each node, for end-to-end tests
 //! and the demo. Everything it creates has a unique name and is removed when
 //! the value that created it is dropped, also when a test panics.
+pub mod bpffs;
 pub mod cluster;
+pub mod dataplane;
 pub mod manifests;
 pub mod netns;
+pub mod packet;
 pub mod pod;
 
 pub use cluster::{Cluster, ClusterSpec};

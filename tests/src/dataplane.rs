@@ -1,0 +1,79 @@
+//! The real programs and maps, loaded without attaching anywhere, for
+//! packet-level tests and per-packet benchmarks through BPF_PROG_TEST_RUN.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use proxy_common::{Stat, TC_PROGRAM};
+use proxy_user::{
+    dataplane::{loader, maps},
+    model::DesiredState,
+    sync::Syncer,
+};
+
+use crate::bpffs::BpffsMount;
+
+/// TC verdicts as the program returns them.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_UNSPEC: i32 = -1;
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    maps: maps::ServiceMaps,
+    syncer: Syncer,
+    // Last: unmounted after the maps and programs are closed.
+    _bpffs: BpffsMount,
+}
+
+pub struct RunResult {
+    pub verdict: i32,
+    pub frame: Vec<u8>,
+    /// Kernel-measured time per run.
+    pub duration: std::time::Duration,
+}
+
+impl Loaded {
+    pub fn new() -> Result<Self> {
+        let bpffs = BpffsMount::new()?;
+        let pin_dir = bpffs.path.join("dp");
+        let ebpf = loader::load(&pin_dir)?;
+        let mut maps = maps::ServiceMaps::open(&pin_dir)?;
+        let syncer = Syncer::recover(&mut maps)?;
+        Ok(Loaded { ebpf, pin_dir, maps, syncer, _bpffs: bpffs })
+    }
+
+    /// Programs the maps as the daemon would.
+    pub fn program(&mut self, desired: &DesiredState) -> Result<()> {
+        let report = self.syncer.sync(desired, &mut self.maps);
+        anyhow::ensure!(report.failures.is_empty(), "sync failed: {:?}", report.failures);
+        Ok(())
+    }
+
+    fn classifier(&self) -> Result<&SchedClassifier> {
+        Ok(self.ebpf.program(TC_PROGRAM).context("no classifier")?.try_into()?)
+    }
+
+    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let result = self.classifier()?.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunResult { verdict: result.return_value as i32, frame: out, duration: result.duration })
+    }
+
+    pub fn run(&self, frame: &[u8]) -> Result<RunResult> {
+        self.run_repeat(frame, 1)
+    }
+
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        maps::read_stats(&self.pin_dir)
+    }
+}
