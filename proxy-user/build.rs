@@ -6,8 +6,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=KPR_EBPF_OBJECT");
     let object = match std::env::var_os("KPR_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/bpf/bpfel-unknown-none/release/proxy-ebpf"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/bpfel-unknown-none/release/proxy-ebpf"),
     };
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use proxy_common::{Stat, NAT_REPLY};
 
-use crate::parse::{ParseError, Packet, MAX_HEADERS};
+use crate::parse::{Packet, ParseError, MAX_HEADERS};
 
 /// What became of a packet: every packet is counted under exactly one stat.
 enum Verdict {
@@ -58,10 +58,7 @@ fn process(ctx: &TcContext) -> Verdict {
             return applied(nat::translate_src(ctx, &pkt, entry.addr, entry.port), Stat::Reply);
         }
         if !pkt.may_open_flow() || lb::still_selected(&entry) {
-            return applied(
-                nat::translate_dst(ctx, &pkt, entry.addr, entry.port),
-                Stat::Established,
-            );
+            return applied(nat::translate_dst(ctx, &pkt, entry.addr, entry.port), Stat::Established);
         }
         // A new connection on a reused tuple whose backend has gone: choose
         // again below.

@@ -6,18 +6,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, MAX_BACKEND_SLOTS,
-    MAX_CONNTRACK, MAX_SERVICES,
+    Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, MAX_BACKEND_SLOTS, MAX_CONNTRACK,
+    MAX_SERVICES,
 };
 
 // Written only by the daemon, so they need not be preallocated.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static BACKENDS: HashMap<BackendKey, Backend> =
-    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 /// One shared round-robin cursor per service id: a global counter (not a
 /// per-CPU one) is what makes the rotation exact across CPUs.

@@ -12,7 +12,16 @@ use crate::parse::Packet;
 /// Forward translation: the service address becomes the backend's.
 #[inline(always)]
 pub fn translate_dst(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), i64> {
-    rewrite(ctx, pkt, Packet::IP_DST_OFF, pkt.dst, addr, pkt.l4_off + 2, pkt.dport, port)
+    rewrite(
+        ctx,
+        pkt,
+        Packet::IP_DST_OFF,
+        pkt.dst,
+        addr,
+        pkt.l4_off + 2,
+        pkt.dport,
+        port,
+    )
 }
 
 /// Reverse translation: a backend's reply gets the service address back.

@@ -39,8 +39,10 @@ struct Attacher {
 
 impl Attacher {
     fn refresh(&mut self, ebpf: &mut Ebpf, pin_dir: &std::path::Path) {
-        let present: BTreeSet<String> =
-            loader::interfaces().into_iter().filter(|i| matches(&self.patterns, i)).collect();
+        let present: BTreeSet<String> = loader::interfaces()
+            .into_iter()
+            .filter(|i| matches(&self.patterns, i))
+            .collect();
         for iface in present.difference(&self.attached.clone()) {
             match loader::attach(ebpf, pin_dir, iface) {
                 Ok(()) => {
@@ -60,7 +62,10 @@ impl Attacher {
 
 pub async fn run(config: Config) -> Result<()> {
     let mut ebpf = loader::load(&config.pin_dir)?;
-    let mut attacher = Attacher { patterns: config.interfaces.clone(), attached: BTreeSet::new() };
+    let mut attacher = Attacher {
+        patterns: config.interfaces.clone(),
+        attached: BTreeSet::new(),
+    };
     // Links pinned by a previous run on interfaces that still exist are
     // taken over by `attach`; the others are stale.
     let existing: BTreeSet<String> = loader::interfaces().into_iter().collect();

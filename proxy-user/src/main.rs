@@ -48,7 +48,9 @@ enum Command {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -60,8 +62,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
-        Command::Run { manifests, interfaces, poll_ms } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        Command::Run {
+            manifests,
+            interfaces,
+            poll_ms,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             runtime.block_on(daemon::run(daemon::Config {
                 pin_dir: cli.pin_dir,
                 manifests,
@@ -71,7 +80,10 @@ fn main() -> Result<()> {
         }
         Command::Services => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
-            println!("{:<24} {:<5} {:>4} {:>8}  BACKENDS", "FRONTEND", "PROTO", "ID", "AFFINITY");
+            println!(
+                "{:<24} {:<5} {:>4} {:>8}  BACKENDS",
+                "FRONTEND", "PROTO", "ID", "AFFINITY"
+            );
             for (key, value, backends) in maps.frontends()? {
                 let proto = sync::frontend(&key).map_or_else(|| key.proto.to_string(), |f| f.protocol.to_string());
                 let backends: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.ip(), b.port())).collect();
@@ -79,7 +91,11 @@ fn main() -> Result<()> {
                     0 => "-".to_string(),
                     t => format!("{t}s"),
                 };
-                let backends = if backends.is_empty() { "(none: traffic dropped)".to_string() } else { backends.join(", ") };
+                let backends = if backends.is_empty() {
+                    "(none: traffic dropped)".to_string()
+                } else {
+                    backends.join(", ")
+                };
                 println!(
                     "{:<24} {:<5} {:>4} {:>8}  {}",
                     format!("{}:{}", key.ip(), key.port()),

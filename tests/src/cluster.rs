@@ -33,7 +33,9 @@ pub struct ClusterSpec {
 impl ClusterSpec {
     /// `n` pods named `<prefix>-0` .. `<prefix>-{n-1}`.
     pub fn pods(prefix: &str, n: usize) -> Self {
-        ClusterSpec { pods: (0..n).map(|i| format!("{prefix}-{i}")).collect() }
+        ClusterSpec {
+            pods: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+        }
     }
 }
 
@@ -86,7 +88,24 @@ impl Cluster {
             node.sysctl(key, value)?;
         }
         let outside = Netns::new(&format!("{id}-out"))?;
-        sh("ip", &["link", "add", "name", "eth0", "netns", &node.name, "type", "veth", "peer", "name", "eth0", "netns", &outside.name])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "name",
+                "eth0",
+                "netns",
+                &node.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &outside.name,
+            ],
+        )?;
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
         node.ip(&["link", "set", "eth0", "up"])?;
         outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
@@ -116,23 +135,44 @@ impl Cluster {
         let ns = Netns::new(&format!("{}-p{index}", self.id))?;
         let host_if = format!("vpod{index}");
         let node = self.node();
-        sh("ip", &[
-            "link", "add", "name", &host_if, "address", VETH_MAC, "netns", &node.name, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns.name,
-        ])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", "name", &host_if, "address", VETH_MAC, "netns", &node.name, "type", "veth", "peer",
+                "name", "eth0", "netns", &ns.name,
+            ],
+        )?;
         node.ip(&["link", "set", &host_if, "up"])?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if, "scope", "link"])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
         ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
-        ns.ip(&["neigh", "add", POD_GATEWAY, "lladdr", VETH_MAC, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            POD_GATEWAY,
+            "lladdr",
+            VETH_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
         let server = PodServer::start(&ns, name, POD_PORT)?;
-        Ok(Pod { name: name.to_owned(), ip, ns, server: Some(server) })
+        Ok(Pod {
+            name: name.to_owned(),
+            ip,
+            ns,
+            server: Some(server),
+        })
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
@@ -188,12 +228,16 @@ impl Cluster {
 
     /// The backends programmed for a frontend, `None` when it is absent.
     pub fn programmed(&self, frontend: SocketAddr, proto: u8) -> Result<Option<Vec<SocketAddr>>> {
-        let SocketAddr::V4(v4) = frontend else { bail!("IPv4 only") };
+        let SocketAddr::V4(v4) = frontend else {
+            bail!("IPv4 only")
+        };
         let key = ServiceKey::new(*v4.ip(), v4.port(), proto);
         let maps = ServiceMaps::open(&self.pin_dir)?;
-        Ok(maps.frontends()?.into_iter().find(|(k, _, _)| *k == key).map(|(_, _, backends)| {
-            backends.iter().map(|b| SocketAddr::from((b.ip(), b.port()))).collect()
-        }))
+        Ok(maps
+            .frontends()?
+            .into_iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, _, backends)| backends.iter().map(|b| SocketAddr::from((b.ip(), b.port()))).collect()))
     }
 
     /// Waits until the frontend has exactly these backends (in any order).
@@ -219,7 +263,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("timed out waiting for {what} (last error: {last_err:?}); daemon log:\n{}", self.log())
+        bail!(
+            "timed out waiting for {what} (last error: {last_err:?}); daemon log:\n{}",
+            self.log()
+        )
     }
 }
 
@@ -236,7 +283,10 @@ pub fn kpr_binary() -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("the daemon binary `kpr` is not built next to {}: run `cargo build -p proxy-user` (or `cargo xtask test`)", exe.display())
+    bail!(
+        "the daemon binary `kpr` is not built next to {}: run `cargo build -p proxy-user` (or `cargo xtask test`)",
+        exe.display()
+    )
 }
 
 impl Drop for Cluster {

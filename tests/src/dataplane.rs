@@ -44,7 +44,13 @@ impl Loaded {
         let ebpf = loader::load(&pin_dir)?;
         let mut maps = maps::ServiceMaps::open(&pin_dir)?;
         let syncer = Syncer::recover(&mut maps)?;
-        Ok(Loaded { ebpf, pin_dir, maps, syncer, _bpffs: bpffs })
+        Ok(Loaded {
+            ebpf,
+            pin_dir,
+            maps,
+            syncer,
+            _bpffs: bpffs,
+        })
     }
 
     /// Programs the maps as the daemon would.
@@ -66,7 +72,11 @@ impl Loaded {
         opts.repeat = repeat;
         let result = self.classifier()?.test_run(opts)?;
         out.truncate(result.data_size_out as usize);
-        Ok(RunResult { verdict: result.return_value as i32, frame: out, duration: result.duration })
+        Ok(RunResult {
+            verdict: result.return_value as i32,
+            frame: out,
+            duration: result.duration,
+        })
     }
 
     pub fn run(&self, frame: &[u8]) -> Result<RunResult> {

@@ -8,11 +8,19 @@ pub struct Port<'a> {
 }
 
 pub fn tcp<'a>(name: &'a str, port: u16) -> Port<'a> {
-    Port { name, port, protocol: "TCP" }
+    Port {
+        name,
+        port,
+        protocol: "TCP",
+    }
 }
 
 pub fn udp<'a>(name: &'a str, port: u16) -> Port<'a> {
-    Port { name, port, protocol: "UDP" }
+    Port {
+        name,
+        port,
+        protocol: "UDP",
+    }
 }
 
 pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
@@ -20,7 +28,11 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
     );
     for p in ports {
-        let _ = write!(yaml, "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n", p.name, p.port, p.protocol, p.name);
+        let _ = write!(
+            yaml,
+            "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n",
+            p.name, p.port, p.protocol, p.name
+        );
     }
     yaml
 }
@@ -40,7 +52,11 @@ pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[En
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\nports:\n"
     );
     for p in ports {
-        let _ = write!(yaml, "- name: {}\n  port: {}\n  protocol: {}\n", p.name, p.port, p.protocol);
+        let _ = write!(
+            yaml,
+            "- name: {}\n  port: {}\n  protocol: {}\n",
+            p.name, p.port, p.protocol
+        );
     }
     yaml.push_str("endpoints:\n");
     for e in endpoints {

@@ -26,7 +26,11 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        sh("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+        sh(
+            "ip",
+            &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")],
+        )
+        .map(|_| ())
     }
 
     /// Runs `f` on a thread that has entered this namespace: sockets it

@@ -11,9 +11,19 @@ pub const IP_MF: u16 = 0x2000;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, payload: Vec<u8> },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: Vec<u8>,
+    },
     /// `no_checksum`: the sender left the optional UDP checksum at zero.
-    Udp { sport: u16, dport: u16, payload: Vec<u8>, no_checksum: bool },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+        no_checksum: bool,
+    },
     /// Any other protocol number with its raw payload.
     Raw { proto: u8, payload: Vec<u8> },
 }
@@ -35,7 +45,12 @@ pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Ipv4 {
         dst: dst.0,
         frag: 0,
         options: vec![],
-        l4: L4::Tcp { sport: src.1, dport: dst.1, flags, payload: b"GET / HTTP/1.1\r\n\r\n".to_vec() },
+        l4: L4::Tcp {
+            sport: src.1,
+            dport: dst.1,
+            flags,
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        },
     }
 }
 
@@ -45,7 +60,12 @@ pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Ipv4 {
         dst: dst.0,
         frag: 0,
         options: vec![],
-        l4: L4::Udp { sport: src.1, dport: dst.1, payload: b"query".to_vec(), no_checksum: false },
+        l4: L4::Udp {
+            sport: src.1,
+            dport: dst.1,
+            payload: b"query".to_vec(),
+            no_checksum: false,
+        },
     }
 }
 
@@ -88,7 +108,12 @@ impl Ipv4 {
 
     fn l4_bytes(&self) -> Vec<u8> {
         let mut l4 = match &self.l4 {
-            L4::Tcp { sport, dport, flags, payload } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                payload,
+            } => {
                 let mut h = Vec::new();
                 h.extend_from_slice(&sport.to_be_bytes());
                 h.extend_from_slice(&dport.to_be_bytes());
@@ -100,7 +125,9 @@ impl Ipv4 {
                 h.extend_from_slice(payload);
                 h
             }
-            L4::Udp { sport, dport, payload, .. } => {
+            L4::Udp {
+                sport, dport, payload, ..
+            } => {
                 let mut h = Vec::new();
                 h.extend_from_slice(&sport.to_be_bytes());
                 h.extend_from_slice(&dport.to_be_bytes());
@@ -130,7 +157,10 @@ impl Ipv4 {
     pub fn bytes(&self) -> Vec<u8> {
         let l4 = self.l4_bytes();
         let ihl = 20 + self.options.len();
-        assert!(ihl % 4 == 0 && ihl <= 60, "options must pad the header to 4-byte words");
+        assert!(
+            ihl.is_multiple_of(4) && ihl <= 60,
+            "options must pad the header to 4-byte words"
+        );
         let mut h = Vec::with_capacity(ihl + l4.len());
         h.push(0x40 | (ihl / 4) as u8);
         h.push(0);

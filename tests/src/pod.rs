@@ -57,7 +57,10 @@ impl PodServer {
                 }
             })
         };
-        Ok(PodServer { stop, threads: vec![tcp_thread, udp_thread] })
+        Ok(PodServer {
+            stop,
+            threads: vec![tcp_thread, udp_thread],
+        })
     }
 }
 
@@ -104,8 +107,14 @@ pub struct Reply {
 
 impl Reply {
     pub fn parse(line: &str) -> Result<Self> {
-        let (pod, peer) = line.trim().split_once(' ').with_context(|| format!("unexpected answer {line:?}"))?;
-        Ok(Reply { pod: pod.to_owned(), peer: peer.parse()? })
+        let (pod, peer) = line
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("unexpected answer {line:?}"))?;
+        Ok(Reply {
+            pod: pod.to_owned(),
+            peer: peer.parse()?,
+        })
     }
 }
 
@@ -132,9 +141,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Opens a TCP connection from inside `ns`.
 pub fn connect(ns: &Netns, to: SocketAddr) -> Result<Conn> {
-    let stream = ns.run(|| TcpStream::connect_timeout(&to, TIMEOUT))?.with_context(|| format!("connecting to {to}"))?;
+    let stream = ns
+        .run(|| TcpStream::connect_timeout(&to, TIMEOUT))?
+        .with_context(|| format!("connecting to {to}"))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
-    Ok(Conn { reader: BufReader::new(stream.try_clone()?), writer: stream })
+    Ok(Conn {
+        reader: BufReader::new(stream.try_clone()?),
+        writer: stream,
+    })
 }
 
 /// A UDP socket bound in `ns` to its own source port.
@@ -150,8 +164,14 @@ impl Datagrams {
     pub fn request(&self, to: SocketAddr) -> Result<Reply> {
         self.0.send_to(b"hello\n", to)?;
         let mut buf = [0u8; 512];
-        let (n, from) = self.0.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
-        anyhow::ensure!(from == to, "answer came from {from}, not from {to}: reply not reverse-translated");
+        let (n, from) = self
+            .0
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP answer from {to}"))?;
+        anyhow::ensure!(
+            from == to,
+            "answer came from {from}, not from {to}: reply not reverse-translated"
+        );
         Reply::parse(&String::from_utf8_lossy(&buf[..n]))
     }
 }

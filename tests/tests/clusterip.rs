@@ -34,7 +34,12 @@ fn write_web(cluster: &Cluster, backends: &[Ipv4Addr]) {
     let yaml = format!(
         "{}---\n{}",
         service("web", VIP, &[tcp("http", 80), udp("dns", 53)]),
-        endpoint_slice("web-abc12", "web", &[tcp("http", POD_PORT), udp("dns", POD_PORT)], &ready(backends))
+        endpoint_slice(
+            "web-abc12",
+            "web",
+            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
+            &ready(backends)
+        )
     );
     cluster.write_manifest("web.yaml", &yaml).unwrap();
     let want: Vec<SocketAddr> = backends.iter().map(|&ip| SocketAddr::from((ip, POD_PORT))).collect();
@@ -64,7 +69,11 @@ fn tcp_connections_rotate_exactly_and_keep_the_client_address() {
     for _ in 0..30 {
         let mut conn = connect(&client.ns, vip(80)).unwrap();
         let reply = conn.request().unwrap();
-        assert_eq!(reply.peer, conn.local_addr(), "the backend must see the client pod's own address (no SNAT)");
+        assert_eq!(
+            reply.peer,
+            conn.local_addr(),
+            "the backend must see the client pod's own address (no SNAT)"
+        );
         assert_eq!(reply.peer.ip(), std::net::IpAddr::V4(client.ip));
         replies.push(reply);
         conns.push(conn);
@@ -72,11 +81,17 @@ fn tcp_connections_rotate_exactly_and_keep_the_client_address() {
     assert_eq!(tally(&replies), even(10));
     // Sequential connections follow the rotation exactly.
     for window in replies.windows(2) {
-        assert_ne!(window[0].pod, window[1].pod, "consecutive connections must reach different pods");
+        assert_ne!(
+            window[0].pod, window[1].pod,
+            "consecutive connections must reach different pods"
+        );
     }
     // And it was our program that did it.
-    let stats: BTreeMap<&str, u64> =
-        read_stats(&cluster.pin_dir).unwrap().into_iter().map(|(s, n)| (s.name(), n)).collect();
+    let stats: BTreeMap<&str, u64> = read_stats(&cluster.pin_dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, n)| (s.name(), n))
+        .collect();
     assert_eq!(stats["new_flow"], 30, "{stats:?}");
     assert!(stats["reply"] >= 60 && stats["established"] >= 60, "{stats:?}");
 }
@@ -106,9 +121,18 @@ fn a_long_lived_connection_keeps_its_backend_while_others_rotate() {
         let mut conn = connect(&client.ns, vip(80)).unwrap();
         others.push(conn.request().unwrap());
         keep.push(conn);
-        assert_eq!(long.request().unwrap().pod, pinned, "the long-lived connection changed backend");
+        assert_eq!(
+            long.request().unwrap().pod,
+            pinned,
+            "the long-lived connection changed backend"
+        );
     }
-    assert_eq!(tally(&others).len(), 3, "short connections must reach every pod: {:?}", tally(&others));
+    assert_eq!(
+        tally(&others).len(),
+        3,
+        "short connections must reach every pod: {:?}",
+        tally(&others)
+    );
 }
 
 #[test]
@@ -119,13 +143,29 @@ fn manifest_edits_apply_live_without_breaking_surviving_connections() {
     // One open connection to each backend.
     let mut conns: Vec<_> = (0..3).map(|_| connect(&client.ns, vip(80)).unwrap()).collect();
     let owners: Vec<String> = conns.iter_mut().map(|c| c.request().unwrap().pod).collect();
-    assert_eq!(tally(&owners.iter().map(|p| Reply { pod: p.clone(), peer: vip(0) }).collect::<Vec<_>>()).len(), 3);
+    assert_eq!(
+        tally(
+            &owners
+                .iter()
+                .map(|p| Reply {
+                    pod: p.clone(),
+                    peer: vip(0)
+                })
+                .collect::<Vec<_>>()
+        )
+        .len(),
+        3
+    );
 
     // Remove web-2.
     write_web(&cluster, &ips[..2]);
     for (conn, owner) in conns.iter_mut().zip(&owners) {
         if owner != "web-2" {
-            assert_eq!(&conn.request().unwrap().pod, owner, "a connection to a surviving backend broke");
+            assert_eq!(
+                &conn.request().unwrap().pod,
+                owner,
+                "a connection to a surviving backend broke"
+            );
         }
     }
     let mut keep = Vec::new();
@@ -137,7 +177,10 @@ fn manifest_edits_apply_live_without_breaking_surviving_connections() {
             r
         })
         .collect();
-    assert_eq!(tally(&fresh), [("web-0".to_string(), 3), ("web-1".to_string(), 3)].into());
+    assert_eq!(
+        tally(&fresh),
+        [("web-0".to_string(), 3), ("web-1".to_string(), 3)].into()
+    );
 
     // Add it back: new connections use all three again; old ones survive.
     write_web(&cluster, &ips[..3]);
@@ -167,4 +210,92 @@ fn traffic_to_no_service_passes_untouched() {
     assert_eq!(conn.request().unwrap().pod, "web-1");
     let udp = Datagrams::open(&client.ns).unwrap();
     assert_eq!(udp.request(target).unwrap().pod, "web-1");
+}
+
+#[test]
+fn a_daemon_restart_keeps_established_flows_and_the_programming() {
+    let mut cluster = web_cluster();
+    let client_ns = &cluster.pod("client").ns;
+    let mut conns: Vec<_> = (0..3).map(|_| connect(client_ns, vip(80)).unwrap()).collect();
+    let owners: Vec<String> = conns.iter_mut().map(|c| c.request().unwrap().pod).collect();
+
+    cluster.stop_daemon().unwrap();
+    // Nothing runs in userspace now: the pinned programs keep forwarding.
+    for (conn, owner) in conns.iter_mut().zip(&owners) {
+        assert_eq!(
+            &conn.request().unwrap().pod,
+            owner,
+            "flow broke while the daemon was down"
+        );
+    }
+    let mut fresh = connect(&cluster.pod("client").ns, vip(80)).unwrap();
+    fresh.request().unwrap();
+
+    cluster.start_daemon().unwrap();
+    for (conn, owner) in conns.iter_mut().zip(&owners) {
+        assert_eq!(&conn.request().unwrap().pod, owner, "flow broke across the restart");
+    }
+    assert!(
+        cluster.log().contains("frontends=2"),
+        "the new daemon took over the maps:\n{}",
+        cluster.log()
+    );
+    // And it keeps applying edits.
+    write_web(&cluster, &cluster.pod_ips()[..1]);
+    let mut c = connect(&cluster.pod("client").ns, vip(80)).unwrap();
+    assert_eq!(c.request().unwrap().pod, "web-0");
+}
+
+#[test]
+fn a_malformed_manifest_is_reported_and_everything_else_keeps_forwarding() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let other_vip = Ipv4Addr::new(10, 96, 0, 20);
+    let api = |port: u16| {
+        format!(
+            "{}---\n{}",
+            service("api", other_vip, &[tcp("http", port)]),
+            endpoint_slice(
+                "api-1",
+                "api",
+                &[tcp("http", POD_PORT)],
+                &ready(&[cluster.pod("web-0").ip])
+            )
+        )
+    };
+    cluster.write_manifest("api.yaml", &api(8000)).unwrap();
+    cluster
+        .wait_for_backends(
+            SocketAddr::from((other_vip, 8000)),
+            IPPROTO_TCP,
+            &[SocketAddr::from((cluster.pod("web-0").ip, POD_PORT))],
+        )
+        .unwrap();
+
+    // An impossible port in one file, garbage in another.
+    cluster
+        .write_manifest("api.yaml", &api(8000).replace("port: 8000", "port: 70000"))
+        .unwrap();
+    cluster
+        .write_manifest("junk.yaml", "kind: Service\nmetadata: [unclosed\n")
+        .unwrap();
+    cluster
+        .wait_until("the rejection to be logged", || {
+            let log = cluster.log();
+            Ok(
+                log.contains("api.yaml: Service default/api: spec.ports[0].port: port 70000 is out of range 1-65535")
+                    && log.contains("junk.yaml: not valid YAML"),
+            )
+        })
+        .unwrap();
+    // Both services keep forwarding: web untouched, api on its last valid version.
+    assert!(connect(&client.ns, vip(80)).unwrap().request().is_ok());
+    assert_eq!(
+        connect(&client.ns, SocketAddr::from((other_vip, 8000)))
+            .unwrap()
+            .request()
+            .unwrap()
+            .pod,
+        "web-0"
+    );
 }

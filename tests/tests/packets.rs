@@ -8,7 +8,7 @@ use std::{
 
 use kpr_testbed::{
     dataplane::{Loaded, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    packet::{self, checksum, ethernet, Ipv4, L4, ETH_P_ARP, ETH_P_IPV6, IP_MF, TCP_ACK, TCP_SYN},
+    packet::{self, checksum, ethernet, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
 };
 use proxy_common::Stat;
 use proxy_user::model::{
@@ -22,14 +22,20 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 50);
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 99);
 
 fn backend(i: u8) -> BackendAddr {
-    BackendAddr { ip: Ipv4Addr::new(10, 244, 0, 10 + i), port: 8080 }
+    BackendAddr {
+        ip: Ipv4Addr::new(10, 244, 0, 10 + i),
+        port: 8080,
+    }
 }
 
 fn frontend(ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[BackendAddr]) -> (Frontend, FrontendState) {
     (
         Frontend { ip, port, protocol },
         FrontendState {
-            service: ObjectName { namespace: "default".into(), name: "web".into() },
+            service: ObjectName {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
             port_name: "http".into(),
             backends: backends.iter().copied().collect(),
             affinity_timeout: None,
@@ -38,7 +44,10 @@ fn frontend(ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[BackendAddr
 }
 
 fn desired(entries: Vec<(Frontend, FrontendState)>) -> DesiredState {
-    DesiredState { frontends: entries.into_iter().collect(), conflicts: vec![] }
+    DesiredState {
+        frontends: entries.into_iter().collect(),
+        conflicts: vec![],
+    }
 }
 
 /// VIP:80/TCP and VIP:53/UDP over three backends, EMPTY_VIP:80 with none.
@@ -65,7 +74,11 @@ fn expect(dp: &Loaded, name: &str, input: &[u8], verdict: i32, output: &[u8], st
     assert_eq!(result.verdict, verdict, "{name}: verdict");
     assert_eq!(hex(&result.frame), hex(output), "{name}: output frame");
     let after = stats(dp);
-    let moved: Vec<_> = after.iter().filter(|(k, v)| before[*k] != **v).map(|(k, _)| *k).collect();
+    let moved: Vec<_> = after
+        .iter()
+        .filter(|(k, v)| before[*k] != **v)
+        .map(|(k, _)| *k)
+        .collect();
     assert_eq!(moved, vec![stat.name()], "{name}: counters");
 }
 
@@ -112,11 +125,25 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 
     // Later packets of the flow: same backend, checksums still exact.
     let ack = packet::tcp((CLIENT, 40000), (VIP, 80), TCP_ACK);
-    expect(&dp, "established ACK", &ack.frame(), TC_ACT_OK, &with_dst(ack.clone(), chosen).frame(), Stat::Established);
+    expect(
+        &dp,
+        "established ACK",
+        &ack.frame(),
+        TC_ACT_OK,
+        &with_dst(ack.clone(), chosen).frame(),
+        Stat::Established,
+    );
 
     // The backend's reply gets the service address back.
     let reply = packet::tcp((chosen.ip, chosen.port), (CLIENT, 40000), TCP_SYN | TCP_ACK);
-    expect(&dp, "reply", &reply.frame(), TC_ACT_OK, &with_src(reply.clone(), VIP, 80).frame(), Stat::Reply);
+    expect(
+        &dp,
+        "reply",
+        &reply.frame(),
+        TC_ACT_OK,
+        &with_src(reply.clone(), VIP, 80).frame(),
+        Stat::Reply,
+    );
 }
 
 #[test]
@@ -133,13 +160,27 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
         *no_checksum = true;
     }
     let out = dp.run(&bare.frame()).unwrap();
-    let chosen = { let (ip, port) = backend_of(&out.frame); BackendAddr { ip, port } };
+    let chosen = {
+        let (ip, port) = backend_of(&out.frame);
+        BackendAddr { ip, port }
+    };
     let expected = with_dst(bare, chosen).frame();
-    assert_eq!(hex(&out.frame), hex(&expected), "UDP without checksum must keep checksum 0");
+    assert_eq!(
+        hex(&out.frame),
+        hex(&expected),
+        "UDP without checksum must keep checksum 0"
+    );
     assert_eq!(&out.frame[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
 
     let reply = packet::udp((chosen.ip, chosen.port), (CLIENT, 5001));
-    expect(&dp, "UDP reply", &reply.frame(), TC_ACT_OK, &with_src(reply.clone(), VIP, 53).frame(), Stat::Reply);
+    expect(
+        &dp,
+        "UDP reply",
+        &reply.frame(),
+        TC_ACT_OK,
+        &with_src(reply.clone(), VIP, 53).frame(),
+        Stat::Reply,
+    );
 }
 
 #[test]
@@ -163,7 +204,16 @@ fn fixtures_that_pass_untouched_or_drop() {
     first_fragment.frag = IP_MF;
     let mut later_fragment = packet::udp((CLIENT, 42001), (VIP, 53));
     later_fragment.frag = 185; // offset 1480 bytes
-    let icmp = Ipv4 { src: CLIENT, dst: VIP, frag: 0, options: vec![], l4: L4::Raw { proto: 1, payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0] } };
+    let icmp = Ipv4 {
+        src: CLIENT,
+        dst: VIP,
+        frag: 0,
+        options: vec![],
+        l4: L4::Raw {
+            proto: 1,
+            payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+        },
+    };
     let full = to_vip.frame();
     let mut bad_ihl = full.clone();
     bad_ihl[14] = 0x44; // IHL 4: shorter than the minimum header
@@ -173,18 +223,47 @@ fn fixtures_that_pass_untouched_or_drop() {
     arp[..8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
 
     let untouched: Vec<(&str, Vec<u8>, Stat)> = vec![
-        ("no service at that address", packet::tcp((CLIENT, 42002), (OTHER, 80), TCP_SYN).frame(), Stat::NoMatch),
-        ("service address, other port", packet::tcp((CLIENT, 42003), (VIP, 81), TCP_SYN).frame(), Stat::NoMatch),
-        ("service port, other protocol", packet::udp((CLIENT, 42004), (VIP, 80)).frame(), Stat::NoMatch),
+        (
+            "no service at that address",
+            packet::tcp((CLIENT, 42002), (OTHER, 80), TCP_SYN).frame(),
+            Stat::NoMatch,
+        ),
+        (
+            "service address, other port",
+            packet::tcp((CLIENT, 42003), (VIP, 81), TCP_SYN).frame(),
+            Stat::NoMatch,
+        ),
+        (
+            "service port, other protocol",
+            packet::udp((CLIENT, 42004), (VIP, 80)).frame(),
+            Stat::NoMatch,
+        ),
         ("ICMP to a service address", icmp.frame(), Stat::NoMatch),
         ("ARP", ethernet(ETH_P_ARP, &arp), Stat::NotIpv4),
         ("IPv6", ethernet(ETH_P_IPV6, &[0x60; 60]), Stat::NotIpv4),
-        ("IPv4 ethertype, version 6 inside", { let mut f = full.clone(); f[14] = 0x65; f }, Stat::NotIpv4),
+        (
+            "IPv4 ethertype, version 6 inside",
+            {
+                let mut f = full.clone();
+                f[14] = 0x65;
+                f
+            },
+            Stat::NotIpv4,
+        ),
         ("first fragment", first_fragment.frame(), Stat::Fragment),
         ("later fragment", later_fragment.frame(), Stat::Fragment),
         // (An IPv4 frame with under 20 bytes of header cannot be fed in: the kernel's
         // BPF_PROG_TEST_RUN itself refuses to build such an skb.)
-        ("IHL claims options past the end", { let mut f = full[..14 + 20].to_vec(); f[14] = 0x4f; f[16..18].copy_from_slice(&60u16.to_be_bytes()); f }, Stat::Truncated),
+        (
+            "IHL claims options past the end",
+            {
+                let mut f = full[..14 + 20].to_vec();
+                f[14] = 0x4f;
+                f[16..18].copy_from_slice(&60u16.to_be_bytes());
+                f
+            },
+            Stat::Truncated,
+        ),
         ("TCP header cut short", full[..14 + 20 + 10].to_vec(), Stat::Truncated),
         ("IHL below 5", bad_ihl, Stat::Truncated),
         ("total length leaves no room for TCP", lying_length, Stat::Truncated),
@@ -195,7 +274,11 @@ fn fixtures_that_pass_untouched_or_drop() {
 
     let no_backend = packet::tcp((CLIENT, 42005), (EMPTY_VIP, 80), TCP_SYN).frame();
     let before = stats(&dp);
-    assert_eq!(dp.run(&no_backend).unwrap().verdict, TC_ACT_SHOT, "a service without backends drops");
+    assert_eq!(
+        dp.run(&no_backend).unwrap().verdict,
+        TC_ACT_SHOT,
+        "a service without backends drops"
+    );
     assert_eq!(stats(&dp)["no_backend"], before["no_backend"] + 1);
 }
 
@@ -204,7 +287,9 @@ fn new_flows_rotate_exactly_over_the_backends() {
     let dp = loaded();
     let mut order = Vec::new();
     for sport in 0..30u16 {
-        let out = dp.run(&packet::tcp((CLIENT, 30000 + sport), (VIP, 80), TCP_SYN).frame()).unwrap();
+        let out = dp
+            .run(&packet::tcp((CLIENT, 30000 + sport), (VIP, 80), TCP_SYN).frame())
+            .unwrap();
         order.push(backend_of(&out.frame).0);
     }
     let distinct: BTreeSet<_> = order[..3].iter().collect();
@@ -220,14 +305,18 @@ fn a_reused_tuple_whose_backend_left_is_balanced_again() {
     let syn = packet::tcp((CLIENT, 43000), (VIP, 80), TCP_SYN);
     let (gone, _) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
     let survivors: Vec<BackendAddr> = (0..3).map(backend).filter(|b| b.ip != gone).collect();
-    dp.program(&desired(vec![frontend(VIP, 80, Protocol::Tcp, &survivors)])).unwrap();
+    dp.program(&desired(vec![frontend(VIP, 80, Protocol::Tcp, &survivors)]))
+        .unwrap();
 
     // Established packets of the old flow still go where they went.
     let ack = packet::tcp((CLIENT, 43000), (VIP, 80), TCP_ACK);
     assert_eq!(backend_of(&dp.run(&ack.frame()).unwrap().frame).0, gone);
     // A new connection on the same tuple does not.
     let (again, _) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
-    assert!(survivors.iter().any(|b| b.ip == again), "{again} is not a current backend");
+    assert!(
+        survivors.iter().any(|b| b.ip == again),
+        "{again} is not a current backend"
+    );
     // A retransmitted SYN of a flow whose backend stays keeps it.
     let syn2 = packet::tcp((CLIENT, 43001), (VIP, 80), TCP_SYN);
     let (first, _) = backend_of(&dp.run(&syn2.frame()).unwrap().frame);
@@ -238,6 +327,9 @@ fn a_reused_tuple_whose_backend_left_is_balanced_again() {
 #[test]
 fn the_checksum_helper_agrees_with_a_known_header() {
     // RFC 1071 example header (checksum field zeroed): 0xb1e6.
-    let header = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
+    let header = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00,
+        0xc7,
+    ];
     assert_eq!(checksum(&header, 0), 0xb861);
 }

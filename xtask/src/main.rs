@@ -32,13 +32,19 @@ enum Task {
 }
 
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {}", describe(cmd));
-    let status = cmd.current_dir(root()).status().with_context(|| format!("running {}", describe(cmd)))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {}", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
     }
@@ -60,7 +66,9 @@ fn cargo() -> Command {
 fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} creates network namespaces and loads BPF programs: run it as root (e.g. `sudo -E cargo xtask ...`)");
+        bail!(
+            "{what} creates network namespaces and loads BPF programs: run it as root (e.g. `sudo -E cargo xtask ...`)"
+        );
     }
     Ok(())
 }
@@ -79,6 +87,7 @@ fn main() -> Result<()> {
             toolchain::build_ebpf()?;
             if !skip_lint {
                 run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args(["fmt", "--manifest-path", "proxy-ebpf/Cargo.toml", "--", "--check"]))?;
                 run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
             }
             build_user_space()?;

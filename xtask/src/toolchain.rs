@@ -59,7 +59,12 @@ fn nightly_with_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("rust-src"))
+        })
 }
 
 fn detect() -> Option<Toolchain> {
@@ -83,7 +88,9 @@ pub fn setup() -> Result<()> {
         let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !deb_installed(p)).collect();
         if missing.is_empty() {
             eprintln!("setup: Debian packages present");
-        } else if detect() == Some(Toolchain::Nightly) && missing.iter().all(|p| p.contains("rust") || p.contains("llvm")) {
+        } else if detect() == Some(Toolchain::Nightly)
+            && missing.iter().all(|p| p.contains("rust") || p.contains("llvm"))
+        {
             eprintln!("setup: using the rustup nightly with rust-src; not installing {missing:?}");
         } else {
             let apt = |args: &[&str]| {
@@ -121,7 +128,9 @@ pub fn setup() -> Result<()> {
         install.args(["install", "bpf-linker", "--locked"]);
         if toolchain == Toolchain::Debian {
             // Against Debian's LLVM 22, linked dynamically; /usr/bin/llvm-config is an older LLVM.
-            install.args(["--no-default-features", "--features", "llvm-22"]).env("LLVM_PREFIX", LLVM_PREFIX);
+            install
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX);
         }
         run(&mut install)?;
     }

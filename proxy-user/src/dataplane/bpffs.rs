@@ -18,7 +18,9 @@ pub enum BpffsError {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
@@ -28,11 +30,12 @@ pub fn is_bpffs(path: &Path) -> bool {
 fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
     let target = CString::new(path.as_os_str().as_bytes()).expect("no NUL in a path");
     // SAFETY: valid C strings; a null data pointer is allowed.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(BpffsError::Mount { path: path.into(), source: io::Error::last_os_error() });
+        return Err(BpffsError::Mount {
+            path: path.into(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -41,9 +44,7 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// its parent is one (create it), or the parent is a plain directory such as
 /// an unmounted `/sys/fs/bpf` (mount there, then create it).
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), BpffsError> {
-    let create = |p: &Path| {
-        std::fs::create_dir_all(p).map_err(|source| BpffsError::Create { path: p.into(), source })
-    };
+    let create = |p: &Path| std::fs::create_dir_all(p).map_err(|source| BpffsError::Create { path: p.into(), source });
     if is_bpffs(pin_dir) {
         return Ok(());
     }

@@ -35,10 +35,14 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .load(EBPF_OBJECT)
         .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
     let program = classifier(&mut ebpf)?;
-    program.load().context("loading the TC classifier (the verifier rejected it?)")?;
+    program
+        .load()
+        .context("loading the TC classifier (the verifier rejected it?)")?;
     let pin = pin_dir.join(PROGRAM_PIN);
     let _ = std::fs::remove_file(&pin);
-    program.pin(&pin).with_context(|| format!("pinning the classifier at {}", pin.display()))?;
+    program
+        .pin(&pin)
+        .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
     Ok(ebpf)
 }
 
@@ -76,7 +80,11 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
         }
         Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
             program
-                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
                 .with_context(|| format!("attaching to the ingress of {iface}"))?
         }
         Err(e) => return Err(e).with_context(|| format!("opening the pinned link {}", path.display())),
@@ -84,7 +92,9 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
     let link = program.take_link(link_id)?;
     let fd_link: FdLink = link.try_into().context("TCX link expected (kernel >= 6.6)")?;
     let _ = std::fs::remove_file(&path);
-    fd_link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?;
+    fd_link
+        .pin(&path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
     Ok(())
 }
 

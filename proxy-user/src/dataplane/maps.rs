@@ -10,7 +10,10 @@ use crate::sync::{ServiceTable, TableError};
 fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     let path = pin_dir.join(name);
     MapData::from_pin(&path).with_context(|| {
-        format!("opening map {} (is the daemon running with this pin directory?)", path.display())
+        format!(
+            "opening map {} (is the daemon running with this pin directory?)",
+            path.display()
+        )
     })
 }
 
@@ -33,7 +36,17 @@ impl ServiceMaps {
         let mut out = Vec::new();
         for (key, value) in self.services()? {
             let backends = (0..value.backend_count)
-                .filter_map(|slot| self.backends.get(&BackendKey { service_id: value.id, slot }, 0).ok())
+                .filter_map(|slot| {
+                    self.backends
+                        .get(
+                            &BackendKey {
+                                service_id: value.id,
+                                slot,
+                            },
+                            0,
+                        )
+                        .ok()
+                })
                 .collect();
             out.push((key, value, backends));
         }
@@ -44,20 +57,31 @@ impl ServiceMaps {
 
 fn table_err(op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> TableError {
     let op = op.into();
-    move |e| TableError { op, reason: e.to_string() }
+    move |e| TableError {
+        op,
+        reason: e.to_string(),
+    }
 }
 
 impl ServiceTable for ServiceMaps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, TableError> {
-        self.services.iter().collect::<Result<_, _>>().map_err(table_err("reading SERVICES"))
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(table_err("reading SERVICES"))
     }
 
     fn backends(&self) -> Result<Vec<(BackendKey, Backend)>, TableError> {
-        self.backends.iter().collect::<Result<_, _>>().map_err(table_err("reading BACKENDS"))
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(table_err("reading BACKENDS"))
     }
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), TableError> {
-        self.services.insert(key, value, 0).map_err(table_err("writing SERVICES"))
+        self.services
+            .insert(key, value, 0)
+            .map_err(table_err("writing SERVICES"))
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError> {
@@ -65,7 +89,9 @@ impl ServiceTable for ServiceMaps {
     }
 
     fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError> {
-        self.backends.insert(key, value, 0).map_err(table_err("writing BACKENDS"))
+        self.backends
+            .insert(key, value, 0)
+            .map_err(table_err("writing BACKENDS"))
     }
 
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {

@@ -86,7 +86,11 @@ pub fn desired_state<'a>(
         for (i, port) in svc.ports.iter().enumerate() {
             let backends = backends_for_port(slices, &port.name, port.protocol);
             for &ip in &svc.cluster_ips {
-                let frontend = Frontend { ip, port: port.port, protocol: port.protocol };
+                let frontend = Frontend {
+                    ip,
+                    port: port.port,
+                    protocol: port.protocol,
+                };
                 if let Some(owner) = state.frontends.get(&frontend) {
                     state.conflicts.push(Rejection {
                         kind: "Service",
@@ -126,7 +130,10 @@ fn backends_for_port(slices: &[&EndpointSliceInfo], port_name: &str, protocol: P
         .collect();
     topology::usable_endpoints(&candidates, |(e, _)| e)
         .into_iter()
-        .map(|(e, port)| BackendAddr { ip: e.addresses[0], port })
+        .map(|(e, port)| BackendAddr {
+            ip: e.addresses[0],
+            port,
+        })
         .collect()
 }
 

@@ -145,7 +145,11 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
     }
 }
 
-fn port_number(value: Option<i32>, field: &str, reject: &impl Fn(String, String) -> Rejection) -> Result<u16, Rejection> {
+fn port_number(
+    value: Option<i32>,
+    field: &str,
+    reject: &impl Fn(String, String) -> Rejection,
+) -> Result<u16, Rejection> {
     match value {
         Some(p @ 1..=65535) => Ok(p as u16),
         Some(p) => Err(reject(field.into(), format!("port {p} is out of range 1-65535"))),
@@ -166,10 +170,18 @@ impl ServiceInfo {
         if name.name.is_empty() {
             return Err(reject("metadata.name".into(), "name is missing".into()));
         }
-        if let Some(owner) = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        if let Some(owner) = svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+        {
             return Ok(Err(Skipped::OtherProxy(owner.clone())));
         }
-        let spec = svc.spec.as_ref().ok_or_else(|| reject("spec".into(), "spec is missing".into()))?;
+        let spec = svc
+            .spec
+            .as_ref()
+            .ok_or_else(|| reject("spec".into(), "spec is missing".into()))?;
         if spec.type_.as_deref() == Some("ExternalName") {
             return Ok(Err(Skipped::ExternalName));
         }
@@ -187,7 +199,11 @@ impl ServiceInfo {
                 Ok(std::net::IpAddr::V4(v4)) => cluster_ips.push(v4),
                 Ok(std::net::IpAddr::V6(_)) => {}
                 Err(_) => {
-                    let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
+                    let field = if spec.cluster_ips.is_some() {
+                        format!("spec.clusterIPs[{i}]")
+                    } else {
+                        "spec.clusterIP".into()
+                    };
                     return Err(reject(field, format!("{ip:?} is not an IP address")));
                 }
             }
@@ -228,11 +244,20 @@ impl ServiceInfo {
                 ))
             }
         };
-        Ok(Ok(ServiceInfo { name, cluster_ips, ports, affinity_timeout }))
+        Ok(Ok(ServiceInfo {
+            name,
+            cluster_ips,
+            ports,
+            affinity_timeout,
+        }))
     }
 }
 
-fn service_port(i: usize, p: &ServicePort, reject: &impl Fn(String, String) -> Rejection) -> Result<ServicePortInfo, Rejection> {
+fn service_port(
+    i: usize,
+    p: &ServicePort,
+    reject: &impl Fn(String, String) -> Rejection,
+) -> Result<ServicePortInfo, Rejection> {
     let field = |f: &str| format!("spec.ports[{i}].{f}");
     Ok(ServicePortInfo {
         name: p.name.clone().unwrap_or_default(),
@@ -288,11 +313,20 @@ impl EndpointSliceInfo {
             .enumerate()
             .map(|(i, e)| endpoint(i, e, &reject))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(EndpointSliceInfo { name, service, ports, endpoints }))
+        Ok(Some(EndpointSliceInfo {
+            name,
+            service,
+            ports,
+            endpoints,
+        }))
     }
 }
 
-fn endpoint_port(i: usize, p: &EndpointPort, reject: &impl Fn(String, String) -> Rejection) -> Result<EndpointPortInfo, Rejection> {
+fn endpoint_port(
+    i: usize,
+    p: &EndpointPort,
+    reject: &impl Fn(String, String) -> Rejection,
+) -> Result<EndpointPortInfo, Rejection> {
     let field = |f: &str| format!("ports[{i}].{f}");
     Ok(EndpointPortInfo {
         name: p.name.clone().unwrap_or_default(),
@@ -307,12 +341,19 @@ fn endpoint(i: usize, e: &Endpoint, reject: &impl Fn(String, String) -> Rejectio
         .iter()
         .enumerate()
         .map(|(j, a)| {
-            Ipv4Addr::from_str(a)
-                .map_err(|_| reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")))
+            Ipv4Addr::from_str(a).map_err(|_| {
+                reject(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IPv4 address"),
+                )
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if addresses.is_empty() {
-        return Err(reject(format!("endpoints[{i}].addresses"), "an endpoint needs an address".into()));
+        return Err(reject(
+            format!("endpoints[{i}].addresses"),
+            "an endpoint needs an address".into(),
+        ));
     }
     let c = e.conditions.as_ref();
     // kube-proxy's reading of the conditions: nil ready and nil serving mean

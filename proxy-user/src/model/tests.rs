@@ -170,18 +170,34 @@ fn desired_state_table() {
 #[test]
 fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
     let s = state(&(svc("b-web", "10.96.0.1", HTTP) + &svc("a-web", "10.96.0.1", HTTP)));
-    let f = Frontend { ip: Ipv4Addr::new(10, 96, 0, 1), port: 80, protocol: Protocol::Tcp };
+    let f = Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 1),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
     assert_eq!(s.frontends[&f].service.name, "a-web");
     assert_eq!(s.conflicts.len(), 1);
-    assert!(s.conflicts[0].to_string().contains("Service default/b-web: spec.ports[0]: 10.96.0.1:80/TCP is already served"), "{}", s.conflicts[0]);
+    assert!(
+        s.conflicts[0]
+            .to_string()
+            .contains("Service default/b-web: spec.ports[0]: 10.96.0.1:80/TCP is already served"),
+        "{}",
+        s.conflicts[0]
+    );
 }
 
 #[test]
 fn affinity_is_carried_with_kube_proxy_defaults() {
     let yaml = svc("web", "10.96.0.1", HTTP) + "  sessionAffinity: ClientIP\n";
-    assert_eq!(state(&yaml).frontends.values().next().unwrap().affinity_timeout, Some(10_800));
+    assert_eq!(
+        state(&yaml).frontends.values().next().unwrap().affinity_timeout,
+        Some(10_800)
+    );
     let yaml = yaml + "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
-    assert_eq!(state(&yaml).frontends.values().next().unwrap().affinity_timeout, Some(60));
+    assert_eq!(
+        state(&yaml).frontends.values().next().unwrap().affinity_timeout,
+        Some(60)
+    );
 }
 
 fn service_rejection(yaml: &str) -> Rejection {

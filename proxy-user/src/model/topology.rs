@@ -42,7 +42,11 @@ mod tests {
             want: Vec<u8>,
         }
         let cases = [
-            Case { name: "no endpoints", endpoints: vec![], want: vec![] },
+            Case {
+                name: "no endpoints",
+                endpoints: vec![],
+                want: vec![],
+            },
             Case {
                 name: "all ready",
                 endpoints: vec![ep(1, true, true, false), ep(2, true, true, false)],
@@ -55,7 +59,11 @@ mod tests {
             },
             Case {
                 name: "none ready: fall back to serving and terminating",
-                endpoints: vec![ep(1, false, true, true), ep(2, false, false, true), ep(3, false, true, true)],
+                endpoints: vec![
+                    ep(1, false, true, true),
+                    ep(2, false, false, true),
+                    ep(3, false, true, true),
+                ],
                 want: vec![1, 3],
             },
             Case {
@@ -71,7 +79,10 @@ mod tests {
         ];
         for case in cases {
             let refs: Vec<_> = case.endpoints.iter().collect();
-            let got: Vec<u8> = usable_endpoints(&refs, |e| e).iter().map(|e| e.addresses[0].octets()[3]).collect();
+            let got: Vec<u8> = usable_endpoints(&refs, |e| e)
+                .iter()
+                .map(|e| e.addresses[0].octets()[3])
+                .collect();
             assert_eq!(got, case.want, "{}", case.name);
         }
     }

@@ -42,7 +42,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Result<Document, String>>, Stri
 }
 
 fn collect_document(value: serde_yaml::Value, place: &str, out: &mut Vec<Result<Document, String>>) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
     let name = value
         .get("metadata")
         .and_then(|m| m.get("name"))
@@ -59,7 +63,11 @@ fn collect_document(value: serde_yaml::Value, place: &str, out: &mut Vec<Result<
             }
             None => out.push(Err(format!("{place}: a List without items"))),
         },
-        "Service" => out.push(serde_yaml::from_value(value).map(|s| Document::Service(Box::new(s))).map_err(typed)),
+        "Service" => out.push(
+            serde_yaml::from_value(value)
+                .map(|s| Document::Service(Box::new(s)))
+                .map_err(typed),
+        ),
         "EndpointSlice" => {
             let api = value.get("apiVersion").and_then(|a| a.as_str()).unwrap_or_default();
             if api != "discovery.k8s.io/v1" {
@@ -111,7 +119,12 @@ pub struct ScanResult {
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new(), problems: BTreeSet::new(), scanned: false }
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            problems: BTreeSet::new(),
+            scanned: false,
+        }
     }
 
     /// Rereads what changed since the last scan; `None` when nothing did.
@@ -119,7 +132,9 @@ impl ManifestDir {
         let stamps = self.stamps()?;
         let unchanged = self.scanned
             && stamps.len() == self.files.len()
-            && stamps.iter().all(|(p, s)| self.files.get(p).is_some_and(|(old, _)| old == s));
+            && stamps
+                .iter()
+                .all(|(p, s)| self.files.get(p).is_some_and(|(old, _)| old == s));
         if unchanged {
             return Ok(None);
         }
@@ -149,10 +164,7 @@ impl ManifestDir {
         let mut stamps = BTreeMap::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let is_manifest = matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            );
+            let is_manifest = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"));
             if !is_manifest {
                 continue;
             }
@@ -162,7 +174,14 @@ impl ManifestDir {
                 continue;
             }
             let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
-            stamps.insert(path, Stamp { mtime_ns, len: meta.len(), ino: meta.ino() });
+            stamps.insert(
+                path,
+                Stamp {
+                    mtime_ns,
+                    len: meta.len(),
+                    ino: meta.ino(),
+                },
+            );
         }
         Ok(stamps)
     }
@@ -191,7 +210,10 @@ impl ManifestDir {
             }
         }
         for (name, slice) in &snapshot.slices {
-            let service = ObjectName { namespace: name.namespace.clone(), name: slice.service.clone() };
+            let service = ObjectName {
+                namespace: name.namespace.clone(),
+                name: slice.service.clone(),
+            };
             if !snapshot.services.contains_key(&service) {
                 let path = origin[&("EndpointSlice", name)];
                 problems.insert(format!(
@@ -205,7 +227,11 @@ impl ManifestDir {
 }
 
 fn duplicate(path: &Path, kind: &str, name: &ObjectName, first: &Path) -> String {
-    format!("{}: {kind} {name} is already defined in {}; this copy is ignored", path.display(), first.display())
+    format!(
+        "{}: {kind} {name} is already defined in {}; this copy is ignored",
+        path.display(),
+        first.display()
+    )
 }
 
 /// Reads one changed file. What cannot be used is reported, and the file's
@@ -244,7 +270,9 @@ fn read_file(path: &Path, previous: &FileObjects, problems: &mut BTreeSet<String
                 Ok(Ok(info)) => {
                     objects.services.insert(info.name.clone(), info);
                 }
-                Ok(Err(Skipped::OtherProxy(_) | Skipped::Headless | Skipped::ExternalName | Skipped::NoIpv4ClusterIp)) => {}
+                Ok(Err(
+                    Skipped::OtherProxy(_) | Skipped::Headless | Skipped::ExternalName | Skipped::NoIpv4ClusterIp,
+                )) => {}
                 Err(rejection) => rejected.push(rejection),
             },
             Ok(Document::EndpointSlice(slice)) => match EndpointSliceInfo::from_k8s(&slice) {
@@ -260,13 +288,23 @@ fn read_file(path: &Path, previous: &FileObjects, problems: &mut BTreeSet<String
     for rejection in rejected {
         let kept = match rejection.kind {
             "Service" => previous.services.get(&rejection.object).map(|s| {
-                objects.services.entry(rejection.object.clone()).or_insert_with(|| s.clone());
+                objects
+                    .services
+                    .entry(rejection.object.clone())
+                    .or_insert_with(|| s.clone());
             }),
             _ => previous.slices.get(&rejection.object).map(|s| {
-                objects.slices.entry(rejection.object.clone()).or_insert_with(|| s.clone());
+                objects
+                    .slices
+                    .entry(rejection.object.clone())
+                    .or_insert_with(|| s.clone());
             }),
         };
-        let note = if kept.is_some() { "; keeping its last valid version" } else { "" };
+        let note = if kept.is_some() {
+            "; keeping its last valid version"
+        } else {
+            ""
+        };
         problems.insert(format!("{file}: {rejection}{note}"));
     }
     objects

@@ -9,7 +9,11 @@ impl TempDir {
     fn new() -> Self {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!("kpr-manifests-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "kpr-manifests-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -29,7 +33,10 @@ impl Drop for TempDir {
 }
 
 fn name(n: &str) -> ObjectName {
-    ObjectName { namespace: "default".into(), name: n.into() }
+    ObjectName {
+        namespace: "default".into(),
+        name: n.into(),
+    }
 }
 
 fn service(name: &str, port: u32) -> String {
@@ -47,14 +54,20 @@ fn scan(dir: &mut ManifestDir) -> ScanResult {
 #[test]
 fn reads_multi_document_files_and_lists_ignoring_other_kinds() {
     let tmp = TempDir::new();
-    tmp.write("web.yaml", &format!("{DEPLOYMENT}---\n{}---\n{SLICE}", service("web", 80)));
+    tmp.write(
+        "web.yaml",
+        &format!("{DEPLOYMENT}---\n{}---\n{SLICE}", service("web", 80)),
+    );
     let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata:\n    name: api\n  spec:\n    clusterIP: 10.96.0.2\n    ports:\n    - name: http\n      port: 81\n";
-    tmp.write("api.yml", &list);
+    tmp.write("api.yml", list);
     tmp.write("notes.txt", "not a manifest");
     let mut dir = ManifestDir::new(&tmp.0);
     let result = scan(&mut dir);
     assert!(result.new_problems.is_empty(), "{:?}", result.new_problems);
-    assert_eq!(result.snapshot.services.keys().cloned().collect::<Vec<_>>(), vec![name("api"), name("web")]);
+    assert_eq!(
+        result.snapshot.services.keys().cloned().collect::<Vec<_>>(),
+        vec![name("api"), name("web")]
+    );
     assert_eq!(result.snapshot.slices[&name("web-1")].service, "web");
     assert!(dir.scan().unwrap().is_none(), "nothing changed");
 }
@@ -81,8 +94,16 @@ fn a_broken_edit_is_reported_once_and_the_last_valid_version_stays() {
     tmp.write("web.yaml", "kind: Service\n  metadata: [unclosed\n");
     let result = scan(&mut dir);
     assert_eq!(result.new_problems.len(), 1);
-    assert!(result.new_problems[0].starts_with(&format!("{file}: not valid YAML")), "{}", result.new_problems[0]);
-    assert!(result.new_problems[0].ends_with("keeping its last valid 1 Service(s) and 1 EndpointSlice(s)"), "{}", result.new_problems[0]);
+    assert!(
+        result.new_problems[0].starts_with(&format!("{file}: not valid YAML")),
+        "{}",
+        result.new_problems[0]
+    );
+    assert!(
+        result.new_problems[0].ends_with("keeping its last valid 1 Service(s) and 1 EndpointSlice(s)"),
+        "{}",
+        result.new_problems[0]
+    );
     assert_eq!(result.snapshot, good);
 
     // Another file changes: the still-broken file is not reported again.
@@ -109,13 +130,21 @@ fn a_slice_without_its_service_and_duplicates_are_reported() {
     let mut problems = result.new_problems.clone();
     problems.sort();
     assert_eq!(problems.len(), 2, "{problems:?}");
-    assert!(problems[0].contains("b.yaml: Service default/api is already defined in"), "{}", problems[0]);
+    assert!(
+        problems[0].contains("b.yaml: Service default/api is already defined in"),
+        "{}",
+        problems[0]
+    );
     assert!(
         problems[1].contains("slice.yaml: EndpointSlice default/web-1: metadata.labels[\"kubernetes.io/service-name\"]: Service default/web does not exist"),
         "{}",
         problems[1]
     );
-    assert_eq!(result.snapshot.services[&name("api")].ports[0].port, 80, "the first file wins");
+    assert_eq!(
+        result.snapshot.services[&name("api")].ports[0].port,
+        80,
+        "the first file wins"
+    );
 }
 
 #[test]
@@ -127,5 +156,8 @@ fn removing_a_file_removes_its_objects() {
     assert_eq!(scan(&mut dir).snapshot.services.len(), 2);
     std::fs::remove_file(tmp.0.join("web.yaml")).unwrap();
     let result = scan(&mut dir);
-    assert_eq!(result.snapshot.services.keys().cloned().collect::<Vec<_>>(), vec![name("api")]);
+    assert_eq!(
+        result.snapshot.services.keys().cloned().collect::<Vec<_>>(),
+        vec![name("api")]
+    );
 }

@@ -57,7 +57,11 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 }
 
 pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend { ip: key.ip(), port: key.port(), protocol: Protocol::from_ip_proto(key.proto)? })
+    Some(Frontend {
+        ip: key.ip(),
+        port: key.port(),
+        protocol: Protocol::from_ip_proto(key.proto)?,
+    })
 }
 
 fn backend(b: &BackendAddr) -> Backend {
@@ -73,7 +77,14 @@ impl Syncer {
         let mut by_id: BTreeMap<u32, ServiceKey> = BTreeMap::new();
         for (key, value) in table.services()? {
             by_id.insert(value.id, key);
-            syncer.applied.insert(key, Applied { id: value.id, value: Some(value), slots: Vec::new() });
+            syncer.applied.insert(
+                key,
+                Applied {
+                    id: value.id,
+                    value: Some(value),
+                    slots: Vec::new(),
+                },
+            );
         }
         for (key, b) in table.backends()? {
             let Some(applied) = by_id.get(&key.service_id).and_then(|k| syncer.applied.get_mut(k)) else {
@@ -108,7 +119,12 @@ impl Syncer {
             })
             .collect();
 
-        let stale: Vec<ServiceKey> = self.applied.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let stale: Vec<ServiceKey> = self
+            .applied
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
         for key in stale {
             match self.remove(&key, table) {
                 Ok(()) => report.removed += 1,
@@ -141,7 +157,14 @@ impl Syncer {
                 op: "allocating a service id".into(),
                 reason: format!("all {MAX_SERVICES} are in use"),
             })?;
-            self.applied.insert(*key, Applied { id, value: None, slots: Vec::new() });
+            self.applied.insert(
+                *key,
+                Applied {
+                    id,
+                    value: None,
+                    slots: Vec::new(),
+                },
+            );
         }
         let applied = self.applied.get_mut(key).expect("inserted above");
         value.id = applied.id;
@@ -152,7 +175,13 @@ impl Syncer {
         // slots go, so the data path never picks an empty slot.
         for (slot, b) in target.iter().enumerate() {
             if applied.slots.get(slot).copied().flatten() != Some(*b) {
-                table.put_backend(&BackendKey { service_id: value.id, slot: slot as u32 }, b)?;
+                table.put_backend(
+                    &BackendKey {
+                        service_id: value.id,
+                        slot: slot as u32,
+                    },
+                    b,
+                )?;
                 if applied.slots.len() <= slot {
                     applied.slots.resize(slot + 1, None);
                 }
@@ -168,7 +197,10 @@ impl Syncer {
         while applied.slots.len() > target.len() {
             let slot = applied.slots.len() - 1;
             if applied.slots[slot].is_some() {
-                table.remove_backend(&BackendKey { service_id: value.id, slot: slot as u32 })?;
+                table.remove_backend(&BackendKey {
+                    service_id: value.id,
+                    slot: slot as u32,
+                })?;
                 wrote = true;
             }
             applied.slots.pop();
@@ -185,7 +217,10 @@ impl Syncer {
         while let Some(last) = applied.slots.last().copied() {
             if last.is_some() {
                 let slot = applied.slots.len() as u32 - 1;
-                table.remove_backend(&BackendKey { service_id: applied.id, slot })?;
+                table.remove_backend(&BackendKey {
+                    service_id: applied.id,
+                    slot,
+                })?;
             }
             applied.slots.pop();
         }
@@ -212,7 +247,10 @@ impl Syncer {
 }
 
 fn describe(key: &ServiceKey) -> String {
-    frontend(key).map_or_else(|| format!("{}:{}/{}", key.ip(), key.port(), key.proto), |f| f.to_string())
+    frontend(key).map_or_else(
+        || format!("{}:{}/{}", key.ip(), key.port(), key.proto),
+        |f| f.to_string(),
+    )
 }
 
 /// Slot layout for `backends` that moves as few backends as possible: a
@@ -228,9 +266,11 @@ fn place(current: &[Option<Backend>], backends: &[Backend]) -> Vec<Backend> {
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         *slot = rest.next().copied();
     }
-    slots.into_iter().map(|s| s.expect("as many slots as backends")).collect()
+    slots
+        .into_iter()
+        .map(|s| s.expect("as many slots as backends"))
+        .collect()
 }
-
 
 #[cfg(test)]
 mod tests;

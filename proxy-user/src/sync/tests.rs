@@ -25,7 +25,10 @@ impl MemTable {
     fn write(&mut self) -> Result<(), TableError> {
         self.writes += 1;
         match self.fail_after {
-            Some(n) if self.writes > n => Err(TableError { op: "writing".into(), reason: "map is full".into() }),
+            Some(n) if self.writes > n => Err(TableError {
+                op: "writing".into(),
+                reason: "map is full".into(),
+            }),
             _ => Ok(()),
         }
     }
@@ -84,11 +87,20 @@ impl ServiceTable for MemTable {
 }
 
 fn frontend(n: u8, port: u16) -> Frontend {
-    Frontend { ip: Ipv4Addr::new(10, 96, 0, n), port, protocol: Protocol::Tcp }
+    Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, n),
+        port,
+        protocol: Protocol::Tcp,
+    }
 }
 
 fn backends(ids: &[u8]) -> BTreeSet<BackendAddr> {
-    ids.iter().map(|&i| BackendAddr { ip: Ipv4Addr::new(10, 244, 0, i), port: 8080 }).collect()
+    ids.iter()
+        .map(|&i| BackendAddr {
+            ip: Ipv4Addr::new(10, 244, 0, i),
+            port: 8080,
+        })
+        .collect()
 }
 
 fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
@@ -99,7 +111,10 @@ fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
                 (
                     *f,
                     FrontendState {
-                        service: ObjectName { namespace: "default".into(), name: format!("svc{}", f.ip) },
+                        service: ObjectName {
+                            namespace: "default".into(),
+                            name: format!("svc{}", f.ip),
+                        },
                         port_name: "http".into(),
                         backends: backends(ids),
                         affinity_timeout: None,
@@ -121,12 +136,20 @@ fn scratch_view(state: &DesiredState) -> BTreeMap<ServiceKey, (u32, BTreeSet<Bac
 
 fn as_sets(table: &MemTable) -> BTreeMap<ServiceKey, (u32, BTreeSet<Backend>)> {
     table.assert_tidy();
-    table.view().into_iter().map(|(k, (a, slots))| (k, (a, slots.into_iter().collect()))).collect()
+    table
+        .view()
+        .into_iter()
+        .map(|(k, (a, slots))| (k, (a, slots.into_iter().collect())))
+        .collect()
 }
 
 #[test]
 fn programs_exactly_the_desired_state_and_then_writes_nothing() {
-    let state = desired(&[(frontend(1, 80), &[1, 2, 3]), (frontend(2, 53), &[]), (frontend(3, 443), &[4])]);
+    let state = desired(&[
+        (frontend(1, 80), &[1, 2, 3]),
+        (frontend(2, 53), &[]),
+        (frontend(3, 443), &[4]),
+    ]);
     let mut table = MemTable::default();
     let mut syncer = Syncer::default();
     let report = syncer.sync(&state, &mut table);
@@ -168,15 +191,28 @@ fn surviving_backends_keep_their_slots() {
 fn a_removed_service_leaves_nothing_and_its_id_is_reused() {
     let mut table = MemTable::default();
     let mut syncer = Syncer::default();
-    syncer.sync(&desired(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3])]), &mut table);
+    syncer.sync(
+        &desired(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3])]),
+        &mut table,
+    );
     let report = syncer.sync(&desired(&[(frontend(2, 80), &[3])]), &mut table);
     assert_eq!(report.removed, 1);
     assert_eq!(table.services.len(), 1);
     assert_eq!(table.backends.len(), 1);
-    let freed: BTreeSet<u32> = (0..2).collect::<BTreeSet<_>>().difference(&table.services.values().map(|v| v.id).collect()).copied().collect();
-    syncer.sync(&desired(&[(frontend(2, 80), &[3]), (frontend(4, 80), &[1])]), &mut table);
+    let freed: BTreeSet<u32> = (0..2)
+        .collect::<BTreeSet<_>>()
+        .difference(&table.services.values().map(|v| v.id).collect())
+        .copied()
+        .collect();
+    syncer.sync(
+        &desired(&[(frontend(2, 80), &[3]), (frontend(4, 80), &[1])]),
+        &mut table,
+    );
     let new_id = table.services[&super::service_key(&frontend(4, 80))].id;
-    assert!(freed.contains(&new_id), "id {new_id} should reuse a freed one {freed:?}");
+    assert!(
+        freed.contains(&new_id),
+        "id {new_id} should reuse a freed one {freed:?}"
+    );
 }
 
 #[test]
@@ -192,7 +228,11 @@ fn a_failed_write_is_reported_and_retried_and_leaves_the_rest_working() {
     let next = desired(&[(frontend(1, 80), &[1, 2, 3, 4]), (frontend(2, 80), &[5, 6, 7])]);
     let report = syncer.sync(&next, &mut table);
     assert!(!report.failures.is_empty());
-    assert!(report.failures.iter().all(|f| f.contains("map is full")), "{:?}", report.failures);
+    assert!(
+        report.failures.iter().all(|f| f.contains("map is full")),
+        "{:?}",
+        report.failures
+    );
     // Whatever was written, the data path sees consistent services, and the
     // existing one still has (at least) its working backends.
     let partial = table.view();
@@ -212,19 +252,42 @@ fn recovers_from_the_maps_of_a_previous_run() {
     let mut table = MemTable::default();
     Syncer::default().sync(&state, &mut table);
     // A stray slot of no service, as a crash mid-removal could leave.
-    table.backends.insert(BackendKey { service_id: 77, slot: 0 }, Backend::new(Ipv4Addr::new(1, 2, 3, 4), 1));
+    table.backends.insert(
+        BackendKey {
+            service_id: 77,
+            slot: 0,
+        },
+        Backend::new(Ipv4Addr::new(1, 2, 3, 4), 1),
+    );
     let ids_before: Vec<u32> = table.services.values().map(|v| v.id).collect();
 
     let mut syncer = Syncer::recover(&mut table).unwrap();
-    assert!(!table.backends.keys().any(|k| k.service_id == 77), "orphan slots are removed");
+    assert!(
+        !table.backends.keys().any(|k| k.service_id == 77),
+        "orphan slots are removed"
+    );
     let writes = table.writes;
     let report = syncer.sync(&state, &mut table);
     assert_eq!((report.added, report.updated, report.removed), (0, 0, 0));
-    assert_eq!(table.writes, writes, "taking over an up-to-date dataplane writes nothing");
-    assert_eq!(table.services.values().map(|v| v.id).collect::<Vec<_>>(), ids_before, "ids survive a restart");
+    assert_eq!(
+        table.writes, writes,
+        "taking over an up-to-date dataplane writes nothing"
+    );
+    assert_eq!(
+        table.services.values().map(|v| v.id).collect::<Vec<_>>(),
+        ids_before,
+        "ids survive a restart"
+    );
 
     // New services never take an id still in use.
-    syncer.sync(&desired(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3]), (frontend(3, 80), &[4])]), &mut table);
+    syncer.sync(
+        &desired(&[
+            (frontend(1, 80), &[1, 2]),
+            (frontend(2, 80), &[3]),
+            (frontend(3, 80), &[4]),
+        ]),
+        &mut table,
+    );
     table.view();
 }
 

@@ -49,12 +49,21 @@ fn manifest(cluster: &Cluster, pods: usize) -> String {
     format!(
         "{DEPLOYMENT}---\n{}---\n{}",
         service("nginx", VIP, &[tcp("http", 80), udp("dns", 53)]),
-        endpoint_slice("nginx-x7k2p", "nginx", &[tcp("http", POD_PORT), udp("dns", POD_PORT)], &ready(&ips))
+        endpoint_slice(
+            "nginx-x7k2p",
+            "nginx",
+            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
+            &ready(&ips)
+        )
     )
 }
 
 fn show_services(cluster: &Cluster) -> Result<()> {
-    let out = Command::new(kpr_binary()?).arg("--pin-dir").arg(&cluster.pin_dir).arg("services").output()?;
+    let out = Command::new(kpr_binary()?)
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .arg("services")
+        .output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("    {line}");
     }
@@ -73,7 +82,11 @@ fn tcp_round(cluster: &Cluster, n: usize) -> Result<BTreeMap<String, usize>> {
     for _ in 0..n {
         let mut conn = connect(&client.ns, SocketAddr::from((VIP, 80)))?;
         let reply = conn.request()?;
-        anyhow::ensure!(reply.peer.ip() == std::net::IpAddr::V4(client.ip), "backend saw {} instead of the client", reply.peer);
+        anyhow::ensure!(
+            reply.peer.ip() == std::net::IpAddr::V4(client.ip),
+            "backend saw {} instead of the client",
+            reply.peer
+        );
         *counts.entry(reply.pod).or_default() += 1;
         open.push(conn);
     }
@@ -90,9 +103,15 @@ fn main() -> Result<()> {
     }
     println!("    daemon pins: {}", cluster.pin_dir.display());
 
-    step(&format!("Writing the nginx Deployment, Service (ClusterIP {VIP}) and its EndpointSlice to {}", cluster.manifests.display()));
+    step(&format!(
+        "Writing the nginx Deployment, Service (ClusterIP {VIP}) and its EndpointSlice to {}",
+        cluster.manifests.display()
+    ));
     cluster.write_manifest("nginx.yaml", &manifest(&cluster, 3))?;
-    let all: Vec<SocketAddr> = cluster.pods[..3].iter().map(|p| SocketAddr::from((p.ip, POD_PORT))).collect();
+    let all: Vec<SocketAddr> = cluster.pods[..3]
+        .iter()
+        .map(|p| SocketAddr::from((p.ip, POD_PORT)))
+        .collect();
     cluster.wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &all)?;
     println!("    `kpr services` reads the pinned maps:");
     show_services(&cluster)?;
@@ -115,7 +134,11 @@ fn main() -> Result<()> {
     print_counts("20 new connections per pod:", &tcp_round(&cluster, 20)?);
 
     step("Data path counters (`kpr stats`)");
-    let out = Command::new(kpr_binary()?).arg("--pin-dir").arg(&cluster.pin_dir).arg("stats").output()?;
+    let out = Command::new(kpr_binary()?)
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .arg("stats")
+        .output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("    {line}");
     }
