@@ -45,24 +45,41 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+/// An address as the maps hold it: its packet bytes in a `u32`.
+pub fn addr_to_map(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn addr_from_map(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+/// Address and port accessors for map types that carry both.
+macro_rules! addr_port_accessors {
+    ($ty:ty) => {
+        impl $ty {
+            pub fn ip(&self) -> Ipv4Addr {
+                addr_from_map(self.addr)
+            }
+
+            pub fn port(&self) -> u16 {
+                u16::from_be(self.port)
+            }
+        }
+    };
+}
+
 impl ServiceKey {
     pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
         Self {
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: addr_to_map(addr),
             port: port.to_be(),
             proto,
             _pad: 0,
         }
     }
-
-    pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.addr.to_ne_bytes())
-    }
-
-    pub fn port(&self) -> u16 {
-        u16::from_be(self.port)
-    }
 }
+addr_port_accessors!(ServiceKey);
 
 /// Value of `SERVICES`.
 #[repr(C)]
@@ -100,20 +117,13 @@ pub struct Backend {
 impl Backend {
     pub fn new(addr: Ipv4Addr, port: u16) -> Self {
         Self {
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: addr_to_map(addr),
             port: port.to_be(),
             _pad: 0,
         }
     }
-
-    pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.addr.to_ne_bytes())
-    }
-
-    pub fn port(&self) -> u16 {
-        u16::from_be(self.port)
-    }
 }
+addr_port_accessors!(Backend);
 
 /// Key of `CONNTRACK`: a packet's 5-tuple as it arrives, before translation.
 #[repr(C)]

@@ -8,7 +8,8 @@ use std::{
 use kpr_testbed::{
     cluster::POD_PORT,
     manifests::{endpoint_slice, ready, service, tcp, udp},
-    pod::{connect, Datagrams, Reply},
+    netns::Netns,
+    pod::{connect, Conn, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -45,6 +46,19 @@ fn write_web(cluster: &Cluster, backends: &[Ipv4Addr]) {
     let want: Vec<SocketAddr> = backends.iter().map(|&ip| SocketAddr::from((ip, POD_PORT))).collect();
     cluster.wait_for_backends(vip(80), IPPROTO_TCP, &want).unwrap();
     cluster.wait_for_backends(vip(53), IPPROTO_UDP, &want).unwrap();
+}
+
+/// `n` new connections to vip:80, one request each; they stay open in
+/// `keep` so that no source port is reused.
+fn new_connections(ns: &Netns, n: usize, keep: &mut Vec<Conn>) -> Vec<Reply> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect(ns, vip(80)).unwrap();
+            let r = c.request().unwrap();
+            keep.push(c);
+            r
+        })
+        .collect()
 }
 
 fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
@@ -169,14 +183,7 @@ fn manifest_edits_apply_live_without_breaking_surviving_connections() {
         }
     }
     let mut keep = Vec::new();
-    let fresh: Vec<Reply> = (0..6)
-        .map(|_| {
-            let mut c = connect(&client.ns, vip(80)).unwrap();
-            let r = c.request().unwrap();
-            keep.push(c);
-            r
-        })
-        .collect();
+    let fresh = new_connections(&client.ns, 6, &mut keep);
     assert_eq!(
         tally(&fresh),
         [("web-0".to_string(), 3), ("web-1".to_string(), 3)].into()
@@ -189,14 +196,7 @@ fn manifest_edits_apply_live_without_breaking_surviving_connections() {
             assert_eq!(&conn.request().unwrap().pod, owner);
         }
     }
-    let fresh: Vec<Reply> = (0..9)
-        .map(|_| {
-            let mut c = connect(&client.ns, vip(80)).unwrap();
-            let r = c.request().unwrap();
-            keep.push(c);
-            r
-        })
-        .collect();
+    let fresh = new_connections(&client.ns, 9, &mut keep);
     assert_eq!(tally(&fresh), even(3));
 }
 

@@ -4,11 +4,18 @@
 //! (a manifest directory or the API server), an object that cannot be
 //! programmed is rejected with the field at fault, and nothing else is
 //! affected by it.
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    str::FromStr,
+};
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+use k8s_openapi::{
+    api::{
+        core::v1::Service,
+        discovery::v1::{Endpoint, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 /// Label that joins an EndpointSlice to its Service.
@@ -90,13 +97,14 @@ pub struct ServiceInfo {
     pub name: ObjectName,
     /// The IPv4 cluster IPs; IPv6 ones are not programmed yet.
     pub cluster_ips: Vec<Ipv4Addr>,
-    pub ports: Vec<ServicePortInfo>,
+    pub ports: Vec<PortInfo>,
     /// ClientIP affinity timeout in seconds, when affinity is on.
     pub affinity_timeout: Option<u32>,
 }
 
+/// A named port, of a Service or of an EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePortInfo {
+pub struct PortInfo {
     /// Empty when the service has a single unnamed port.
     pub name: String,
     pub port: u16,
@@ -108,15 +116,8 @@ pub struct EndpointSliceInfo {
     pub name: ObjectName,
     /// The Service this slice belongs to, in the slice's namespace.
     pub service: String,
-    pub ports: Vec<EndpointPortInfo>,
+    pub ports: Vec<PortInfo>,
     pub endpoints: Vec<EndpointInfo>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointPortInfo {
-    pub name: String,
-    pub port: u16,
-    pub protocol: Protocol,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,73 +139,91 @@ pub enum Skipped {
     NoIpv4ClusterIp,
 }
 
-fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
+/// Builds the rejections of one object.
+struct Reject {
+    kind: &'static str,
+    object: ObjectName,
+}
+
+impl Reject {
+    fn at(&self, field: impl Into<String>, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            kind: self.kind,
+            object: self.object.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn object_name(meta: &ObjectMeta) -> ObjectName {
     ObjectName {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone().unwrap_or_default(),
     }
 }
 
-fn port_number(
-    value: Option<i32>,
+/// A port of a Service (`spec.ports[i]`) or an EndpointSlice (`ports[i]`).
+fn port_info(
+    reject: &Reject,
     field: &str,
-    reject: &impl Fn(String, String) -> Rejection,
-) -> Result<u16, Rejection> {
-    match value {
-        Some(p @ 1..=65535) => Ok(p as u16),
-        Some(p) => Err(reject(field.into(), format!("port {p} is out of range 1-65535"))),
-        None => Err(reject(field.into(), "port is missing".into())),
-    }
+    name: Option<&String>,
+    port: Option<i32>,
+    protocol: Option<&str>,
+) -> Result<PortInfo, Rejection> {
+    let port = match port {
+        Some(p @ 1..=65535) => p as u16,
+        Some(p) => return Err(reject.at(format!("{field}.port"), format!("port {p} is out of range 1-65535"))),
+        None => return Err(reject.at(format!("{field}.port"), "port is missing")),
+    };
+    Ok(PortInfo {
+        name: name.cloned().unwrap_or_default(),
+        port,
+        protocol: Protocol::parse(protocol).map_err(|e| reject.at(format!("{field}.protocol"), e))?,
+    })
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.labels.as_ref().and_then(|l| l.get(key))
 }
 
 impl ServiceInfo {
     /// `Ok(Err(_))`: valid, but nothing for this proxy to program.
     pub fn from_k8s(svc: &Service) -> Result<Result<Self, Skipped>, Rejection> {
-        let name = object_name(&svc.metadata);
-        let reject = |field: String, reason: String| Rejection {
+        let reject = Reject {
             kind: "Service",
-            object: name.clone(),
-            field,
-            reason,
+            object: object_name(&svc.metadata),
         };
-        if name.name.is_empty() {
-            return Err(reject("metadata.name".into(), "name is missing".into()));
+        if reject.object.name.is_empty() {
+            return Err(reject.at("metadata.name", "name is missing"));
         }
-        if let Some(owner) = svc
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-        {
+        if let Some(owner) = label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
             return Ok(Err(Skipped::OtherProxy(owner.clone())));
         }
-        let spec = svc
-            .spec
-            .as_ref()
-            .ok_or_else(|| reject("spec".into(), "spec is missing".into()))?;
+        let spec = svc.spec.as_ref().ok_or_else(|| reject.at("spec", "spec is missing"))?;
         if spec.type_.as_deref() == Some("ExternalName") {
             return Ok(Err(Skipped::ExternalName));
         }
-        let ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
-            (_, Some(ip)) => vec![ip],
-            _ => vec![],
+        let (ips, field): (Vec<&String>, &str) = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => (ips.iter().collect(), "spec.clusterIPs"),
+            (_, Some(ip)) => (vec![ip], "spec.clusterIP"),
+            _ => (vec![], ""),
         };
         if ips.iter().any(|ip| ip.as_str() == "None") {
             return Ok(Err(Skipped::Headless));
         }
         let mut cluster_ips = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
-            match std::net::IpAddr::from_str(ip) {
-                Ok(std::net::IpAddr::V4(v4)) => cluster_ips.push(v4),
-                Ok(std::net::IpAddr::V6(_)) => {}
+            match IpAddr::from_str(ip) {
+                Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
+                Ok(IpAddr::V6(_)) => {}
                 Err(_) => {
-                    let field = if spec.cluster_ips.is_some() {
-                        format!("spec.clusterIPs[{i}]")
+                    let at = if ips.len() > 1 || field == "spec.clusterIPs" {
+                        format!("{field}[{i}]")
                     } else {
-                        "spec.clusterIP".into()
+                        field.into()
                     };
-                    return Err(reject(field, format!("{ip:?} is not an IP address")));
+                    return Err(reject.at(at, format!("{ip:?} is not an IP address")));
                 }
             }
         }
@@ -216,7 +235,15 @@ impl ServiceInfo {
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, p)| service_port(i, p, &reject))
+            .map(|(i, p)| {
+                port_info(
+                    &reject,
+                    &format!("spec.ports[{i}]"),
+                    p.name.as_ref(),
+                    Some(p.port),
+                    p.protocol.as_deref(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let affinity_timeout = match spec.session_affinity.as_deref() {
             None | Some("None") => None,
@@ -230,22 +257,22 @@ impl ServiceInfo {
                     None => Some(DEFAULT_AFFINITY_TIMEOUT),
                     Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => Some(t as u32),
                     Some(t) => {
-                        return Err(reject(
-                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        return Err(reject.at(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
                             format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT}"),
                         ))
                     }
                 }
             }
             Some(other) => {
-                return Err(reject(
-                    "spec.sessionAffinity".into(),
+                return Err(reject.at(
+                    "spec.sessionAffinity",
                     format!("unknown session affinity {other:?} (expected None or ClientIP)"),
                 ))
             }
         };
         Ok(Ok(ServiceInfo {
-            name,
+            name: reject.object,
             cluster_ips,
             ports,
             affinity_timeout,
@@ -253,68 +280,52 @@ impl ServiceInfo {
     }
 }
 
-fn service_port(
-    i: usize,
-    p: &ServicePort,
-    reject: &impl Fn(String, String) -> Rejection,
-) -> Result<ServicePortInfo, Rejection> {
-    let field = |f: &str| format!("spec.ports[{i}].{f}");
-    Ok(ServicePortInfo {
-        name: p.name.clone().unwrap_or_default(),
-        port: port_number(Some(p.port), &field("port"), reject)?,
-        protocol: Protocol::parse(p.protocol.as_deref()).map_err(|e| reject(field("protocol"), e))?,
-    })
-}
-
 impl EndpointSliceInfo {
     /// `Ok(None)`: a valid slice of another address family or FQDNs, which
     /// this dataplane does not program.
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, Rejection> {
-        let name = object_name(&slice.metadata);
-        let reject = |field: String, reason: String| Rejection {
+        let reject = Reject {
             kind: "EndpointSlice",
-            object: name.clone(),
-            field,
-            reason,
+            object: object_name(&slice.metadata),
         };
-        if name.name.is_empty() {
-            return Err(reject("metadata.name".into(), "name is missing".into()));
+        if reject.object.name.is_empty() {
+            return Err(reject.at("metadata.name", "name is missing"));
         }
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .cloned()
-            .ok_or_else(|| {
-                reject(
-                    format!("metadata.labels[{SERVICE_NAME_LABEL:?}]"),
-                    "the label naming the slice's Service is missing".into(),
-                )
-            })?;
+        let service = label(&slice.metadata, SERVICE_NAME_LABEL).cloned().ok_or_else(|| {
+            reject.at(
+                format!("metadata.labels[{SERVICE_NAME_LABEL:?}]"),
+                "the label naming the slice's Service is missing",
+            )
+        })?;
         match slice.address_type.as_str() {
             "IPv4" => {}
             "IPv6" | "FQDN" => return Ok(None),
-            other => {
-                return Err(reject("addressType".into(), format!("unknown address type {other:?}")));
-            }
+            other => return Err(reject.at("addressType", format!("unknown address type {other:?}"))),
         }
         let ports = slice
             .ports
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, p)| endpoint_port(i, p, &reject))
+            .map(|(i, p)| {
+                port_info(
+                    &reject,
+                    &format!("ports[{i}]"),
+                    p.name.as_ref(),
+                    p.port,
+                    p.protocol.as_deref(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let endpoints = slice
             .endpoints
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, e)| endpoint(i, e, &reject))
+            .map(|(i, e)| endpoint(&reject, i, e))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(EndpointSliceInfo {
-            name,
+            name: reject.object,
             service,
             ports,
             endpoints,
@@ -322,27 +333,14 @@ impl EndpointSliceInfo {
     }
 }
 
-fn endpoint_port(
-    i: usize,
-    p: &EndpointPort,
-    reject: &impl Fn(String, String) -> Rejection,
-) -> Result<EndpointPortInfo, Rejection> {
-    let field = |f: &str| format!("ports[{i}].{f}");
-    Ok(EndpointPortInfo {
-        name: p.name.clone().unwrap_or_default(),
-        port: port_number(p.port, &field("port"), reject)?,
-        protocol: Protocol::parse(p.protocol.as_deref()).map_err(|e| reject(field("protocol"), e))?,
-    })
-}
-
-fn endpoint(i: usize, e: &Endpoint, reject: &impl Fn(String, String) -> Rejection) -> Result<EndpointInfo, Rejection> {
+fn endpoint(reject: &Reject, i: usize, e: &Endpoint) -> Result<EndpointInfo, Rejection> {
     let addresses = e
         .addresses
         .iter()
         .enumerate()
         .map(|(j, a)| {
             Ipv4Addr::from_str(a).map_err(|_| {
-                reject(
+                reject.at(
                     format!("endpoints[{i}].addresses[{j}]"),
                     format!("{a:?} is not an IPv4 address"),
                 )
@@ -350,10 +348,7 @@ fn endpoint(i: usize, e: &Endpoint, reject: &impl Fn(String, String) -> Rejectio
         })
         .collect::<Result<Vec<_>, _>>()?;
     if addresses.is_empty() {
-        return Err(reject(
-            format!("endpoints[{i}].addresses"),
-            "an endpoint needs an address".into(),
-        ));
+        return Err(reject.at(format!("endpoints[{i}].addresses"), "an endpoint needs an address"));
     }
     let c = e.conditions.as_ref();
     // kube-proxy's reading of the conditions: nil ready and nil serving mean

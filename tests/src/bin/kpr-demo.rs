@@ -58,11 +58,12 @@ fn manifest(cluster: &Cluster, pods: usize) -> String {
     )
 }
 
-fn show_services(cluster: &Cluster) -> Result<()> {
+/// Runs a `kpr` subcommand against the node's pins and prints its output indented.
+fn show_kpr(cluster: &Cluster, subcommand: &str) -> Result<()> {
     let out = Command::new(kpr_binary()?)
         .arg("--pin-dir")
         .arg(&cluster.pin_dir)
-        .arg("services")
+        .arg(subcommand)
         .output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("    {line}");
@@ -114,7 +115,7 @@ fn main() -> Result<()> {
         .collect();
     cluster.wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &all)?;
     println!("    `kpr services` reads the pinned maps:");
-    show_services(&cluster)?;
+    show_kpr(&cluster, "services")?;
 
     step("30 new TCP connections from the client pod to 10.96.0.100:80");
     print_counts("connections per pod:", &tcp_round(&cluster, 30)?);
@@ -134,14 +135,7 @@ fn main() -> Result<()> {
     print_counts("20 new connections per pod:", &tcp_round(&cluster, 20)?);
 
     step("Data path counters (`kpr stats`)");
-    let out = Command::new(kpr_binary()?)
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .arg("stats")
-        .output()?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        println!("    {line}");
-    }
+    show_kpr(&cluster, "stats")?;
 
     step("Cleaning up");
     drop(cluster);
