@@ -1,26 +1,44 @@
-//! The daemon: watch the source, sync the maps, keep the programs attached.
+//! The daemon: a source keeps the cluster state; the sync loop turns it into
+//! map contents; the attacher keeps the programs on the node's interfaces.
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
-    time::{Duration, Instant},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::{
     dataplane::{loader, maps::ServiceMaps},
-    model,
-    source::manifests::ManifestDir,
+    source::{self, manifests::ManifestDir, state::ClusterState},
     sync::Syncer,
+    telemetry::{self, labels, Telemetry},
 };
+
+pub enum SourceConfig {
+    /// Standalone: a directory of manifests, checked every `poll`.
+    Manifests { dir: PathBuf, poll: Duration },
+    /// The Kubernetes API.
+    Kube { kubeconfig: Option<PathBuf> },
+}
 
 pub struct Config {
     pub pin_dir: PathBuf,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
+    pub node_name: String,
     /// Interface names to attach to; a trailing `*` matches a prefix.
     pub interfaces: Vec<String>,
-    pub poll_interval: Duration,
+    /// Syncs are at least this far apart; a burst of changes within it
+    /// becomes one sync, and no change waits longer than this.
+    pub min_sync_interval: Duration,
+    /// A full resync (maps re-read and repaired) runs this often.
+    pub sync_period: Duration,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn matches(patterns: &[String], iface: &str) -> bool {
@@ -38,7 +56,7 @@ struct Attacher {
 }
 
 impl Attacher {
-    fn refresh(&mut self, ebpf: &mut Ebpf, pin_dir: &std::path::Path) {
+    fn refresh(&mut self, ebpf: &mut Ebpf, pin_dir: &Path) {
         let present: BTreeSet<String> = loader::interfaces()
             .into_iter()
             .filter(|i| matches(&self.patterns, i))
@@ -62,10 +80,6 @@ impl Attacher {
 
 pub async fn run(config: Config) -> Result<()> {
     let mut ebpf = loader::load(&config.pin_dir)?;
-    let mut attacher = Attacher {
-        patterns: config.interfaces.clone(),
-        attached: BTreeSet::new(),
-    };
     // Links pinned by a previous run on interfaces that still exist are
     // taken over by `attach`; the others are stale.
     let existing: BTreeSet<String> = loader::interfaces().into_iter().collect();
@@ -74,59 +88,235 @@ pub async fn run(config: Config) -> Result<()> {
             loader::forget(&config.pin_dir, &iface);
         }
     }
+    let mut attacher = Attacher {
+        patterns: config.interfaces.clone(),
+        attached: BTreeSet::new(),
+    };
     attacher.refresh(&mut ebpf, &config.pin_dir);
 
     let mut maps = ServiceMaps::open(&config.pin_dir)?;
-    let mut syncer = Syncer::recover(&mut maps).context("reading the maps left by a previous run")?;
-    tracing::info!(frontends = syncer.frontend_count(), pin_dir = %config.pin_dir.display(), "dataplane loaded");
+    let syncer = Syncer::recover(&mut maps).context("reading the maps left by a previous run")?;
+    tracing::info!(
+        frontends = syncer.frontend_count(),
+        pin_dir = %config.pin_dir.display(),
+        node = %config.node_name,
+        "dataplane loaded"
+    );
 
-    let mut source = ManifestDir::new(&config.manifests);
-    let mut tick = tokio::time::interval(config.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_attach = Instant::now();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-        }
-        if last_attach.elapsed() >= Duration::from_secs(1) {
-            attacher.refresh(&mut ebpf, &config.pin_dir);
-            last_attach = Instant::now();
-        }
-        let scan = match source.scan() {
-            Ok(Some(scan)) => scan,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(dir = %config.manifests.display(), error = %e, "cannot read the manifest directory; keeping the current state");
-                continue;
+    // kube-proxy's health timeout: twice the sync period.
+    let telemetry = Telemetry::new(config.pin_dir.clone(), config.sync_period * 2);
+    for addr in [config.healthz_addr, config.metrics_addr].into_iter().flatten() {
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(addr, telemetry).await {
+                tracing::error!("{e:#}");
             }
-        };
-        for problem in &scan.new_problems {
-            tracing::warn!("rejected: {problem}");
-        }
-        let started = Instant::now();
-        let desired = model::desired_state(scan.snapshot.services.values(), scan.snapshot.slices.values());
-        for conflict in &desired.conflicts {
-            tracing::warn!("rejected: {conflict}");
-        }
-        let report = syncer.sync(&desired, &mut maps);
-        for failure in &report.failures {
-            tracing::error!("sync: {failure}");
-        }
-        tracing::info!(
-            frontends = desired.frontends.len(),
-            endpoints = desired.endpoint_count(),
-            added = report.added,
-            updated = report.updated,
-            removed = report.removed,
-            took_us = started.elapsed().as_micros() as u64,
-            "synced"
-        );
+        });
     }
+
+    let state = Arc::new(Mutex::new(ClusterState::default()));
+    let (changed, changes) = unbounded_channel();
+    match &config.source {
+        SourceConfig::Manifests { dir, poll } => {
+            tokio::spawn(watch_manifests(ManifestDir::new(dir), *poll, state.clone(), changed));
+        }
+        SourceConfig::Kube { kubeconfig } => {
+            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            source::kube::spawn_watchers(client, state.clone(), changed, telemetry.clone());
+        }
+    }
+
+    let mut sync = SyncLoop {
+        maps,
+        syncer,
+        state,
+        telemetry,
+        conflicts: BTreeSet::new(),
+    };
+    sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
     // takes over (or `kpr uninstall` removes it).
     tracing::info!("stopping; the dataplane stays pinned");
     Ok(())
+}
+
+async fn watch_manifests(
+    mut dir: ManifestDir,
+    poll: Duration,
+    state: Arc<Mutex<ClusterState>>,
+    changed: UnboundedSender<Instant>,
+) {
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let observed = Instant::now();
+        match dir.scan() {
+            Ok(Some(scan)) => {
+                for problem in &scan.new_problems {
+                    tracing::warn!("rejected: {problem}");
+                }
+                state.lock().expect("state lock").replace_snapshot(scan.snapshot);
+                if changed.send(observed).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the manifest directory; keeping the current state"),
+        }
+    }
+}
+
+struct SyncLoop {
+    maps: ServiceMaps,
+    syncer: Syncer,
+    state: Arc<Mutex<ClusterState>>,
+    telemetry: Arc<Telemetry>,
+    /// Frontend conflicts already logged.
+    conflicts: BTreeSet<String>,
+}
+
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+impl SyncLoop {
+    async fn run(
+        &mut self,
+        config: &Config,
+        mut changes: UnboundedReceiver<Instant>,
+        attacher: &mut Attacher,
+        ebpf: &mut Ebpf,
+    ) -> Result<()> {
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + config.sync_period, config.sync_period);
+        let mut attach = tokio::time::interval(Duration::from_secs(1));
+        let mut pending: Vec<Instant> = Vec::new();
+        let mut full = false;
+        let mut retry: Option<tokio::time::Instant> = None;
+        let mut last_sync: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                Some(at) = changes.recv() => pending.push(at),
+                _ = resync.tick() => full = true,
+                _ = attach.tick() => {
+                    attacher.refresh(ebpf, &config.pin_dir);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => retry = None,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+            }
+            if pending.is_empty() && !full {
+                continue;
+            }
+            if let Some(oldest) = pending.iter().min() {
+                self.telemetry.health.lock().expect("health lock").queued(*oldest);
+            }
+            // Rate limit: one sync per interval; what arrives meanwhile joins it.
+            if let Some(last) = last_sync {
+                let ready = last + config.min_sync_interval;
+                if Instant::now() < ready {
+                    tokio::time::sleep_until(ready.into()).await;
+                }
+            }
+            while let Ok(at) = changes.try_recv() {
+                pending.push(at);
+            }
+            let ok = self.sync(full, &pending);
+            last_sync = Some(Instant::now());
+            if ok {
+                pending.clear();
+                full = false;
+            } else {
+                // Keep the changes pending (health goes stale if this lasts)
+                // and try again with a full resync.
+                full = true;
+                retry = Some(tokio::time::Instant::now() + RETRY_AFTER_FAILURE);
+            }
+        }
+    }
+
+    /// One sync; `full` re-reads the maps first so that drift (entries
+    /// changed behind our back) is repaired. `false` when a write failed.
+    fn sync(&mut self, full: bool, pending: &[Instant]) -> bool {
+        let started = Instant::now();
+        let (desired, rejected, ignored, unsupported) = {
+            let state = self.state.lock().expect("state lock");
+            (
+                state.desired(),
+                state.rejected_count(),
+                state.ignored_slices(),
+                state.unsupported_ports(),
+            )
+        };
+        let metrics = &self.telemetry.metrics;
+        for conflict in &desired.conflicts {
+            let line = conflict.to_string();
+            if !self.conflicts.contains(&line) {
+                tracing::warn!("rejected: {line}");
+            }
+        }
+        self.conflicts = desired.conflicts.iter().map(ToString::to_string).collect();
+        if full {
+            match Syncer::recover(&mut self.maps) {
+                Ok(syncer) => self.syncer = syncer,
+                Err(e) => {
+                    tracing::error!(error = %e, "resync: cannot read the maps");
+                    metrics.sync_errors.inc();
+                    return false;
+                }
+            }
+        }
+        let report = self.syncer.sync(&desired, &mut self.maps);
+        let took = started.elapsed();
+        metrics.sync_duration.observe(took.as_secs_f64());
+        for failure in &report.failures {
+            tracing::error!("sync: {failure}");
+        }
+        let services: BTreeSet<_> = desired.frontends.values().map(|f| &f.service).collect();
+        metrics.services.set(services.len() as i64);
+        metrics.frontends.set(desired.frontends.len() as i64);
+        metrics.endpoints.set(desired.endpoint_count() as i64);
+        metrics
+            .rejected_objects
+            .set((rejected + desired.conflicts.len()) as i64);
+        for (kind, n) in ignored {
+            metrics
+                .ignored_slices
+                .get_or_create(&labels(&[("address_type", &kind)]))
+                .set(n as i64);
+        }
+        metrics
+            .unsupported_ports
+            .get_or_create(&labels(&[("protocol", "SCTP")]))
+            .set(unsupported as i64);
+        if !report.failures.is_empty() {
+            metrics.sync_errors.inc();
+            return false;
+        }
+        let now = Instant::now();
+        for at in pending {
+            metrics
+                .programming_latency
+                .observe(now.duration_since(*at).as_secs_f64());
+        }
+        metrics.last_sync.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        self.telemetry.health.lock().expect("health lock").updated();
+        {
+            tracing::info!(
+                frontends = desired.frontends.len(),
+                endpoints = desired.endpoint_count(),
+                added = report.added,
+                updated = report.updated,
+                removed = report.removed,
+                full,
+                took_us = took.as_micros() as u64,
+                "synced"
+            );
+        }
+        true
+    }
 }

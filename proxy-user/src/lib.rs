@@ -1,6 +1,6 @@
 //! kpr: a kube-proxy replacement on eBPF.
 //!
-//! A source (a manifest directory, later the Kubernetes API) yields Services
+//! A source (the Kubernetes API, or a manifest directory) yields Services
 //! and EndpointSlices; the pure [`model`] turns them into the desired
 //! frontends and backends; the [`sync`] writes only the differences into the
 //! BPF maps; the programs in `proxy-ebpf` read them per packet.
@@ -9,3 +9,4 @@ pub mod dataplane;
 pub mod model;
 pub mod source;
 pub mod sync;
+pub mod telemetry;

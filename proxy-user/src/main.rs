@@ -1,6 +1,6 @@
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use proxy_user::{
     daemon,
@@ -25,17 +25,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy daemon.
+    /// Run the proxy daemon: against the Kubernetes API, or standalone with `--manifests`.
     Run {
         /// Standalone mode: a directory of Service and EndpointSlice YAML, watched for changes.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the API server (default: KUBECONFIG, ~/.kube/config, then in-cluster).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// This node's name, as the API server knows it (the DaemonSet sets NODE_NAME).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// Interfaces to attach to (comma separated; `veth*` matches a prefix). Default: all but lo.
         #[arg(long, value_delimiter = ',', default_value = "*")]
         interfaces: Vec<String>,
         /// How often the manifest directory is checked, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// Minimum time between syncs, in milliseconds: changes within it are
+        /// coalesced into one sync, and none waits longer.
+        #[arg(long, default_value_t = 100)]
+        min_sync_interval_ms: u64,
+        /// Period of the full resync that repairs drift between the maps and
+        /// the desired state, in seconds (health turns bad when a change has
+        /// waited twice this long).
+        #[arg(long, default_value_t = 30)]
+        sync_period_s: u64,
+        /// Where /healthz (and /metrics) are served; "" to disable.
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
+        /// Where /metrics (and /healthz) are served; "" to disable.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: String,
     },
     /// Print the programmed frontends and their backends, from the pinned maps.
     Services,
@@ -58,25 +79,57 @@ fn init_logging(json: bool) {
     }
 }
 
+fn bind_address(value: &str, flag: &str) -> Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{flag} {value:?} is not an address:port"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
         Command::Run {
             manifests,
+            kubeconfig,
+            node_name,
             interfaces,
             poll_ms,
+            min_sync_interval_ms,
+            sync_period_s,
+            healthz_bind_address,
+            metrics_bind_address,
         } => {
+            let source = match manifests {
+                Some(dir) => daemon::SourceConfig::Manifests {
+                    dir,
+                    poll: Duration::from_millis(poll_ms),
+                },
+                None => daemon::SourceConfig::Kube { kubeconfig },
+            };
+            let config = daemon::Config {
+                pin_dir: cli.pin_dir,
+                source,
+                node_name: node_name.unwrap_or_else(hostname),
+                interfaces,
+                min_sync_interval: Duration::from_millis(min_sync_interval_ms),
+                sync_period: Duration::from_secs(sync_period_s.max(1)),
+                healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
+                metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(daemon::run(daemon::Config {
-                pin_dir: cli.pin_dir,
-                manifests,
-                interfaces,
-                poll_interval: Duration::from_millis(poll_ms),
-            }))
+            runtime.block_on(daemon::run(config))
         }
         Command::Services => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;

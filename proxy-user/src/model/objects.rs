@@ -48,12 +48,13 @@ impl Protocol {
         }
     }
 
-    /// Kubernetes' protocol field: absent means TCP.
-    fn parse(value: Option<&str>) -> Result<Self, String> {
+    /// Kubernetes' protocol field: absent means TCP. `Ok(None)`: valid
+    /// (SCTP) but not supported by this dataplane.
+    fn parse(value: Option<&str>) -> Result<Option<Self>, String> {
         match value.unwrap_or("TCP") {
-            "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Err("SCTP is not supported by this dataplane yet".into()),
+            "TCP" => Ok(Some(Protocol::Tcp)),
+            "UDP" => Ok(Some(Protocol::Udp)),
+            "SCTP" => Ok(None),
             other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
         }
     }
@@ -98,6 +99,9 @@ pub struct ServiceInfo {
     /// The IPv4 cluster IPs; IPv6 ones are not programmed yet.
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<PortInfo>,
+    /// Ports this dataplane cannot serve (SCTP), as `spec.ports[i]`; the
+    /// other ports are programmed.
+    pub unsupported_ports: Vec<String>,
     /// ClientIP affinity timeout in seconds, when affinity is on.
     pub affinity_timeout: Option<u32>,
 }
@@ -156,31 +160,26 @@ impl Reject {
     }
 }
 
-fn object_name(meta: &ObjectMeta) -> ObjectName {
-    ObjectName {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
-    }
-}
-
-/// A port of a Service (`spec.ports[i]`) or an EndpointSlice (`ports[i]`).
+/// A port of a Service (`spec.ports[i]`) or an EndpointSlice (`ports[i]`);
+/// `Ok(None)` for a valid port of an unsupported protocol.
 fn port_info(
     reject: &Reject,
     field: &str,
     name: Option<&String>,
     port: Option<i32>,
     protocol: Option<&str>,
-) -> Result<PortInfo, Rejection> {
+) -> Result<Option<PortInfo>, Rejection> {
     let port = match port {
         Some(p @ 1..=65535) => p as u16,
         Some(p) => return Err(reject.at(format!("{field}.port"), format!("port {p} is out of range 1-65535"))),
         None => return Err(reject.at(format!("{field}.port"), "port is missing")),
     };
-    Ok(PortInfo {
+    let protocol = Protocol::parse(protocol).map_err(|e| reject.at(format!("{field}.protocol"), e))?;
+    Ok(protocol.map(|protocol| PortInfo {
         name: name.cloned().unwrap_or_default(),
         port,
-        protocol: Protocol::parse(protocol).map_err(|e| reject.at(format!("{field}.protocol"), e))?,
-    })
+        protocol,
+    }))
 }
 
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
@@ -188,11 +187,24 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
 }
 
 impl ServiceInfo {
+    /// One line per port this dataplane does not serve.
+    pub fn unsupported_notes(&self) -> Vec<String> {
+        self.unsupported_ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "Service {}: {p}: SCTP is not supported by this dataplane yet; the other ports are programmed",
+                    self.name
+                )
+            })
+            .collect()
+    }
+
     /// `Ok(Err(_))`: valid, but nothing for this proxy to program.
     pub fn from_k8s(svc: &Service) -> Result<Result<Self, Skipped>, Rejection> {
         let reject = Reject {
             kind: "Service",
-            object: object_name(&svc.metadata),
+            object: crate::source::state::object_name(&svc.metadata),
         };
         if reject.object.name.is_empty() {
             return Err(reject.at("metadata.name", "name is missing"));
@@ -230,21 +242,15 @@ impl ServiceInfo {
         if cluster_ips.is_empty() {
             return Ok(Err(Skipped::NoIpv4ClusterIp));
         }
-        let ports = spec
-            .ports
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, p)| {
-                port_info(
-                    &reject,
-                    &format!("spec.ports[{i}]"),
-                    p.name.as_ref(),
-                    Some(p.port),
-                    p.protocol.as_deref(),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut ports = Vec::new();
+        let mut unsupported_ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            match port_info(&reject, &field, p.name.as_ref(), Some(p.port), p.protocol.as_deref())? {
+                Some(port) => ports.push(port),
+                None => unsupported_ports.push(field),
+            }
+        }
         let affinity_timeout = match spec.session_affinity.as_deref() {
             None | Some("None") => None,
             Some("ClientIP") => {
@@ -275,6 +281,7 @@ impl ServiceInfo {
             name: reject.object,
             cluster_ips,
             ports,
+            unsupported_ports,
             affinity_timeout,
         }))
     }
@@ -286,7 +293,7 @@ impl EndpointSliceInfo {
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, Rejection> {
         let reject = Reject {
             kind: "EndpointSlice",
-            object: object_name(&slice.metadata),
+            object: crate::source::state::object_name(&slice.metadata),
         };
         if reject.object.name.is_empty() {
             return Err(reject.at("metadata.name", "name is missing"));
@@ -316,6 +323,8 @@ impl EndpointSliceInfo {
                     p.protocol.as_deref(),
                 )
             })
+            // SCTP slice ports only serve SCTP service ports, skipped too.
+            .filter_map(Result::transpose)
             .collect::<Result<Vec<_>, _>>()?;
         let endpoints = slice
             .endpoints

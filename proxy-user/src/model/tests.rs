@@ -228,10 +228,6 @@ fn invalid_objects_are_rejected_naming_the_field() {
             "Service default/web: spec.ports[0].protocol: unknown protocol \"HTTP\" (expected TCP, UDP or SCTP)",
         ),
         (
-            service_rejection(&svc("web", "10.96.0.1", "  - {name: x, port: 80, protocol: SCTP}\n")),
-            "Service default/web: spec.ports[0].protocol: SCTP is not supported by this dataplane yet",
-        ),
-        (
             service_rejection(&(svc("web", "10.96.0.1", HTTP) + "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}\n")),
             "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 90000 is out of range 1-86400",
         ),
@@ -251,6 +247,23 @@ fn invalid_objects_are_rejected_naming_the_field() {
     for (got, want) in cases {
         assert_eq!(got.to_string(), want);
     }
+}
+
+#[test]
+fn sctp_ports_are_skipped_and_named_while_the_others_are_programmed() {
+    let yaml = svc(
+        "web",
+        "10.96.0.1",
+        "  - {name: http, port: 80}\n  - {name: sig, port: 3868, protocol: SCTP}\n",
+    ) + &slice(
+        "web-a",
+        "web",
+        "- {name: http, port: 8080}\n- {name: sig, port: 3868, protocol: SCTP}\n",
+        &ep("10.0.0.1", ""),
+    );
+    let (services, _) = objects(&yaml);
+    assert_eq!(services[0].unsupported_ports, vec!["spec.ports[1]".to_string()]);
+    assert_eq!(table(&state(&yaml)), vec![row("10.96.0.1:80/TCP", &["10.0.0.1:8080"])]);
 }
 
 #[test]

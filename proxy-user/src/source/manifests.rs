@@ -268,6 +268,9 @@ fn read_file(path: &Path, previous: &FileObjects, problems: &mut BTreeSet<String
             }
             Ok(Document::Service(svc)) => match ServiceInfo::from_k8s(&svc) {
                 Ok(Ok(info)) => {
+                    for note in info.unsupported_notes() {
+                        problems.insert(format!("{file}: {note}"));
+                    }
                     objects.services.insert(info.name.clone(), info);
                 }
                 Ok(Err(

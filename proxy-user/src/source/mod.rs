@@ -1,6 +1,8 @@
 //! Where Services and EndpointSlices come from. Every source produces a
 //! [`Snapshot`] of validated objects that the model turns into map contents.
+pub mod kube;
 pub mod manifests;
+pub mod state;
 
 use std::collections::BTreeMap;
 

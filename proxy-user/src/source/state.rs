@@ -1,0 +1,261 @@
+//! The validated cluster state a source maintains and the model reads.
+//!
+//! The API watch source applies each event here; the manifest source
+//! replaces the whole snapshot when its directory changes. An object that
+//! cannot be used is reported once (when it first appears or its reason
+//! changes), and its last valid version stays, so one bad update never takes
+//! a working service down.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::Snapshot;
+use crate::model::{
+    self,
+    objects::{EndpointSliceInfo, ObjectName, ServiceInfo},
+    DesiredState,
+};
+
+/// A notable change of an object, to be logged once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The object cannot be used (and whether its last valid version stays).
+    Rejected {
+        kind: &'static str,
+        field: String,
+        message: String,
+    },
+    /// Usable, but part of it is not supported by this dataplane.
+    Unsupported(String),
+}
+
+#[derive(Default)]
+pub struct ClusterState {
+    snapshot: Snapshot,
+    /// Why each currently rejected object is rejected.
+    rejected: BTreeMap<(&'static str, ObjectName), String>,
+    /// What of each service is unsupported, as last reported.
+    unsupported: BTreeMap<ObjectName, Vec<String>>,
+    /// Slices of address types not programmed (IPv6, FQDN), by name.
+    ignored_slices: BTreeMap<ObjectName, String>,
+    /// Nodes and their IPv4 addresses.
+    nodes: BTreeMap<String, Vec<Ipv4Addr>>,
+}
+
+impl ClusterState {
+    /// Standalone mode: the manifest source validated the whole snapshot.
+    pub fn replace_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot = snapshot;
+    }
+
+    pub fn desired(&self) -> DesiredState {
+        model::desired_state(self.snapshot.services.values(), self.snapshot.slices.values())
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// An added or modified Service.
+    pub fn apply_service(&mut self, svc: &Service) -> Vec<Notice> {
+        let name = object_name(&svc.metadata);
+        match ServiceInfo::from_k8s(svc) {
+            Ok(Ok(info)) => {
+                self.rejected.remove(&("Service", name.clone()));
+                let mut notices = Vec::new();
+                let unsupported = info.unsupported_notes();
+                if self.unsupported.get(&name) != Some(&unsupported) {
+                    notices.extend(unsupported.iter().cloned().map(Notice::Unsupported));
+                }
+                if unsupported.is_empty() {
+                    self.unsupported.remove(&name);
+                } else {
+                    self.unsupported.insert(name.clone(), unsupported);
+                }
+                self.snapshot.services.insert(name, info);
+                notices
+            }
+            // Headless, ExternalName, another proxy's: not ours (any more).
+            Ok(Err(_skipped)) => {
+                self.delete_service(&name);
+                Vec::new()
+            }
+            Err(rejection) => {
+                let kept = self.snapshot.services.contains_key(&name);
+                self.reject("Service", name, rejection, kept)
+            }
+        }
+    }
+
+    pub fn delete_service(&mut self, name: &ObjectName) {
+        self.snapshot.services.remove(name);
+        self.rejected.remove(&("Service", name.clone()));
+        self.unsupported.remove(name);
+    }
+
+    /// An added or modified EndpointSlice.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<Notice> {
+        let name = object_name(&slice.metadata);
+        match EndpointSliceInfo::from_k8s(slice) {
+            Ok(Some(info)) => {
+                self.rejected.remove(&("EndpointSlice", name.clone()));
+                self.ignored_slices.remove(&name);
+                self.snapshot.slices.insert(name, info);
+                Vec::new()
+            }
+            Ok(None) => {
+                self.delete_slice(&name);
+                self.ignored_slices.insert(name, slice.address_type.clone());
+                Vec::new()
+            }
+            Err(rejection) => {
+                let kept = self.snapshot.slices.contains_key(&name);
+                self.reject("EndpointSlice", name, rejection, kept)
+            }
+        }
+    }
+
+    pub fn delete_slice(&mut self, name: &ObjectName) {
+        self.snapshot.slices.remove(name);
+        self.rejected.remove(&("EndpointSlice", name.clone()));
+        self.ignored_slices.remove(name);
+    }
+
+    pub fn apply_node(&mut self, node: &Node) {
+        let addresses = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        self.nodes
+            .insert(node.metadata.name.clone().unwrap_or_default(), addresses);
+    }
+
+    pub fn delete_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// After a (re-)list: exactly these Services exist.
+    pub fn replace_services(&mut self, services: &[Service]) -> Vec<Notice> {
+        let listed: BTreeSet<ObjectName> = services.iter().map(|s| object_name(&s.metadata)).collect();
+        let known: Vec<ObjectName> = self
+            .snapshot
+            .services
+            .keys()
+            .chain(self.rejected.keys().filter(|(k, _)| *k == "Service").map(|(_, n)| n))
+            .cloned()
+            .collect();
+        for name in known.iter().filter(|n| !listed.contains(n)) {
+            self.delete_service(name);
+        }
+        services.iter().flat_map(|s| self.apply_service(s)).collect()
+    }
+
+    /// After a (re-)list: exactly these EndpointSlices exist.
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) -> Vec<Notice> {
+        let listed: BTreeSet<ObjectName> = slices.iter().map(|s| object_name(&s.metadata)).collect();
+        let known: Vec<ObjectName> = self
+            .snapshot
+            .slices
+            .keys()
+            .chain(self.ignored_slices.keys())
+            .chain(
+                self.rejected
+                    .keys()
+                    .filter(|(k, _)| *k == "EndpointSlice")
+                    .map(|(_, n)| n),
+            )
+            .cloned()
+            .collect();
+        for name in known.iter().filter(|n| !listed.contains(n)) {
+            self.delete_slice(name);
+        }
+        slices.iter().flat_map(|s| self.apply_slice(s)).collect()
+    }
+
+    pub fn replace_nodes(&mut self, nodes: &[Node]) {
+        self.nodes.clear();
+        for node in nodes {
+            self.apply_node(node);
+        }
+    }
+
+    fn reject(
+        &mut self,
+        kind: &'static str,
+        name: ObjectName,
+        rejection: model::objects::Rejection,
+        kept: bool,
+    ) -> Vec<Notice> {
+        let note = if kept { "; keeping its last valid version" } else { "" };
+        let message = format!("{rejection}{note}");
+        if self.rejected.get(&(kind, name.clone())) == Some(&message) {
+            return Vec::new();
+        }
+        self.rejected.insert((kind, name), message.clone());
+        vec![Notice::Rejected {
+            kind,
+            field: generic_field(&rejection.field),
+            message,
+        }]
+    }
+
+    pub fn rejected_count(&self) -> usize {
+        self.rejected.len()
+    }
+
+    /// Ignored slices by address type.
+    pub fn ignored_slices(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for kind in self.ignored_slices.values() {
+            *counts.entry(kind.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Unsupported service ports by protocol (only SCTP today).
+    pub fn unsupported_ports(&self) -> usize {
+        self.unsupported.values().map(Vec::len).sum()
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<String, Vec<Ipv4Addr>> {
+        &self.nodes
+    }
+}
+
+/// `spec.ports[3].port` -> `spec.ports[].port`: a metric label with few values.
+fn generic_field(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut in_index = false;
+    for c in field.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push('[');
+            }
+            ']' => {
+                in_index = false;
+                out.push(']');
+            }
+            _ if in_index && c.is_ascii_digit() => {}
+            _ if in_index => {
+                // A label key in brackets, keep as is.
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
+    ObjectName {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,309 @@
+//! `/healthz` and `/metrics`: what an operator (and the DaemonSet's probes)
+//! see of the daemon. Metric names follow kube-proxy's where the meaning is
+//! the same, so existing dashboards keep working.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use prometheus_client::{
+    encoding::text::{encode_eof, encode_registry},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::dataplane::maps;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub programming_latency: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub services: Gauge,
+    pub frontends: Gauge,
+    pub endpoints: Gauge,
+    pub sync_errors: Counter,
+    pub rejections: Family<Labels, Counter>,
+    pub rejected_objects: Gauge,
+    pub ignored_slices: Family<Labels, Gauge>,
+    pub unsupported_ports: Family<Labels, Gauge>,
+    pub watch_errors: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        // 0.1 ms .. ~6.5 s: syncs and programming latencies from one map
+        // write to a cold start of a large cluster.
+        let buckets = || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 17);
+        let m = Metrics {
+            sync_duration: Histogram::new(buckets()),
+            programming_latency: Histogram::new(buckets()),
+            last_sync: Gauge::default(),
+            services: Gauge::default(),
+            frontends: Gauge::default(),
+            endpoints: Gauge::default(),
+            sync_errors: Counter::default(),
+            rejections: Family::default(),
+            rejected_objects: Gauge::default(),
+            ignored_slices: Family::default(),
+            unsupported_ports: Family::default(),
+            watch_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time one sync of the dataplane maps took",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from a Service or EndpointSlice change being observed to the maps holding it",
+            m.programming_latency.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the maps were last synced successfully (unix seconds)",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "kpr_programmed_services",
+            "Services with at least one programmed frontend",
+            m.services.clone(),
+        );
+        registry.register(
+            "kpr_programmed_frontends",
+            "Programmed service frontends (IP, port, protocol)",
+            m.frontends.clone(),
+        );
+        registry.register(
+            "kpr_programmed_endpoints",
+            "Programmed backends over all frontends",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "kpr_sync_errors",
+            "Syncs that could not write every change",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "kpr_object_rejections",
+            "Objects rejected, by kind and the field at fault",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "kpr_rejected_objects",
+            "Objects currently rejected",
+            m.rejected_objects.clone(),
+        );
+        registry.register(
+            "kpr_ignored_endpointslices",
+            "EndpointSlices not programmed, by address type (IPv6 and FQDN are not supported)",
+            m.ignored_slices.clone(),
+        );
+        registry.register(
+            "kpr_unsupported_service_ports",
+            "Service ports not programmed, by protocol",
+            m.unsupported_ports.clone(),
+        );
+        registry.register(
+            "kpr_watch_errors",
+            "Failed lists and watches of the API server, by resource",
+            m.watch_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// kube-proxy's health: healthy unless a change has waited for the
+/// dataplane longer than the health timeout (a sync failing or stuck).
+pub struct Health {
+    timeout: Duration,
+    oldest_pending: Option<Instant>,
+    last_updated: Option<SystemTime>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        // Until the first sync, starting up counts as the pending change.
+        Health {
+            timeout,
+            oldest_pending: Some(Instant::now()),
+            last_updated: None,
+        }
+    }
+
+    pub fn queued(&mut self, at: Instant) {
+        self.oldest_pending.get_or_insert(at);
+    }
+
+    pub fn updated(&mut self) {
+        self.oldest_pending = None;
+        self.last_updated = Some(SystemTime::now());
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.oldest_pending.is_none_or(|t| t.elapsed() < self.timeout)
+    }
+}
+
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub health: Mutex<Health>,
+    pub pin_dir: PathBuf,
+}
+
+impl Telemetry {
+    pub fn new(pin_dir: PathBuf, health_timeout: Duration) -> Arc<Self> {
+        Arc::new(Telemetry {
+            metrics: Metrics::default(),
+            health: Mutex::new(Health::new(health_timeout)),
+            pin_dir,
+        })
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        encode_registry(&mut out, &self.metrics.registry).expect("writing to a String");
+        // The data path's own counters, read from the map at scrape time.
+        if let Ok(stats) = maps::read_stats(&self.pin_dir) {
+            out.push_str("# HELP kpr_datapath_packets Packets seen by the data path, by verdict.\n");
+            out.push_str("# TYPE kpr_datapath_packets counter\n");
+            for (stat, n) in stats {
+                out.push_str(&format!(
+                    "kpr_datapath_packets_total{{verdict=\"{}\"}} {n}\n",
+                    stat.name()
+                ));
+            }
+        }
+        encode_eof(&mut out).expect("writing to a String");
+        out
+    }
+}
+
+async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    let (healthy, last_updated) = {
+        let health = t.health.lock().expect("health lock");
+        (health.healthy(), health.last_updated)
+    };
+    let body = format!(
+        "{{\"lastUpdated\":{},\"currentTime\":\"{}\"}}\n",
+        last_updated.map_or("null".to_string(), |u| format!("\"{}\"", rfc3339(u))),
+        rfc3339(SystemTime::now())
+    );
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [("content-type", "application/json")], body)
+}
+
+async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        t.render_metrics(),
+    )
+}
+
+/// Serves `/healthz` and `/metrics` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(telemetry);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the health/metrics server to {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /healthz and /metrics");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// `2026-11-22T22:01:05Z`
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_384_865)),
+            "2026-11-22T22:01:05Z"
+        );
+    }
+
+    #[test]
+    fn health_follows_pending_changes() {
+        let mut h = Health::new(Duration::from_millis(50));
+        assert!(h.healthy(), "starting up is healthy within the timeout");
+        h.updated();
+        assert!(h.healthy());
+        h.queued(Instant::now() - Duration::from_millis(100));
+        assert!(!h.healthy(), "a change waiting past the timeout is unhealthy");
+        h.updated();
+        assert!(h.healthy());
+    }
+
+    #[test]
+    fn metrics_use_kube_proxy_names() {
+        let t = Telemetry::new("/nonexistent".into(), Duration::from_secs(1));
+        t.metrics.sync_duration.observe(0.002);
+        t.metrics
+            .rejections
+            .get_or_create(&labels(&[("kind", "Service"), ("field", "spec.ports[].port")]))
+            .inc();
+        let text = t.render_metrics();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kpr_object_rejections_total{kind=\"Service\",field=\"spec.ports[].port\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
