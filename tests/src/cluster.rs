@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use proxy_common::ServiceKey;
 use proxy_user::dataplane::maps::ServiceMaps;
 
-use crate::{bpffs::BpffsMount, netns::Netns, pod::PodServer, sh};
+use crate::{apiserver::ApiServer, bpffs::BpffsMount, netns::Netns, pod::PodServer, sh};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -28,6 +28,9 @@ pub const POD_PORT: u16 = 8080;
 
 pub struct ClusterSpec {
     pub pods: Vec<String>,
+    /// Run a test API server in the node and point the daemon at it;
+    /// otherwise the daemon runs standalone on the manifest directory.
+    pub api_server: bool,
 }
 
 impl ClusterSpec {
@@ -35,9 +38,18 @@ impl ClusterSpec {
     pub fn pods(prefix: &str, n: usize) -> Self {
         ClusterSpec {
             pods: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            api_server: false,
         }
     }
+
+    pub fn with_api_server(mut self) -> Self {
+        self.api_server = true;
+        self
+    }
 }
+
+/// The node's name in the API.
+pub const NODE_NAME: &str = "node0";
 
 pub struct Pod {
     pub name: String,
@@ -55,6 +67,8 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub outside: Option<Netns>,
     pub node: Option<Netns>,
+    pub api: Option<ApiServer>,
+    kubeconfig: PathBuf,
     /// Holds the test's directory too; dropped last.
     bpffs: Option<BpffsMount>,
 }
@@ -76,6 +90,8 @@ impl Cluster {
             pods: Vec::new(),
             outside: None,
             node: None,
+            api: None,
+            kubeconfig: bpffs.dir.join("kubeconfig"),
             bpffs: Some(bpffs),
         };
 
@@ -118,8 +134,24 @@ impl Cluster {
             let pod = cluster.add_pod(i, name)?;
             cluster.pods.push(pod);
         }
+        if spec.api_server {
+            let api = ApiServer::start(cluster.node())?;
+            api.write_kubeconfig(&cluster.kubeconfig)?;
+            api.apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {NODE_IP}\n"
+            ))?;
+            cluster.api = Some(api);
+        }
         cluster.start_daemon()?;
         Ok(cluster)
+    }
+
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("the cluster was started with_api_server()")
+    }
+
+    pub fn api_mut(&mut self) -> &mut ApiServer {
+        self.api.as_mut().expect("the cluster was started with_api_server()")
     }
 
     pub fn node(&self) -> &Netns {
@@ -181,14 +213,30 @@ impl Cluster {
 
     pub fn start_daemon(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.node().name])
             .arg(kpr_binary()?)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args(["run", "--interfaces", "eth0,vpod*", "--poll-ms", "100", "--manifests"])
-            .arg(&self.manifests)
-            .env("RUST_LOG", "info")
+            .args([
+                "run",
+                "--interfaces",
+                "eth0,vpod*",
+                "--node-name",
+                NODE_NAME,
+                "--min-sync-interval-ms",
+                "20",
+            ]);
+        if self.api.is_some() {
+            command
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["--sync-period-s", "5"]);
+        } else {
+            command.args(["--poll-ms", "100", "--manifests"]).arg(&self.manifests);
+        }
+        let child = command
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -252,8 +300,12 @@ impl Cluster {
         })
     }
 
-    pub fn wait_until(&self, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    pub fn wait_until(&self, what: &str, done: impl FnMut() -> Result<bool>) -> Result<()> {
+        self.wait_until_within(what, Duration::from_secs(10), done)
+    }
+
+    pub fn wait_until_within(&self, what: &str, limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + limit;
         let mut last_err = None;
         while Instant::now() < deadline {
             match done() {
@@ -295,6 +347,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("---- daemon log of cluster {} ----\n{}", self.id, self.log());
         }
+        self.api.take();
         for pod in &mut self.pods {
             pod.server.take();
         }

@@ -2,6 +2,7 @@
 //! pairs, with the real daemon running in each node, for end-to-end tests
 //! and the demo. Everything it creates has a unique name and is removed when
 //! the value that created it is dropped, also when a test panics.
+pub mod apiserver;
 pub mod bpffs;
 pub mod cluster;
 pub mod dataplane;

@@ -31,6 +31,11 @@ impl ServiceMaps {
         })
     }
 
+    /// How many backend slots exist over all services.
+    pub fn backend_slots(&self) -> Result<usize> {
+        Ok(self.backends.keys().count())
+    }
+
     /// Every frontend with its backends in slot order.
     pub fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceValue, Vec<Backend>)>> {
         let mut out = Vec::new();

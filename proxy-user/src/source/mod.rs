@@ -15,4 +15,6 @@ pub struct Snapshot {
 }
 
 #[cfg(test)]
+mod state_tests;
+#[cfg(test)]
 mod tests;

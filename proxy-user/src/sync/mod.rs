@@ -273,4 +273,6 @@ fn place(current: &[Option<Backend>], backends: &[Backend]) -> Vec<Backend> {
 }
 
 #[cfg(test)]
+pub(crate) mod mem_table;
+#[cfg(test)]
 mod tests;

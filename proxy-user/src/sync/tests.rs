@@ -3,88 +3,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue};
+use proxy_common::{Backend, BackendKey, ServiceKey};
 
-use super::{ServiceTable, Syncer, TableError};
+use super::{mem_table::MemTable, Syncer};
 use crate::model::{
     objects::{ObjectName, Protocol},
     BackendAddr, DesiredState, Frontend, FrontendState,
 };
-
-/// The maps in memory; `fail_after` makes every write past that many fail,
-/// like a full map.
-#[derive(Default, Clone)]
-struct MemTable {
-    services: BTreeMap<ServiceKey, ServiceValue>,
-    backends: BTreeMap<BackendKey, Backend>,
-    writes: usize,
-    fail_after: Option<usize>,
-}
-
-impl MemTable {
-    fn write(&mut self) -> Result<(), TableError> {
-        self.writes += 1;
-        match self.fail_after {
-            Some(n) if self.writes > n => Err(TableError {
-                op: "writing".into(),
-                reason: "map is full".into(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    /// What the data path would see: frontend -> (affinity, backends by
-    /// slot). Checks what the data path relies on at every moment: unique
-    /// ids, and every slot below a service's count present.
-    fn view(&self) -> BTreeMap<ServiceKey, (u32, Vec<Backend>)> {
-        let ids: BTreeSet<u32> = self.services.values().map(|v| v.id).collect();
-        assert_eq!(ids.len(), self.services.len(), "service ids must be unique");
-        self.services
-            .iter()
-            .map(|(k, v)| {
-                let slots = (0..v.backend_count)
-                    .map(|slot| self.backends[&BackendKey { service_id: v.id, slot }])
-                    .collect();
-                (*k, (v.affinity_timeout, slots))
-            })
-            .collect()
-    }
-
-    /// After a sync that succeeded, nothing else is left either.
-    fn assert_tidy(&self) {
-        let slots: usize = self.services.values().map(|v| v.backend_count as usize).sum();
-        assert_eq!(self.backends.len(), slots, "no backend slot outside a service's count");
-    }
-}
-
-impl ServiceTable for MemTable {
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, TableError> {
-        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn backends(&self) -> Result<Vec<(BackendKey, Backend)>, TableError> {
-        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), TableError> {
-        self.write()?;
-        self.services.insert(*key, *value);
-        Ok(())
-    }
-    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError> {
-        self.write()?;
-        self.services.remove(key);
-        Ok(())
-    }
-    fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError> {
-        self.write()?;
-        self.backends.insert(*key, *value);
-        Ok(())
-    }
-    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {
-        self.write()?;
-        self.backends.remove(key);
-        Ok(())
-    }
-}
 
 fn frontend(n: u8, port: u16) -> Frontend {
     Frontend {
@@ -135,12 +60,7 @@ fn scratch_view(state: &DesiredState) -> BTreeMap<ServiceKey, (u32, BTreeSet<Bac
 }
 
 fn as_sets(table: &MemTable) -> BTreeMap<ServiceKey, (u32, BTreeSet<Backend>)> {
-    table.assert_tidy();
-    table
-        .view()
-        .into_iter()
-        .map(|(k, (a, slots))| (k, (a, slots.into_iter().collect())))
-        .collect()
+    table.as_sets()
 }
 
 #[test]

@@ -1,0 +1,167 @@
+//! Property test: random sequences of Service and EndpointSlice events,
+//! applied one by one with a sync after each, leave the maps exactly as a
+//! from-scratch sync of the final objects does.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::json;
+
+use super::state::ClusterState;
+use crate::sync::{mem_table::MemTable, Syncer};
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn random_service(rng: &mut Rng, i: u64) -> Service {
+    let mut ports = Vec::new();
+    if rng.chance(80) {
+        ports.push(json!({"name": "http", "port": 80 + rng.below(2), "protocol": "TCP"}));
+    }
+    if rng.chance(50) {
+        ports.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    let headless = rng.chance(10);
+    let mut spec = json!({
+        "clusterIP": if headless { "None".to_string() } else { format!("10.96.0.{}", i + 1) },
+        "ports": ports,
+    });
+    if rng.chance(30) {
+        spec["sessionAffinity"] = json!("ClientIP");
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc{i}"), "namespace": "default"},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn random_slice(rng: &mut Rng, j: u64) -> EndpointSlice {
+    let service = format!("svc{}", rng.below(4));
+    let mut ports = vec![json!({"name": "http", "port": 8080 + rng.below(2), "protocol": "TCP"})];
+    if rng.chance(50) {
+        ports.push(json!({"name": "dns", "port": 5353, "protocol": "UDP"}));
+    }
+    let endpoints: Vec<_> = (0..rng.below(4))
+        .map(|_| {
+            json!({
+                "addresses": [format!("10.244.0.{}", 10 + rng.below(8))],
+                "conditions": {"ready": rng.chance(70), "serving": rng.chance(80), "terminating": rng.chance(30)},
+            })
+        })
+        .collect();
+    let address_type = if rng.chance(10) { "IPv6" } else { "IPv4" };
+    let endpoints = if address_type == "IPv6" { vec![] } else { endpoints };
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": address_type,
+        "metadata": {"name": format!("slice{j}"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "ports": ports, "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn incremental_event_syncs_equal_a_sync_from_scratch() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _run in 0..40 {
+        let mut state = ClusterState::default();
+        let mut table = MemTable::default();
+        let mut syncer = Syncer::default();
+        // The objects that exist, as the API server would list them.
+        let mut services: BTreeMap<u64, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<u64, EndpointSlice> = BTreeMap::new();
+        for _event in 0..60 {
+            match rng.below(5) {
+                0 | 1 => {
+                    let i = rng.below(4);
+                    let svc = random_service(&mut rng, i);
+                    state.apply_service(&svc);
+                    services.insert(i, svc);
+                }
+                2 => {
+                    let i = rng.below(4);
+                    if let Some(svc) = services.remove(&i) {
+                        state.delete_service(&super::state::object_name(&svc.metadata));
+                    }
+                }
+                3 => {
+                    let j = rng.below(6);
+                    let slice = random_slice(&mut rng, j);
+                    state.apply_slice(&slice);
+                    slices.insert(j, slice);
+                }
+                _ => {
+                    let j = rng.below(6);
+                    if let Some(slice) = slices.remove(&j) {
+                        state.delete_slice(&super::state::object_name(&slice.metadata));
+                    }
+                }
+            }
+            // Not every event is followed by a sync: the loop coalesces.
+            if rng.chance(60) {
+                let report = syncer.sync(&state.desired(), &mut table);
+                assert!(report.failures.is_empty());
+            }
+        }
+        syncer.sync(&state.desired(), &mut table);
+
+        let mut scratch_state = ClusterState::default();
+        scratch_state.replace_services(&services.values().cloned().collect::<Vec<_>>());
+        scratch_state.replace_slices(&slices.values().cloned().collect::<Vec<_>>());
+        assert_eq!(
+            state.desired(),
+            scratch_state.desired(),
+            "the state after events equals a fresh list"
+        );
+        let mut scratch = MemTable::default();
+        Syncer::default().sync(&scratch_state.desired(), &mut scratch);
+        assert_eq!(
+            table.as_sets(),
+            scratch.as_sets(),
+            "the maps after incremental syncs equal a from-scratch sync"
+        );
+
+        // And a re-list into the same state (as after 410 Gone) changes nothing.
+        let writes = table.writes;
+        state.replace_services(&services.values().cloned().collect::<Vec<_>>());
+        state.replace_slices(&slices.values().cloned().collect::<Vec<_>>());
+        syncer.sync(&state.desired(), &mut table);
+        assert_eq!(table.writes, writes);
+    }
+}
+
+#[test]
+fn a_relist_drops_what_was_deleted_meanwhile() {
+    let mut rng = Rng(7);
+    let mut state = ClusterState::default();
+    let a = random_service(&mut rng, 0);
+    let b = random_service(&mut rng, 1);
+    state.apply_service(&a);
+    state.apply_service(&b);
+    state.apply_slice(&random_slice(&mut rng, 0));
+    state.replace_services(std::slice::from_ref(&b));
+    state.replace_slices(&[]);
+    assert_eq!(
+        state
+            .snapshot()
+            .services
+            .keys()
+            .map(|n| n.name.clone())
+            .collect::<Vec<_>>(),
+        vec!["svc1"]
+    );
+    assert!(state.snapshot().slices.is_empty());
+}

@@ -1,0 +1,90 @@
+//! The service maps in memory, for tests of the syncer and its callers.
+use std::collections::{BTreeMap, BTreeSet};
+
+use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue};
+
+use super::{ServiceTable, TableError};
+
+/// The maps in memory; `fail_after` makes every write past that many fail,
+/// like a full map.
+#[derive(Default, Clone)]
+pub struct MemTable {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<BackendKey, Backend>,
+    pub writes: usize,
+    pub fail_after: Option<usize>,
+}
+
+impl MemTable {
+    fn write(&mut self) -> Result<(), TableError> {
+        self.writes += 1;
+        match self.fail_after {
+            Some(n) if self.writes > n => Err(TableError {
+                op: "writing".into(),
+                reason: "map is full".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the data path would see: frontend -> (affinity, backends by
+    /// slot). Checks what the data path relies on at every moment: unique
+    /// ids, and every slot below a service's count present.
+    pub fn view(&self) -> BTreeMap<ServiceKey, (u32, Vec<Backend>)> {
+        let ids: BTreeSet<u32> = self.services.values().map(|v| v.id).collect();
+        assert_eq!(ids.len(), self.services.len(), "service ids must be unique");
+        self.services
+            .iter()
+            .map(|(k, v)| {
+                let slots = (0..v.backend_count)
+                    .map(|slot| self.backends[&BackendKey { service_id: v.id, slot }])
+                    .collect();
+                (*k, (v.affinity_timeout, slots))
+            })
+            .collect()
+    }
+
+    /// After a sync that succeeded, nothing else is left either.
+    pub fn assert_tidy(&self) {
+        let slots: usize = self.services.values().map(|v| v.backend_count as usize).sum();
+        assert_eq!(self.backends.len(), slots, "no backend slot outside a service's count");
+    }
+
+    /// The view with backends as sets (slot order depends on history).
+    pub fn as_sets(&self) -> BTreeMap<ServiceKey, (u32, BTreeSet<Backend>)> {
+        self.assert_tidy();
+        self.view()
+            .into_iter()
+            .map(|(k, (a, slots))| (k, (a, slots.into_iter().collect())))
+            .collect()
+    }
+}
+
+impl ServiceTable for MemTable {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, TableError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> Result<Vec<(BackendKey, Backend)>, TableError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), TableError> {
+        self.write()?;
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError> {
+        self.write()?;
+        self.services.remove(key);
+        Ok(())
+    }
+    fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError> {
+        self.write()?;
+        self.backends.insert(*key, *value);
+        Ok(())
+    }
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {
+        self.write()?;
+        self.backends.remove(key);
+        Ok(())
+    }
+}

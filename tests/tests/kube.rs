@@ -1,0 +1,382 @@
+//! The daemon against the test API server (real list/watch over HTTP,
+//! reached through kube-rs and a kubeconfig), driving the real dataplane.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use kpr_testbed::{
+    apiserver::Kind,
+    cluster::POD_PORT,
+    manifests::{endpoint_slice, ready, service, tcp, udp, Endpoint},
+    pod::{connect, Conn, Datagrams, Reply},
+    Cluster, ClusterSpec,
+};
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+use proxy_user::dataplane::maps::ServiceMaps;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from((VIP, port))
+}
+
+fn backends(cluster: &Cluster, pods: &[usize]) -> Vec<SocketAddr> {
+    pods.iter()
+        .map(|&i| SocketAddr::from((cluster.pods[i].ip, POD_PORT)))
+        .collect()
+}
+
+/// Three `web` pods and a client, the daemon watching the API.
+fn cluster() -> Cluster {
+    let mut spec = ClusterSpec::pods("web", 3).with_api_server();
+    spec.pods.push("client".into());
+    Cluster::start(spec).expect("cluster")
+}
+
+fn web_objects(cluster: &Cluster, pods: &[usize], http_port: u16) -> String {
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|&i| cluster.pods[i].ip).collect();
+    format!(
+        "{}---\n{}",
+        service("web", VIP, &[tcp("http", http_port), udp("dns", 53)]),
+        endpoint_slice(
+            "web-abc12",
+            "web",
+            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
+            &ready(&ips)
+        )
+    )
+}
+
+fn tally(replies: impl IntoIterator<Item = Reply>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in replies {
+        *counts.entry(r.pod).or_default() += 1;
+    }
+    counts
+}
+
+/// `n` new connections, kept open so no source port repeats.
+fn connections(cluster: &Cluster, to: SocketAddr, n: usize, keep: &mut Vec<Conn>) -> BTreeMap<String, usize> {
+    tally((0..n).map(|_| {
+        let mut c = connect(&cluster.pod("client").ns, to).unwrap();
+        let r = c.request().unwrap();
+        keep.push(c);
+        r
+    }))
+}
+
+fn even(pods: &[usize], n: usize) -> BTreeMap<String, usize> {
+    pods.iter().map(|i| (format!("web-{i}"), n)).collect()
+}
+
+#[test]
+fn services_and_slices_from_the_api_are_programmed_and_follow_changes() {
+    let cluster = cluster();
+    let api = cluster.api();
+    let mut keep = Vec::new();
+
+    api.apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    cluster
+        .wait_for_backends(vip(53), IPPROTO_UDP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    assert_eq!(connections(&cluster, vip(80), 9, &mut keep), even(&[0, 1, 2], 3));
+    let udp: Vec<Datagrams> = (0..3)
+        .map(|_| Datagrams::open(&cluster.pod("client").ns).unwrap())
+        .collect();
+    assert_eq!(
+        tally(udp.iter().map(|s| s.request(vip(53)).unwrap())),
+        even(&[0, 1, 2], 1)
+    );
+
+    // Scale down, then up.
+    api.apply(&web_objects(&cluster, &[0], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0]))
+        .unwrap();
+    assert_eq!(connections(&cluster, vip(80), 3, &mut keep), even(&[0], 3));
+    api.apply(&web_objects(&cluster, &[0, 2], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 2]))
+        .unwrap();
+    assert_eq!(connections(&cluster, vip(80), 4, &mut keep), even(&[0, 2], 2));
+
+    // Change the service port: the old frontend goes, the new one works.
+    api.apply(&web_objects(&cluster, &[0, 2], 8000)).unwrap();
+    cluster
+        .wait_for_backends(vip(8000), IPPROTO_TCP, &backends(&cluster, &[0, 2]))
+        .unwrap();
+    cluster
+        .wait_until("port 80 to be gone", || {
+            Ok(cluster.programmed(vip(80), IPPROTO_TCP)?.is_none())
+        })
+        .unwrap();
+    assert_eq!(connections(&cluster, vip(8000), 2, &mut keep), even(&[0, 2], 1));
+
+    // Delete the service and its slice: nothing is left in any map.
+    api.delete(Kind::Service, "default", "web").unwrap();
+    api.delete(Kind::EndpointSlice, "default", "web-abc12").unwrap();
+    cluster
+        .wait_until("every map entry to be gone", || {
+            let maps = ServiceMaps::open(&cluster.pin_dir)?;
+            Ok(maps.frontends()?.is_empty() && maps.backend_slots()? == 0)
+        })
+        .unwrap();
+}
+
+fn api_objects(cluster: &Cluster) -> String {
+    let other = Ipv4Addr::new(10, 96, 0, 20);
+    format!(
+        "{}---\n{}",
+        service("api", other, &[tcp("http", 80)]),
+        endpoint_slice("api-1", "api", &[tcp("http", POD_PORT)], &ready(&[cluster.pods[1].ip]))
+    )
+}
+
+#[test]
+fn an_api_outage_keeps_traffic_flowing_and_the_state_converges_after_it() {
+    let mut cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster.api().apply(&api_objects(&cluster)).unwrap();
+    let api_vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80));
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    cluster
+        .wait_for_backends(api_vip, IPPROTO_TCP, &backends(&cluster, &[1]))
+        .unwrap();
+    let mut long = connect(&cluster.pod("client").ns, vip(80)).unwrap();
+    let owner = long.request().unwrap().pod;
+
+    // The API server goes away.
+    cluster.api_mut().stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut keep = Vec::new();
+    assert_eq!(
+        connections(&cluster, vip(80), 6, &mut keep),
+        even(&[0, 1, 2], 2),
+        "traffic keeps flowing"
+    );
+    assert_eq!(long.request().unwrap().pod, owner);
+    let (status, _) =
+        kpr_testbed::pod::http_get(cluster.node(), "127.0.0.1:10256".parse().unwrap(), "/healthz").unwrap();
+    assert_eq!(
+        status, 200,
+        "no change is pending: the proxy is healthy while the API is away"
+    );
+
+    // While it is away: web scales down, api is deleted, and the history the
+    // daemon would resume from is compacted, so it must re-list.
+    cluster.api().apply(&web_objects(&cluster, &[0, 2], 80)).unwrap();
+    cluster.api().delete(Kind::Service, "default", "api").unwrap();
+    cluster.api().delete(Kind::EndpointSlice, "default", "api-1").unwrap();
+    cluster.api().compact();
+    assert!(cluster.log().contains("watch failed"), "{}", cluster.log());
+
+    cluster.api_mut().restart().unwrap();
+    let (lists_before, _) = cluster.api().requests();
+    cluster
+        .wait_until_within(
+            "the daemon to converge after the outage",
+            Duration::from_secs(20),
+            || {
+                Ok(cluster.programmed(api_vip, IPPROTO_TCP)?.is_none()
+                    && cluster.programmed(vip(80), IPPROTO_TCP)?.map(|b| b.len()) == Some(2))
+            },
+        )
+        .unwrap();
+    assert!(
+        cluster.api().requests().0 > lists_before,
+        "a 410 must lead to a re-list"
+    );
+    assert_eq!(
+        long.request().unwrap().pod,
+        owner,
+        "the long connection survived the outage"
+    );
+    assert_eq!(connections(&cluster, vip(80), 4, &mut keep), even(&[0, 2], 2));
+    assert!(cluster.log().contains("watch recovered"));
+}
+
+#[test]
+fn a_dropped_watch_resumes_without_a_relist_and_misses_nothing() {
+    let cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    let (lists, watches) = cluster.api().requests();
+    for pods in [&[0, 1][..], &[1][..], &[1, 2][..]] {
+        cluster.api().drop_watches();
+        cluster.api().apply(&web_objects(&cluster, pods, 80)).unwrap();
+        cluster
+            .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, pods))
+            .unwrap();
+    }
+    let (lists_after, watches_after) = cluster.api().requests();
+    assert_eq!(lists_after, lists, "resuming a watch needs no list");
+    assert!(watches_after >= watches + 3, "each dropped watch was resumed");
+}
+
+#[test]
+fn a_restarted_daemon_reconciles_the_maps_without_dropping_connections() {
+    let mut cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster.api().apply(&api_objects(&cluster)).unwrap();
+    let api_vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80));
+    cluster
+        .wait_for_backends(api_vip, IPPROTO_TCP, &backends(&cluster, &[1]))
+        .unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    let mut conns: Vec<Conn> = (0..3)
+        .map(|_| connect(&cluster.pod("client").ns, vip(80)).unwrap())
+        .collect();
+    let owners: Vec<String> = conns.iter_mut().map(|c| c.request().unwrap().pod).collect();
+
+    cluster.stop_daemon().unwrap();
+    // Changes the daemon does not see while it is down.
+    cluster.api().delete(Kind::Service, "default", "api").unwrap();
+    cluster.api().delete(Kind::EndpointSlice, "default", "api-1").unwrap();
+    let not_ready_web2 = format!(
+        "{}---\n{}",
+        service("web", VIP, &[tcp("http", 80), udp("dns", 53)]),
+        endpoint_slice(
+            "web-abc12",
+            "web",
+            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
+            &[
+                Endpoint {
+                    ip: cluster.pods[0].ip,
+                    ready: true
+                },
+                Endpoint {
+                    ip: cluster.pods[1].ip,
+                    ready: true
+                },
+                Endpoint {
+                    ip: cluster.pods[2].ip,
+                    ready: false
+                },
+            ]
+        )
+    );
+    cluster.api().apply(&not_ready_web2).unwrap();
+    for (c, o) in conns.iter_mut().zip(&owners) {
+        assert_eq!(&c.request().unwrap().pod, o);
+    }
+
+    cluster.start_daemon().unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_until("the deleted service to leave the maps", || {
+            Ok(cluster.programmed(api_vip, IPPROTO_TCP)?.is_none())
+        })
+        .unwrap();
+    let maps = ServiceMaps::open(&cluster.pin_dir).unwrap();
+    let slots: usize = maps
+        .frontends()
+        .unwrap()
+        .iter()
+        .map(|(_, v, _)| v.backend_count as usize)
+        .sum();
+    assert_eq!(maps.backend_slots().unwrap(), slots, "no stale backend slot remains");
+    // Established connections, including the one to the now not-ready pod, keep working.
+    for (c, o) in conns.iter_mut().zip(&owners) {
+        assert_eq!(&c.request().unwrap().pod, o, "a connection broke across the restart");
+    }
+}
+
+#[test]
+fn health_metrics_and_rejections_are_reported() {
+    let cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    // The test server does not validate, so an impossible object gets through to the daemon.
+    let bad = service("broken", Ipv4Addr::new(10, 96, 0, 30), &[tcp("http", 80)]).replace("port: 80", "port: 0");
+    cluster.api().apply(&bad).unwrap();
+    let sctp = service("sig", Ipv4Addr::new(10, 96, 0, 31), &[tcp("http", 80)])
+        + "  - name: diameter\n    port: 3868\n    protocol: SCTP\n";
+    cluster.api().apply(&sctp).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    cluster
+        .wait_for_backends(SocketAddr::from((Ipv4Addr::new(10, 96, 0, 31), 80)), IPPROTO_TCP, &[])
+        .unwrap();
+    let mut keep = Vec::new();
+    connections(&cluster, vip(80), 3, &mut keep);
+    // More syncs: the rejection must still be logged only once.
+    cluster.api().apply(&web_objects(&cluster, &[0, 1], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1]))
+        .unwrap();
+
+    let node = cluster.node();
+    let (status, body) = kpr_testbed::pod::http_get(node, "127.0.0.1:10256".parse().unwrap(), "/healthz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"lastUpdated\":\"20"), "{body}");
+    let (status, metrics) = kpr_testbed::pod::http_get(node, "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "kpr_programmed_frontends 3",
+        "kpr_programmed_endpoints 4",
+        "kpr_programmed_services 2",
+        "kpr_rejected_objects 1",
+        "kpr_object_rejections_total{kind=\"Service\",field=\"spec.ports[].port\"} 1",
+        "kpr_unsupported_service_ports{protocol=\"SCTP\"} 1",
+        "kpr_datapath_packets_total{verdict=\"new_flow\"} 3",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count",
+    ] {
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        assert!(count >= 2, "{name} = {count}");
+    }
+    let log = cluster.log();
+    let rejected = "rejected: Service default/broken: spec.ports[0].port: port 0 is out of range 1-65535";
+    assert_eq!(log.matches(rejected).count(), 1, "logged once:\n{log}");
+    assert_eq!(
+        log.matches("unsupported: Service default/sig: spec.ports[1]: SCTP")
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn a_burst_of_changes_is_coalesced_into_few_syncs() {
+    let cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    let syncs_before = cluster.log().matches("synced").count();
+    let rounds = [&[0][..], &[1], &[2], &[0, 1], &[1, 2]];
+    for i in 0..50 {
+        cluster
+            .api()
+            .apply(&web_objects(&cluster, rounds[i % rounds.len()], 80))
+            .unwrap();
+    }
+    // The last update wins...
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[1, 2]))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...and 50 events took far fewer syncs than 50.
+    let syncs = cluster.log().matches("synced").count() - syncs_before;
+    assert!(syncs < 25, "{syncs} syncs for a burst of 50 changes");
+}
