@@ -13,7 +13,10 @@ use aya::Ebpf;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::{
-    dataplane::{loader, maps::ServiceMaps},
+    dataplane::{
+        loader,
+        maps::{FlowMaps, ServiceMaps},
+    },
     source::{self, manifests::ManifestDir, state::ClusterState},
     sync::Syncer,
     telemetry::{self, labels, Telemetry},
@@ -126,8 +129,10 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
 
+    let flows = FlowMaps::open(&config.pin_dir)?;
     let mut sync = SyncLoop {
         maps,
+        flows,
         syncer,
         state,
         telemetry,
@@ -169,6 +174,7 @@ async fn watch_manifests(
 
 struct SyncLoop {
     maps: ServiceMaps,
+    flows: FlowMaps,
     syncer: Syncer,
     state: Arc<Mutex<ClusterState>>,
     telemetry: Arc<Telemetry>,
@@ -267,6 +273,10 @@ impl SyncLoop {
             }
         }
         let report = self.syncer.sync(&desired, &mut self.maps);
+        let removed_ids = report.removed_ids.iter().copied().collect();
+        if let Err(e) = self.flows.forget_services(&removed_ids) {
+            tracing::warn!(error = %e, "cannot clear the flows of removed services");
+        }
         let took = started.elapsed();
         metrics.sync_duration.observe(took.as_secs_f64());
         for failure in &report.failures {

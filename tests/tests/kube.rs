@@ -14,7 +14,10 @@ use kpr_testbed::{
     Cluster, ClusterSpec,
 };
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
-use proxy_user::dataplane::maps::ServiceMaps;
+use proxy_user::{
+    dataplane::maps::{FlowMaps, ServiceMaps},
+    sync::ServiceTable,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -117,7 +120,18 @@ fn services_and_slices_from_the_api_are_programmed_and_follow_changes() {
         .unwrap();
     assert_eq!(connections(&cluster, vip(8000), 2, &mut keep), even(&[0, 2], 1));
 
-    // Delete the service and its slice: nothing is left in any map.
+    // Delete the service and its slice: nothing is left in the service maps,
+    // and its UDP flows are forgotten (TCP ones finish, as with kube-proxy).
+    let udp_flows = || {
+        let flows = FlowMaps::open(&cluster.pin_dir).unwrap();
+        flows
+            .entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.proto == IPPROTO_UDP)
+            .count()
+    };
+    assert!(udp_flows() >= 6, "three UDP flows, two entries each");
     api.delete(Kind::Service, "default", "web").unwrap();
     api.delete(Kind::EndpointSlice, "default", "web-abc12").unwrap();
     cluster
@@ -126,6 +140,7 @@ fn services_and_slices_from_the_api_are_programmed_and_follow_changes() {
             Ok(maps.frontends()?.is_empty() && maps.backend_slots()? == 0)
         })
         .unwrap();
+    assert_eq!(udp_flows(), 0);
 }
 
 fn api_objects(cluster: &Cluster) -> String {
@@ -379,4 +394,53 @@ fn a_burst_of_changes_is_coalesced_into_few_syncs() {
     // ...and 50 events took far fewer syncs than 50.
     let syncs = cluster.log().matches("synced").count() - syncs_before;
     assert!(syncs < 25, "{syncs} syncs for a burst of 50 changes");
+}
+
+#[test]
+fn the_periodic_resync_repairs_drift_in_the_maps() {
+    let cluster = cluster();
+    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    cluster
+        .wait_for_backends(vip(53), IPPROTO_UDP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+
+    // Someone edits the maps behind the daemon's back (bpftool, a crash).
+    let mut maps = ServiceMaps::open(&cluster.pin_dir).unwrap();
+    let (udp_key, _, _) = maps
+        .frontends()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _, _)| k.proto == IPPROTO_UDP)
+        .unwrap();
+    maps.remove_service(&udp_key).unwrap();
+    let (tcp_key, mut tcp_value, _) = maps
+        .frontends()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _, _)| k.proto == IPPROTO_TCP)
+        .unwrap();
+    tcp_value.backend_count = 1;
+    maps.put_service(&tcp_key, &tcp_value).unwrap();
+    let bogus = proxy_common::ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 99, IPPROTO_TCP);
+    maps.put_service(
+        &bogus,
+        &proxy_common::ServiceValue {
+            id: 999,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+
+    // The harness runs the daemon with a 5 s sync period.
+    cluster
+        .wait_until_within("the resync to repair the maps", Duration::from_secs(15), || {
+            let all = ServiceMaps::open(&cluster.pin_dir)?.frontends()?;
+            Ok(all.len() == 2 && all.iter().all(|(_, v, b)| v.backend_count == 3 && b.len() == 3))
+        })
+        .unwrap();
+    let mut keep = Vec::new();
+    assert_eq!(connections(&cluster, vip(80), 3, &mut keep), even(&[0, 1, 2], 1));
 }

@@ -2,8 +2,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{map_name, Backend, BackendKey, ServiceKey, ServiceValue, Stat};
+use std::collections::BTreeSet;
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, IPPROTO_UDP};
 
 use crate::sync::{ServiceTable, TableError};
 
@@ -111,4 +113,47 @@ pub fn read_stats(pin_dir: &Path) -> Result<Vec<(Stat, u64)>> {
         .iter()
         .map(|&s| Ok((s, stats.get(&(s as u32), 0)?.iter().sum())))
         .collect()
+}
+
+/// CONNTRACK and RR_CURSORS: the data path's own per-flow and per-service state.
+pub struct FlowMaps {
+    conntrack: HashMap<MapData, FlowKey, NatEntry>,
+    cursors: Array<MapData, u64>,
+}
+
+impl FlowMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_name::CONNTRACK)?))?,
+            cursors: Array::try_from(Map::Array(open(pin_dir, map_name::RR_CURSORS)?))?,
+        })
+    }
+
+    pub fn entries(&self) -> Result<Vec<(FlowKey, NatEntry)>> {
+        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets what the data path kept for services that are gone: their
+    /// UDP flows (as kube-proxy clears UDP conntrack entries of a deleted
+    /// service; established TCP connections are left to finish, as with
+    /// kube-proxy) and their round-robin cursors. Returns the flows removed.
+    pub fn forget_services(&mut self, ids: &BTreeSet<u32>) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<FlowKey> = self
+            .entries()?
+            .into_iter()
+            .filter(|(k, v)| k.proto == IPPROTO_UDP && ids.contains(&v.service_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            // Already evicted by the LRU: nothing to do.
+            let _ = self.conntrack.remove(key);
+        }
+        for &id in ids {
+            self.cursors.set(id, 0, 0)?;
+        }
+        Ok(stale.len())
+    }
 }

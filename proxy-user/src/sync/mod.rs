@@ -41,6 +41,8 @@ pub struct SyncReport {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
+    /// Ids of the services removed, whose flow state can be forgotten.
+    pub removed_ids: Vec<u32>,
     /// Frontends that could not be (fully) programmed; retried next sync.
     pub failures: Vec<String>,
 }
@@ -126,8 +128,12 @@ impl Syncer {
             .copied()
             .collect();
         for key in stale {
+            let id = self.applied[&key].id;
             match self.remove(&key, table) {
-                Ok(()) => report.removed += 1,
+                Ok(()) => {
+                    report.removed += 1;
+                    report.removed_ids.push(id);
+                }
                 Err(e) => report.failures.push(format!("removing {}: {e}", describe(&key))),
             }
         }

@@ -115,8 +115,10 @@ fn a_removed_service_leaves_nothing_and_its_id_is_reused() {
         &desired(&[(frontend(1, 80), &[1, 2]), (frontend(2, 80), &[3])]),
         &mut table,
     );
+    let gone = table.services[&super::service_key(&frontend(1, 80))].id;
     let report = syncer.sync(&desired(&[(frontend(2, 80), &[3])]), &mut table);
     assert_eq!(report.removed, 1);
+    assert_eq!(report.removed_ids, vec![gone]);
     assert_eq!(table.services.len(), 1);
     assert_eq!(table.backends.len(), 1);
     let freed: BTreeSet<u32> = (0..2)
