@@ -117,7 +117,7 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
-    let state = Arc::new(Mutex::new(ClusterState::default()));
+    let state = Arc::new(Mutex::new(ClusterState::new(config.node_name.clone())));
     let (changed, changes) = unbounded_channel();
     match &config.source {
         SourceConfig::Manifests { dir, poll } => {

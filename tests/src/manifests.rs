@@ -37,14 +37,42 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
     yaml
 }
 
-/// An endpoint: its address and whether it is ready.
+/// An endpoint: its address, whether it is ready, its node and its zone hint.
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub ready: bool,
+    pub node: Option<String>,
+    pub zone_hint: Option<String>,
+}
+
+impl Endpoint {
+    pub fn ready(ip: Ipv4Addr) -> Self {
+        Endpoint {
+            ip,
+            ready: true,
+            node: None,
+            zone_hint: None,
+        }
+    }
+
+    pub fn not_ready(mut self) -> Self {
+        self.ready = false;
+        self
+    }
+
+    pub fn on(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    pub fn for_zone(mut self, zone: &str) -> Self {
+        self.zone_hint = Some(zone.into());
+        self
+    }
 }
 
 pub fn ready(ips: &[Ipv4Addr]) -> Vec<Endpoint> {
-    ips.iter().map(|&ip| Endpoint { ip, ready: true }).collect()
+    ips.iter().map(|&ip| Endpoint::ready(ip)).collect()
 }
 
 pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
@@ -65,6 +93,12 @@ pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[En
             "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: false\n",
             e.ip, e.ready, e.ready
         );
+        if let Some(node) = &e.node {
+            let _ = writeln!(yaml, "  nodeName: {node}");
+        }
+        if let Some(zone) = &e.zone_hint {
+            let _ = writeln!(yaml, "  hints:\n    forZones:\n    - name: {zone}");
+        }
     }
     yaml
 }

@@ -266,18 +266,9 @@ fn a_restarted_daemon_reconciles_the_maps_without_dropping_connections() {
             "web",
             &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
             &[
-                Endpoint {
-                    ip: cluster.pods[0].ip,
-                    ready: true
-                },
-                Endpoint {
-                    ip: cluster.pods[1].ip,
-                    ready: true
-                },
-                Endpoint {
-                    ip: cluster.pods[2].ip,
-                    ready: false
-                },
+                Endpoint::ready(cluster.pods[0].ip),
+                Endpoint::ready(cluster.pods[1].ip),
+                Endpoint::ready(cluster.pods[2].ip).not_ready(),
             ]
         )
     );
@@ -443,4 +434,72 @@ fn the_periodic_resync_repairs_drift_in_the_maps() {
         .unwrap();
     let mut keep = Vec::new();
     assert_eq!(connections(&cluster, vip(80), 3, &mut keep), even(&[0, 1, 2], 1));
+}
+
+#[test]
+fn internal_traffic_policy_local_and_zone_hints_follow_this_node() {
+    let cluster = cluster();
+    let api = cluster.api();
+    // This node (node0) is in zone-a; web-2 is said to run on another node.
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    topology.kubernetes.io/zone: zone-a\n",
+        kpr_testbed::cluster::NODE_NAME
+    ))
+    .unwrap();
+    let ip = |i: usize| cluster.pods[i].ip;
+    let local_vip = Ipv4Addr::new(10, 96, 0, 40);
+    api.apply(&format!(
+        "{}---\n{}",
+        service("local", local_vip, &[tcp("http", 80)]).replace("  ports:", "  internalTrafficPolicy: Local\n  ports:"),
+        endpoint_slice(
+            "local-1",
+            "local",
+            &[tcp("http", POD_PORT)],
+            &[
+                Endpoint::ready(ip(0)).on("node0"),
+                Endpoint::ready(ip(1)).on("node0"),
+                Endpoint::ready(ip(2)).on("node1")
+            ]
+        )
+    ))
+    .unwrap();
+    let zoned_vip = Ipv4Addr::new(10, 96, 0, 41);
+    api.apply(&format!(
+        "{}---\n{}",
+        service("zoned", zoned_vip, &[tcp("http", 80)]),
+        endpoint_slice(
+            "zoned-1",
+            "zoned",
+            &[tcp("http", POD_PORT)],
+            &[
+                Endpoint::ready(ip(0)).for_zone("zone-b"),
+                Endpoint::ready(ip(1)).for_zone("zone-a"),
+                Endpoint::ready(ip(2)).for_zone("zone-a"),
+            ]
+        )
+    ))
+    .unwrap();
+    cluster
+        .wait_for_backends(
+            SocketAddr::from((local_vip, 80)),
+            IPPROTO_TCP,
+            &backends(&cluster, &[0, 1]),
+        )
+        .unwrap();
+    cluster
+        .wait_for_backends(
+            SocketAddr::from((zoned_vip, 80)),
+            IPPROTO_TCP,
+            &backends(&cluster, &[1, 2]),
+        )
+        .unwrap();
+    let mut keep = Vec::new();
+    assert_eq!(
+        connections(&cluster, SocketAddr::from((local_vip, 80)), 4, &mut keep),
+        even(&[0, 1], 2)
+    );
+    assert_eq!(
+        connections(&cluster, SocketAddr::from((zoned_vip, 80)), 4, &mut keep),
+        even(&[1, 2], 2)
+    );
 }

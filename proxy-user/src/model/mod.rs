@@ -10,6 +10,7 @@ use std::{
 };
 
 use objects::{EndpointInfo, EndpointSliceInfo, ObjectName, Protocol, Rejection, ServiceInfo};
+use topology::{NodeTopology, Policy};
 
 /// One service port as clients address it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,6 +67,7 @@ impl DesiredState {
 pub fn desired_state<'a>(
     services: impl IntoIterator<Item = &'a ServiceInfo>,
     slices: impl IntoIterator<Item = &'a EndpointSliceInfo>,
+    node: &NodeTopology,
 ) -> DesiredState {
     let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSliceInfo>> = BTreeMap::new();
     for slice in slices {
@@ -84,7 +86,7 @@ pub fn desired_state<'a>(
             .map(Vec::as_slice)
             .unwrap_or_default();
         for (i, port) in svc.ports.iter().enumerate() {
-            let backends = backends_for_port(slices, &port.name, port.protocol);
+            let backends = backends_for_port(slices, &port.name, port.protocol, svc.policy, node);
             for &ip in &svc.cluster_ips {
                 let frontend = Frontend {
                     ip,
@@ -117,7 +119,13 @@ pub fn desired_state<'a>(
 
 /// Ports are matched by name (and protocol): the same named port may have a
 /// different number in each slice, so each endpoint takes its slice's number.
-fn backends_for_port(slices: &[&EndpointSliceInfo], port_name: &str, protocol: Protocol) -> BTreeSet<BackendAddr> {
+fn backends_for_port(
+    slices: &[&EndpointSliceInfo],
+    port_name: &str,
+    protocol: Protocol,
+    policy: Policy,
+    node: &NodeTopology,
+) -> BTreeSet<BackendAddr> {
     let candidates: Vec<(&EndpointInfo, u16)> = slices
         .iter()
         .flat_map(|slice| {
@@ -128,7 +136,8 @@ fn backends_for_port(slices: &[&EndpointSliceInfo], port_name: &str, protocol: P
                 .flat_map(move |p| slice.endpoints.iter().map(move |e| (e, p.port)))
         })
         .collect();
-    topology::usable_endpoints(&candidates, |(e, _)| e)
+    let categorized = topology::categorize(&candidates, |(e, _)| e, policy, node);
+    topology::cluster_ip_endpoints(&categorized, policy)
         .into_iter()
         .map(|(e, port)| BackendAddr {
             ip: e.addresses[0],

@@ -10,6 +10,7 @@ use std::{
     str::FromStr,
 };
 
+use super::topology::Policy;
 use k8s_openapi::{
     api::{
         core::v1::Service,
@@ -104,6 +105,7 @@ pub struct ServiceInfo {
     pub unsupported_ports: Vec<String>,
     /// ClientIP affinity timeout in seconds, when affinity is on.
     pub affinity_timeout: Option<u32>,
+    pub policy: Policy,
 }
 
 /// A named port, of a Service or of an EndpointSlice.
@@ -132,6 +134,9 @@ pub struct EndpointInfo {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// Topology hints: the zones and nodes this endpoint is meant for.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 /// What became of a Service that is valid but not ours to program.
@@ -283,6 +288,15 @@ impl ServiceInfo {
             ports,
             unsupported_ports,
             affinity_timeout,
+            policy: Policy {
+                internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+                external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                externally_accessible: spec
+                    .type_
+                    .as_deref()
+                    .is_some_and(|t| t == "NodePort" || t == "LoadBalancer")
+                    || spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty()),
+            },
         }))
     }
 }
@@ -368,5 +382,17 @@ fn endpoint(reject: &Reject, i: usize, e: &Endpoint) -> Result<EndpointInfo, Rej
         serving: c.and_then(|c| c.serving).unwrap_or(true),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         node_name: e.node_name.clone(),
+        zone_hints: e
+            .hints
+            .iter()
+            .flat_map(|h| h.for_zones.iter().flatten())
+            .map(|z| z.name.clone())
+            .collect(),
+        node_hints: e
+            .hints
+            .iter()
+            .flat_map(|h| h.for_nodes.iter().flatten())
+            .map(|n| n.name.clone())
+            .collect(),
     })
 }

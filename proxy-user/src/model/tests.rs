@@ -4,6 +4,7 @@ use std::net::Ipv4Addr;
 use super::{
     desired_state,
     objects::{EndpointSliceInfo, Protocol, Rejection, ServiceInfo, Skipped},
+    topology::NodeTopology,
     DesiredState, Frontend,
 };
 use crate::source::manifests::{parse_documents, Document};
@@ -27,7 +28,14 @@ fn objects(yaml: &str) -> (Vec<ServiceInfo>, Vec<EndpointSliceInfo>) {
 
 fn state(yaml: &str) -> DesiredState {
     let (services, slices) = objects(yaml);
-    desired_state(&services, &slices)
+    desired_state(
+        &services,
+        &slices,
+        &NodeTopology {
+            name: "node-a".into(),
+            zone: Some("zone-a".into()),
+        },
+    )
 }
 
 /// Frontend "ip:port/PROTO" -> sorted "ip:port" backends.
@@ -155,6 +163,34 @@ fn desired_state_table() {
                     "namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
                 ),
             want: vec![],
+        },
+        Case {
+            name: "internalTrafficPolicy Local: only this node's endpoints",
+            yaml: svc("web", "10.96.0.1", HTTP).replace("  ports:", "  internalTrafficPolicy: Local\n  ports:")
+                + &slice(
+                    "web-a",
+                    "web",
+                    SLICE_HTTP_8080,
+                    "- addresses: [10.0.0.1]\n  nodeName: node-a\n- addresses: [10.0.0.2]\n  nodeName: node-b\n- addresses: [10.0.0.3]\n  nodeName: node-a\n",
+                ),
+            want: vec![row("10.96.0.1:80/TCP", &["10.0.0.1:8080", "10.0.0.3:8080"])],
+        },
+        Case {
+            name: "internalTrafficPolicy Local, no endpoint on this node: none (traffic dropped)",
+            yaml: svc("web", "10.96.0.1", HTTP).replace("  ports:", "  internalTrafficPolicy: Local\n  ports:")
+                + &slice("web-a", "web", SLICE_HTTP_8080, "- addresses: [10.0.0.2]\n  nodeName: node-b\n"),
+            want: vec![row("10.96.0.1:80/TCP", &[])],
+        },
+        Case {
+            name: "topology hints: endpoints hinted for this node's zone",
+            yaml: svc("web", "10.96.0.1", HTTP)
+                + &slice(
+                    "web-a",
+                    "web",
+                    SLICE_HTTP_8080,
+                    "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-a}]}\n- addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-b}]}\n",
+                ),
+            want: vec![row("10.96.0.1:80/TCP", &["10.0.0.1:8080"])],
         },
         Case {
             name: "dual-stack service: the IPv4 cluster IP is programmed",

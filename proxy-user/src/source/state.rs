@@ -16,6 +16,7 @@ use super::Snapshot;
 use crate::model::{
     self,
     objects::{EndpointSliceInfo, ObjectName, ServiceInfo},
+    topology::NodeTopology,
     DesiredState,
 };
 
@@ -43,16 +44,35 @@ pub struct ClusterState {
     ignored_slices: BTreeMap<ObjectName, String>,
     /// Nodes and their IPv4 addresses.
     nodes: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// This node, with its zone once its Node object is seen.
+    node: NodeTopology,
 }
 
+/// The node label topology hints refer to.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 impl ClusterState {
+    pub fn new(node_name: String) -> Self {
+        ClusterState {
+            node: NodeTopology {
+                name: node_name,
+                zone: None,
+            },
+            ..Default::default()
+        }
+    }
+
     /// Standalone mode: the manifest source validated the whole snapshot.
     pub fn replace_snapshot(&mut self, snapshot: Snapshot) {
         self.snapshot = snapshot;
     }
 
     pub fn desired(&self) -> DesiredState {
-        model::desired_state(self.snapshot.services.values(), self.snapshot.slices.values())
+        model::desired_state(
+            self.snapshot.services.values(),
+            self.snapshot.slices.values(),
+            &self.node,
+        )
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -132,12 +152,18 @@ impl ClusterState {
             .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
             .filter_map(|a| a.address.parse().ok())
             .collect();
-        self.nodes
-            .insert(node.metadata.name.clone().unwrap_or_default(), addresses);
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if name == self.node.name {
+            self.node.zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
+        }
+        self.nodes.insert(name, addresses);
     }
 
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
+        if name == self.node.name {
+            self.node.zone = None;
+        }
     }
 
     /// After a (re-)list: exactly these Services exist.
@@ -180,6 +206,7 @@ impl ClusterState {
 
     pub fn replace_nodes(&mut self, nodes: &[Node]) {
         self.nodes.clear();
+        self.node.zone = None;
         for node in nodes {
             self.apply_node(node);
         }
