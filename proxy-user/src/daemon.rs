@@ -136,7 +136,6 @@ pub async fn run(config: Config) -> Result<()> {
         syncer,
         state,
         telemetry,
-        conflicts: BTreeSet::new(),
     };
     sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
@@ -178,8 +177,6 @@ struct SyncLoop {
     syncer: Syncer,
     state: Arc<Mutex<ClusterState>>,
     telemetry: Arc<Telemetry>,
-    /// Frontend conflicts already logged.
-    conflicts: BTreeSet<String>,
 }
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -241,28 +238,19 @@ impl SyncLoop {
         }
     }
 
-    /// One sync; `full` re-reads the maps first so that drift (entries
-    /// changed behind our back) is repaired. `false` when a write failed.
+    /// One sync: only what changed since the last one, or, when `full`,
+    /// everything after re-reading the maps, so that drift (entries changed
+    /// behind our back) is repaired. `false` when a write failed.
     fn sync(&mut self, full: bool, pending: &[Instant]) -> bool {
         let started = Instant::now();
-        let (desired, rejected, ignored, unsupported) = {
-            let state = self.state.lock().expect("state lock");
-            (
-                state.desired(),
-                state.rejected_count(),
-                state.ignored_slices(),
-                state.unsupported_ports(),
-            )
-        };
         let metrics = &self.telemetry.metrics;
-        for conflict in &desired.conflicts {
-            let line = conflict.to_string();
-            if !self.conflicts.contains(&line) {
-                tracing::warn!("rejected: {line}");
-            }
+        let mut state = self.state.lock().expect("state lock");
+        let changes = state.take_changes();
+        for conflict in &changes.conflicts {
+            tracing::warn!("rejected: {conflict}");
         }
-        self.conflicts = desired.conflicts.iter().map(ToString::to_string).collect();
-        if full {
+        let report = if full {
+            let desired = state.desired();
             match Syncer::recover(&mut self.maps) {
                 Ok(syncer) => self.syncer = syncer,
                 Err(e) => {
@@ -271,8 +259,18 @@ impl SyncLoop {
                     return false;
                 }
             }
-        }
-        let report = self.syncer.sync(&desired, &mut self.maps);
+            self.syncer.sync(&desired, &mut self.maps)
+        } else {
+            let frontends: Vec<_> = changes.frontends.iter().map(|(f, s)| (*f, s.as_ref())).collect();
+            self.syncer.sync_changes(&frontends, &mut self.maps)
+        };
+        let (services, frontends, endpoints) = state.counts();
+        let (rejected, ignored, unsupported) = (
+            state.rejected_count(),
+            state.ignored_slices(),
+            state.unsupported_ports(),
+        );
+        drop(state);
         let removed_ids = report.removed_ids.iter().copied().collect();
         if let Err(e) = self.flows.forget_services(&removed_ids) {
             tracing::warn!(error = %e, "cannot clear the flows of removed services");
@@ -282,13 +280,10 @@ impl SyncLoop {
         for failure in &report.failures {
             tracing::error!("sync: {failure}");
         }
-        let services: BTreeSet<_> = desired.frontends.values().map(|f| &f.service).collect();
-        metrics.services.set(services.len() as i64);
-        metrics.frontends.set(desired.frontends.len() as i64);
-        metrics.endpoints.set(desired.endpoint_count() as i64);
-        metrics
-            .rejected_objects
-            .set((rejected + desired.conflicts.len()) as i64);
+        metrics.services.set(services as i64);
+        metrics.frontends.set(frontends as i64);
+        metrics.endpoints.set(endpoints as i64);
+        metrics.rejected_objects.set(rejected as i64);
         for (kind, n) in ignored {
             metrics
                 .ignored_slices
@@ -317,8 +312,8 @@ impl SyncLoop {
         self.telemetry.health.lock().expect("health lock").updated();
         {
             tracing::info!(
-                frontends = desired.frontends.len(),
-                endpoints = desired.endpoint_count(),
+                frontends,
+                endpoints,
                 added = report.added,
                 updated = report.updated,
                 removed = report.removed,

@@ -95,6 +95,9 @@ struct Shared {
     events: broadcast::Sender<Event>,
     /// Bumped to end every open watch.
     drop_watches: watch::Sender<u64>,
+    /// True while the server is away: every stream ends, including one that
+    /// started in the instant before (level-triggered, so it cannot be missed).
+    stopped: watch::Sender<bool>,
     bookmark_every: Duration,
     lists: AtomicU64,
     watches: AtomicU64,
@@ -133,6 +136,7 @@ impl ApiServer {
             store: Mutex::new(Store::default()),
             events: broadcast::channel(4096).0,
             drop_watches,
+            stopped: watch::channel(false).0,
             bookmark_every: Duration::from_secs(1),
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
@@ -149,6 +153,7 @@ impl ApiServer {
     }
 
     fn listen(&mut self) -> Result<()> {
+        self.shared.stopped.send_replace(false);
         let port = self.port;
         // Bound on a runtime thread (inside the namespace), not this one.
         let listener = self
@@ -279,6 +284,7 @@ impl ApiServer {
 
     /// Goes away: open watches end, the port refuses connections.
     pub fn stop(&mut self) {
+        self.shared.stopped.send_replace(true);
         self.drop_watches();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(true);
@@ -347,6 +353,11 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(params): Query<Params>,
         (replay, shared.events.subscribe(), expired)
     };
     let mut dropped = shared.drop_watches.subscribe();
+    let mut stopped = shared.stopped.subscribe();
+    let stop_signal = async move {
+        // Maps the (non-Send) borrow away before the task is suspended again.
+        let _ = stopped.wait_for(|s| *s).await.map(|_| ());
+    };
     let bookmark_every = shared.bookmark_every;
     tokio::spawn(async move {
         if expired {
@@ -367,6 +378,7 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(params): Query<Params>,
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        tokio::pin!(stop_signal);
         let mut bookmarks = tokio::time::interval(bookmark_every);
         loop {
             tokio::select! {
@@ -387,6 +399,7 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(params): Query<Params>,
                     if tx.send(format!("{bookmark}\n")).await.is_err() { return; }
                 }
                 _ = dropped.changed() => return,
+                _ = &mut stop_signal => return,
                 _ = &mut deadline => return,
             }
         }

@@ -1,5 +1,6 @@
 //! The pure model: Services and EndpointSlices in, the desired dataplane
 //! state out. No I/O happens here, so every rule is table-tested.
+pub mod desired;
 pub mod objects;
 pub mod topology;
 
@@ -61,9 +62,42 @@ impl DesiredState {
     }
 }
 
-/// The desired dataplane state for these services and slices. Services are
-/// taken in name order, so that a frontend claimed twice goes to the same
-/// Service every time.
+/// One frontend a Service asks for, with the index of its port (for
+/// reporting a conflict on `spec.ports[i]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub frontend: Frontend,
+    pub port_index: usize,
+    pub state: FrontendState,
+}
+
+/// Every frontend one Service asks for, given its slices: the pure rule
+/// that both the incremental tracker and a from-scratch computation use.
+pub fn service_frontends(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node: &NodeTopology) -> Vec<Claim> {
+    let mut claims = Vec::new();
+    for (i, port) in svc.ports.iter().enumerate() {
+        let backends = backends_for_port(slices, &port.name, port.protocol, svc.policy, node);
+        for &ip in &svc.cluster_ips {
+            claims.push(Claim {
+                frontend: Frontend {
+                    ip,
+                    port: port.port,
+                    protocol: port.protocol,
+                },
+                port_index: i,
+                state: FrontendState {
+                    service: svc.name.clone(),
+                    port_name: port.name.clone(),
+                    backends: backends.clone(),
+                    affinity_timeout: svc.affinity_timeout,
+                },
+            });
+        }
+    }
+    claims
+}
+
+/// The desired dataplane state for these services and slices, from scratch.
 pub fn desired_state<'a>(
     services: impl IntoIterator<Item = &'a ServiceInfo>,
     slices: impl IntoIterator<Item = &'a EndpointSliceInfo>,
@@ -76,45 +110,16 @@ pub fn desired_state<'a>(
             .or_default()
             .push(slice);
     }
-    let mut services: Vec<&ServiceInfo> = services.into_iter().collect();
-    services.sort_by(|a, b| a.name.cmp(&b.name));
-
-    let mut state = DesiredState::default();
+    let mut tracker = desired::DesiredTracker::default();
+    let mut changed = BTreeSet::new();
     for svc in services {
         let slices = slices_by_service
             .get(&(svc.name.namespace.as_str(), svc.name.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        for (i, port) in svc.ports.iter().enumerate() {
-            let backends = backends_for_port(slices, &port.name, port.protocol, svc.policy, node);
-            for &ip in &svc.cluster_ips {
-                let frontend = Frontend {
-                    ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                if let Some(owner) = state.frontends.get(&frontend) {
-                    state.conflicts.push(Rejection {
-                        kind: "Service",
-                        object: svc.name.clone(),
-                        field: format!("spec.ports[{i}]"),
-                        reason: format!("{frontend} is already served for Service {}", owner.service),
-                    });
-                    continue;
-                }
-                state.frontends.insert(
-                    frontend,
-                    FrontendState {
-                        service: svc.name.clone(),
-                        port_name: port.name.clone(),
-                        backends: backends.clone(),
-                        affinity_timeout: svc.affinity_timeout,
-                    },
-                );
-            }
-        }
+        tracker.set_service(&svc.name, service_frontends(svc, slices, node), &mut changed);
     }
-    state
+    tracker.state()
 }
 
 /// Ports are matched by name (and protocol): the same named port may have a

@@ -15,9 +15,10 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 use super::Snapshot;
 use crate::model::{
     self,
-    objects::{EndpointSliceInfo, ObjectName, ServiceInfo},
+    desired::DesiredTracker,
+    objects::{EndpointSliceInfo, ObjectName, Rejection, ServiceInfo},
     topology::NodeTopology,
-    DesiredState,
+    DesiredState, Frontend, FrontendState,
 };
 
 /// A notable change of an object, to be logged once.
@@ -33,9 +34,22 @@ pub enum Notice {
     Unsupported(String),
 }
 
+/// What changed since the last sync: the frontends to (re)program (`None`:
+/// remove) and the conflicts among them.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub frontends: Vec<(Frontend, Option<FrontendState>)>,
+    pub conflicts: Vec<Rejection>,
+}
+
 #[derive(Default)]
 pub struct ClusterState {
     snapshot: Snapshot,
+    /// Slices by the Service they belong to.
+    slices_of: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    desired: DesiredTracker,
+    /// Services whose frontends must be recomputed.
+    dirty: BTreeSet<ObjectName>,
     /// Why each currently rejected object is rejected.
     rejected: BTreeMap<(&'static str, ObjectName), String>,
     /// What of each service is unsupported, as last reported.
@@ -64,14 +78,69 @@ impl ClusterState {
 
     /// Standalone mode: the manifest source validated the whole snapshot.
     pub fn replace_snapshot(&mut self, snapshot: Snapshot) {
+        self.mark_all_dirty();
         self.snapshot = snapshot;
+        self.slices_of.clear();
+        for (name, slice) in &self.snapshot.slices {
+            let service = service_of(name, slice);
+            self.slices_of.entry(service).or_default().insert(name.clone());
+        }
+        self.mark_all_dirty();
     }
 
-    pub fn desired(&self) -> DesiredState {
-        model::desired_state(
-            self.snapshot.services.values(),
-            self.snapshot.slices.values(),
-            &self.node,
+    fn mark_all_dirty(&mut self) {
+        self.dirty.extend(self.snapshot.services.keys().cloned());
+        self.dirty.extend(self.desired.services().cloned());
+    }
+
+    /// Recomputes the dirty Services; the frontends they touched.
+    fn flush(&mut self) -> BTreeSet<Frontend> {
+        let mut changed = BTreeSet::new();
+        for service in std::mem::take(&mut self.dirty) {
+            let claims = match self.snapshot.services.get(&service) {
+                Some(info) => {
+                    let slices: Vec<&EndpointSliceInfo> = self
+                        .slices_of
+                        .get(&service)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|n| self.snapshot.slices.get(n))
+                        .collect();
+                    model::service_frontends(info, &slices, &self.node)
+                }
+                None => Vec::new(),
+            };
+            self.desired.set_service(&service, claims, &mut changed);
+        }
+        changed
+    }
+
+    /// What to program since the last call: only the frontends of the
+    /// Services that changed, so a sync costs what changed.
+    pub fn take_changes(&mut self) -> Changes {
+        let changed = self.flush();
+        let mut changes = Changes::default();
+        for frontend in changed {
+            changes.conflicts.extend(self.desired.conflicts_at(&frontend));
+            changes
+                .frontends
+                .push((frontend, self.desired.winner(&frontend).cloned()));
+        }
+        changes
+    }
+
+    /// The whole desired state (for a full resync).
+    pub fn desired(&mut self) -> DesiredState {
+        self.flush();
+        self.desired.state()
+    }
+
+    /// Programmed services, frontends and endpoints, as the model has them.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.desired.service_count(),
+            self.desired.frontend_count(),
+            self.desired.endpoint_count(),
         )
     }
 
@@ -95,6 +164,7 @@ impl ClusterState {
                 } else {
                     self.unsupported.insert(name.clone(), unsupported);
                 }
+                self.dirty.insert(name.clone());
                 self.snapshot.services.insert(name, info);
                 notices
             }
@@ -111,6 +181,7 @@ impl ClusterState {
     }
 
     pub fn delete_service(&mut self, name: &ObjectName) {
+        self.dirty.insert(name.clone());
         self.snapshot.services.remove(name);
         self.rejected.remove(&("Service", name.clone()));
         self.unsupported.remove(name);
@@ -123,6 +194,10 @@ impl ClusterState {
             Ok(Some(info)) => {
                 self.rejected.remove(&("EndpointSlice", name.clone()));
                 self.ignored_slices.remove(&name);
+                self.unlink_slice(&name);
+                let service = service_of(&name, &info);
+                self.slices_of.entry(service.clone()).or_default().insert(name.clone());
+                self.dirty.insert(service);
                 self.snapshot.slices.insert(name, info);
                 Vec::new()
             }
@@ -139,9 +214,25 @@ impl ClusterState {
     }
 
     pub fn delete_slice(&mut self, name: &ObjectName) {
+        self.unlink_slice(name);
         self.snapshot.slices.remove(name);
         self.rejected.remove(&("EndpointSlice", name.clone()));
         self.ignored_slices.remove(name);
+    }
+
+    /// Forgets which Service a slice belonged to (marking that one dirty).
+    fn unlink_slice(&mut self, name: &ObjectName) {
+        let Some(old) = self.snapshot.slices.get(name) else {
+            return;
+        };
+        let service = service_of(name, old);
+        if let Some(set) = self.slices_of.get_mut(&service) {
+            set.remove(name);
+            if set.is_empty() {
+                self.slices_of.remove(&service);
+            }
+        }
+        self.dirty.insert(service);
     }
 
     pub fn apply_node(&mut self, node: &Node) {
@@ -154,7 +245,7 @@ impl ClusterState {
             .collect();
         let name = node.metadata.name.clone().unwrap_or_default();
         if name == self.node.name {
-            self.node.zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
+            self.set_zone(node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned());
         }
         self.nodes.insert(name, addresses);
     }
@@ -162,7 +253,15 @@ impl ClusterState {
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
         if name == self.node.name {
-            self.node.zone = None;
+            self.set_zone(None);
+        }
+    }
+
+    /// Topology hints depend on the zone: a new zone changes every Service.
+    fn set_zone(&mut self, zone: Option<String>) {
+        if self.node.zone != zone {
+            self.node.zone = zone;
+            self.mark_all_dirty();
         }
     }
 
@@ -206,19 +305,18 @@ impl ClusterState {
 
     pub fn replace_nodes(&mut self, nodes: &[Node]) {
         self.nodes.clear();
-        self.node.zone = None;
+        if !nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
+        {
+            self.set_zone(None);
+        }
         for node in nodes {
             self.apply_node(node);
         }
     }
 
-    fn reject(
-        &mut self,
-        kind: &'static str,
-        name: ObjectName,
-        rejection: model::objects::Rejection,
-        kept: bool,
-    ) -> Vec<Notice> {
+    fn reject(&mut self, kind: &'static str, name: ObjectName, rejection: Rejection, kept: bool) -> Vec<Notice> {
         let note = if kept { "; keeping its last valid version" } else { "" };
         let message = format!("{rejection}{note}");
         if self.rejected.get(&(kind, name.clone())) == Some(&message) {
@@ -278,6 +376,13 @@ fn generic_field(field: &str) -> String {
         }
     }
     out
+}
+
+fn service_of(slice: &ObjectName, info: &EndpointSliceInfo) -> ObjectName {
+    ObjectName {
+        namespace: slice.namespace.clone(),
+        name: info.service.clone(),
+    }
 }
 
 pub fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES};
 
-use crate::model::{objects::Protocol, BackendAddr, DesiredState, Frontend};
+use crate::model::{objects::Protocol, BackendAddr, DesiredState, Frontend, FrontendState};
 
 /// A failed map operation, named for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -104,30 +104,21 @@ impl Syncer {
         Ok(syncer)
     }
 
+    /// Makes the maps equal `desired` (removing what it does not have).
     pub fn sync(&mut self, desired: &DesiredState, table: &mut impl ServiceTable) -> SyncReport {
-        let mut report = SyncReport::default();
-        let wanted: BTreeMap<ServiceKey, (&Frontend, ServiceValue, Vec<Backend>)> = desired
-            .frontends
-            .iter()
-            .map(|(f, state)| {
-                let backends: Vec<Backend> = state.backends.iter().map(backend).collect();
-                let value = ServiceValue {
-                    id: 0,
-                    backend_count: backends.len() as u32,
-                    affinity_timeout: state.affinity_timeout.unwrap_or(0),
-                    flags: 0,
-                };
-                (service_key(f), (f, value, backends))
-            })
-            .collect();
-
-        let stale: Vec<ServiceKey> = self
+        let mut changes: Vec<(Frontend, Option<&FrontendState>)> =
+            desired.frontends.iter().map(|(f, s)| (*f, Some(s))).collect();
+        let stale: Vec<Frontend> = self
             .applied
             .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
+            .filter_map(frontend)
+            .filter(|f| !desired.frontends.contains_key(f))
             .collect();
-        for key in stale {
+        changes.extend(stale.into_iter().map(|f| (f, None)));
+        // Keys no frontend can describe (written by someone else): remove.
+        let foreign: Vec<ServiceKey> = self.applied.keys().filter(|k| frontend(k).is_none()).copied().collect();
+        let mut report = self.sync_changes(&changes, table);
+        for key in foreign {
             let id = self.applied[&key].id;
             match self.remove(&key, table) {
                 Ok(()) => {
@@ -137,9 +128,44 @@ impl Syncer {
                 Err(e) => report.failures.push(format!("removing {}: {e}", describe(&key))),
             }
         }
-        for (key, (f, value, backends)) in &wanted {
-            let is_new = !self.applied.contains_key(key);
-            match self.apply(key, *value, backends, table) {
+        report
+    }
+
+    /// Programs only these frontends (`None`: remove it): what an
+    /// incremental sync writes.
+    pub fn sync_changes(
+        &mut self,
+        changes: &[(Frontend, Option<&FrontendState>)],
+        table: &mut impl ServiceTable,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        // Removals first: they free ids and map room for what is added.
+        for (f, _) in changes.iter().filter(|(_, s)| s.is_none()) {
+            let key = service_key(f);
+            let Some(applied) = self.applied.get(&key) else {
+                continue;
+            };
+            let id = applied.id;
+            match self.remove(&key, table) {
+                Ok(()) => {
+                    report.removed += 1;
+                    report.removed_ids.push(id);
+                }
+                Err(e) => report.failures.push(format!("removing {f}: {e}")),
+            }
+        }
+        for (f, state) in changes {
+            let Some(state) = state else { continue };
+            let key = service_key(f);
+            let backends: Vec<Backend> = state.backends.iter().map(backend).collect();
+            let value = ServiceValue {
+                id: 0,
+                backend_count: backends.len() as u32,
+                affinity_timeout: state.affinity_timeout.unwrap_or(0),
+                flags: 0,
+            };
+            let is_new = !self.applied.contains_key(&key);
+            match self.apply(&key, value, &backends, table) {
                 Ok(false) => {}
                 Ok(true) if is_new => report.added += 1,
                 Ok(true) => report.updated += 1,

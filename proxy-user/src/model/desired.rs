@@ -1,0 +1,107 @@
+//! The desired frontends, maintained incrementally: a Service's claims are
+//! replaced when it (or one of its slices) changes, and only the frontends
+//! whose outcome changed are reported, so a sync costs what changed, not
+//! what exists (kube-proxy's change tracking).
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{objects::ObjectName, objects::Rejection, Claim, DesiredState, Frontend, FrontendState};
+
+/// Who asks for each frontend. A frontend claimed by several Services goes
+/// to the first by namespace/name, whatever the order of events, so an
+/// incremental result always equals a from-scratch one.
+#[derive(Default)]
+pub struct DesiredTracker {
+    claims: BTreeMap<Frontend, BTreeMap<ObjectName, (usize, FrontendState)>>,
+    by_service: BTreeMap<ObjectName, Vec<Frontend>>,
+    endpoints: usize,
+}
+
+impl DesiredTracker {
+    /// Replaces everything `service` asks for with `claims` (empty: the
+    /// Service is gone). Frontends whose programmed state may change are
+    /// added to `changed`.
+    pub fn set_service(&mut self, service: &ObjectName, claims: Vec<Claim>, changed: &mut BTreeSet<Frontend>) {
+        for frontend in self.by_service.remove(service).unwrap_or_default() {
+            let winner_before = self.winner(&frontend).map(|s| s.backends.len());
+            if let Some(claimants) = self.claims.get_mut(&frontend) {
+                claimants.remove(service);
+                if claimants.is_empty() {
+                    self.claims.remove(&frontend);
+                }
+            }
+            self.endpoints -= winner_before.unwrap_or(0);
+            self.endpoints += self.winner(&frontend).map_or(0, |s| s.backends.len());
+            changed.insert(frontend);
+        }
+        let mut frontends = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let before = self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
+            self.claims
+                .entry(claim.frontend)
+                .or_default()
+                .insert(service.clone(), (claim.port_index, claim.state));
+            self.endpoints -= before;
+            self.endpoints += self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
+            changed.insert(claim.frontend);
+            frontends.push(claim.frontend);
+        }
+        if !frontends.is_empty() {
+            self.by_service.insert(service.clone(), frontends);
+        }
+    }
+
+    /// The state the dataplane should have for `frontend`.
+    pub fn winner(&self, frontend: &Frontend) -> Option<&FrontendState> {
+        self.claims
+            .get(frontend)
+            .and_then(|c| c.values().next())
+            .map(|(_, s)| s)
+    }
+
+    /// The Services that lose `frontend` to another one.
+    pub fn conflicts_at(&self, frontend: &Frontend) -> Vec<Rejection> {
+        let Some(claimants) = self.claims.get(frontend) else {
+            return Vec::new();
+        };
+        let mut iter = claimants.iter();
+        let Some((owner, _)) = iter.next() else {
+            return Vec::new();
+        };
+        iter.map(|(loser, (port_index, _))| Rejection {
+            kind: "Service",
+            object: loser.clone(),
+            field: format!("spec.ports[{port_index}]"),
+            reason: format!("{frontend} is already served for Service {owner}"),
+        })
+        .collect()
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.claims.len()
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints
+    }
+
+    /// Services that ask for at least one frontend.
+    pub fn services(&self) -> impl Iterator<Item = &ObjectName> {
+        self.by_service.keys()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.by_service.len()
+    }
+
+    /// Everything, materialized (for full resyncs and tests).
+    pub fn state(&self) -> DesiredState {
+        let mut state = DesiredState::default();
+        for frontend in self.claims.keys() {
+            if let Some(winner) = self.winner(frontend) {
+                state.frontends.insert(*frontend, winner.clone());
+            }
+            state.conflicts.extend(self.conflicts_at(frontend));
+        }
+        state
+    }
+}
