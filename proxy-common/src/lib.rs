@@ -21,6 +21,8 @@ pub mod map_name {
 
 /// Name of the TC classifier in the eBPF object.
 pub const TC_PROGRAM: &str = "kpr_tc";
+/// A classifier that does nothing, for benchmarks' floor.
+pub const NOOP_PROGRAM: &str = "kpr_noop";
 
 /// Service frontends (VIP, port, protocol); also the size of `RR_CURSORS`,
 /// which service ids index.

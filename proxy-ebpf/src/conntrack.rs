@@ -45,3 +45,21 @@ pub fn create(pkt: &Packet, service_id: u32, slot: u32, backend: &Backend) -> Re
     CONNTRACK.insert(&reply, &to_service, 0)?;
     CONNTRACK.insert(&request, &to_backend, 0)
 }
+
+/// A new connection straight to an address that once answered for a
+/// service, from a port such a flow used: the old flow's reply entry would
+/// turn this connection's replies into the service's. Forget it.
+#[inline(always)]
+pub fn forget_stale_reply(pkt: &Packet) {
+    let reply = FlowKey {
+        src_addr: pkt.dst,
+        dst_addr: pkt.src,
+        src_port: pkt.dport,
+        dst_port: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    if lookup(&reply).is_some_and(|e| e.flags & NAT_REPLY != 0) {
+        let _ = CONNTRACK.remove(&reply);
+    }
+}

@@ -43,6 +43,13 @@ pub fn kpr_tc(ctx: TcContext) -> i32 {
     action
 }
 
+/// Does nothing: the floor the benchmarks measure `kpr_tc` against. Never
+/// attached by the daemon.
+#[classifier]
+pub fn kpr_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 #[inline(always)]
 fn process(ctx: &TcContext) -> Verdict {
     let pkt = match parse_packet(ctx) {
@@ -65,6 +72,9 @@ fn process(ctx: &TcContext) -> Verdict {
     }
 
     let Some(svc) = lb::lookup_service(&pkt) else {
+        if pkt.may_open_flow() {
+            conntrack::forget_stale_reply(&pkt);
+        }
         return Verdict::Untouched(Stat::NoMatch);
     };
     let Some((slot, backend)) = lb::select_backend(&svc) else {

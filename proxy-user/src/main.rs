@@ -44,7 +44,7 @@ enum Command {
         poll_ms: u64,
         /// Minimum time between syncs, in milliseconds: changes within it are
         /// coalesced into one sync, and none waits longer.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 10)]
         min_sync_interval_ms: u64,
         /// Period of the full resync that repairs drift between the maps and
         /// the desired state, in seconds (health turns bad when a change has

@@ -212,6 +212,12 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Creates or updates one object given as JSON.
+    pub fn apply_json(&self, object: Value) -> Result<()> {
+        let kind = object["kind"].as_str().and_then(Kind::parse).context("kind")?;
+        self.write(kind, object, false)
+    }
+
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<()> {
         let ns = if kind.namespaced() { namespace } else { "" };
         let object = {

@@ -31,6 +31,9 @@ pub struct ClusterSpec {
     /// Run a test API server in the node and point the daemon at it;
     /// otherwise the daemon runs standalone on the manifest directory.
     pub api_server: bool,
+    /// Start the daemon with the cluster (benchmarks start it themselves, or
+    /// use another dataplane).
+    pub daemon: bool,
 }
 
 impl ClusterSpec {
@@ -39,11 +42,17 @@ impl ClusterSpec {
         ClusterSpec {
             pods: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
             api_server: false,
+            daemon: true,
         }
     }
 
     pub fn with_api_server(mut self) -> Self {
         self.api_server = true;
+        self
+    }
+
+    pub fn without_daemon(mut self) -> Self {
+        self.daemon = false;
         self
     }
 }
@@ -142,7 +151,9 @@ impl Cluster {
             ))?;
             cluster.api = Some(api);
         }
-        cluster.start_daemon()?;
+        if spec.daemon {
+            cluster.start_daemon()?;
+        }
         Ok(cluster)
     }
 
@@ -246,6 +257,11 @@ impl Cluster {
         self.daemon = Some(child);
         // Ready once its maps are pinned and it has synced once.
         self.wait_until("the daemon to start", || Ok(self.log().contains("synced")))
+    }
+
+    /// The daemon's pid (`ip netns exec` execs it, so the child is the daemon).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     /// Stops the daemon (SIGTERM) and waits for it; pins stay.

@@ -60,23 +60,31 @@ impl Loaded {
         Ok(())
     }
 
-    fn classifier(&self) -> Result<&SchedClassifier> {
-        Ok(self.ebpf.program(TC_PROGRAM).context("no classifier")?.try_into()?)
+    /// Loads another classifier of the object (e.g. the no-op floor).
+    pub fn load_extra(&mut self, name: &str) -> Result<()> {
+        let program: &mut SchedClassifier = self.ebpf.program_mut(name).context("no such program")?.try_into()?;
+        program.load()?;
+        Ok(())
     }
 
-    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<RunResult> {
+    pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        let program: &SchedClassifier = self.ebpf.program(name).context("no such program")?.try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
-        let result = self.classifier()?.test_run(opts)?;
+        let result = program.test_run(opts)?;
         out.truncate(result.data_size_out as usize);
         Ok(RunResult {
             verdict: result.return_value as i32,
             frame: out,
             duration: result.duration,
         })
+    }
+
+    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        self.run_program(TC_PROGRAM, frame, repeat)
     }
 
     pub fn run(&self, frame: &[u8]) -> Result<RunResult> {

@@ -3,6 +3,7 @@
 //! and the demo. Everything it creates has a unique name and is removed when
 //! the value that created it is dropped, also when a test panics.
 pub mod apiserver;
+pub mod bench;
 pub mod bpffs;
 pub mod cluster;
 pub mod dataplane;

@@ -333,3 +333,38 @@ fn the_checksum_helper_agrees_with_a_known_header() {
     ];
     assert_eq!(checksum(&header, 0), 0xb861);
 }
+
+#[test]
+fn a_direct_connection_reusing_a_service_flows_port_is_not_reverse_translated() {
+    let dp = loaded();
+    // A service flow from port 44000 lands on some backend...
+    let syn = packet::tcp((CLIENT, 44000), (VIP, 80), TCP_SYN);
+    let (backend_ip, backend_port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    // ...and later the same client port connects to that backend directly.
+    let direct = packet::tcp((CLIENT, 44000), (backend_ip, backend_port), TCP_SYN).frame();
+    expect(&dp, "direct SYN", &direct, TC_ACT_UNSPEC, &direct, Stat::NoMatch);
+    // Its replies are the backend's own, not the service's.
+    let reply = packet::tcp((backend_ip, backend_port), (CLIENT, 44000), TCP_SYN | TCP_ACK).frame();
+    expect(
+        &dp,
+        "reply to the direct connection",
+        &reply,
+        TC_ACT_UNSPEC,
+        &reply,
+        Stat::NoMatch,
+    );
+    // The same holds for UDP.
+    let query = packet::udp((CLIENT, 5300), (VIP, 53));
+    let (ip, port) = backend_of(&dp.run(&query.frame()).unwrap().frame);
+    let direct = packet::udp((CLIENT, 5300), (ip, port)).frame();
+    expect(&dp, "direct UDP", &direct, TC_ACT_UNSPEC, &direct, Stat::NoMatch);
+    let answer = packet::udp((ip, port), (CLIENT, 5300)).frame();
+    expect(
+        &dp,
+        "answer to direct UDP",
+        &answer,
+        TC_ACT_UNSPEC,
+        &answer,
+        Stat::NoMatch,
+    );
+}

@@ -29,6 +29,12 @@ enum Task {
     },
     /// Set up, build, and show the proxy forwarding a ClusterIP on a small namespace cluster.
     Demo,
+    /// Set up, build (release) and run the benchmarks; writes docs/benchmarks.md.
+    Bench {
+        /// Arguments for the benchmark (`--smoke`, `--requests N`, `--rounds N`, `--out PATH`).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -93,6 +99,14 @@ fn main() -> Result<()> {
             build_user_space()?;
             toolchain::remove_stale_test_leftovers();
             run(cargo().args(["test", "--workspace"]).args(&cargo_args))
+        }
+        Task::Bench { bench_args } => {
+            require_root("the benchmark")?;
+            toolchain::setup()?;
+            toolchain::build_ebpf()?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            toolchain::remove_stale_test_leftovers();
+            run(Command::new(root().join("target/release/kpr-bench")).args(&bench_args))
         }
         Task::Demo => {
             require_root("the demo")?;

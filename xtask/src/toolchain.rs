@@ -22,6 +22,12 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "bpftool",
+    // The benchmarks (and their smoke test): a load tool, real web servers,
+    // and kube-proxy's two dataplanes to compare with.
+    "apache2-utils",
+    "nginx-light",
+    "iptables",
+    "nftables",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
@@ -99,7 +105,18 @@ pub fn setup() -> Result<()> {
                 run(&mut cmd)
             };
             apt(&["update", "-q"])?;
-            if let Err(e) = apt(&[&["install", "-y", "-q"], missing.as_slice()].concat()) {
+            // Packages with daemons (nginx) must not start them on the host.
+            let policy = Path::new("/usr/sbin/policy-rc.d");
+            let own_policy = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+            if own_policy {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
+            }
+            let installed = apt(&[&["install", "-y", "-q"], missing.as_slice()].concat());
+            if own_policy {
+                let _ = std::fs::remove_file(policy);
+            }
+            if let Err(e) = installed {
                 if detect().is_none() {
                     return Err(e).context(format!("installing {missing:?}"));
                 }

@@ -33,6 +33,14 @@ impl ServiceMaps {
         })
     }
 
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
+        lookup(self.services.get(key, 0))
+    }
+
+    pub fn backend(&self, key: &BackendKey) -> Result<Option<Backend>> {
+        lookup(self.backends.get(key, 0))
+    }
+
     /// How many backend slots exist over all services.
     pub fn backend_slots(&self) -> Result<usize> {
         Ok(self.backends.keys().count())
@@ -59,6 +67,15 @@ impl ServiceMaps {
         }
         out.sort_by_key(|(k, _, _)| (k.ip(), k.port(), k.proto));
         Ok(out)
+    }
+}
+
+/// A lookup where "no such key" is an answer, not an error.
+fn lookup<V>(result: Result<V, aya::maps::MapError>) -> Result<Option<V>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

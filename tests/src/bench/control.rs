@@ -1,0 +1,198 @@
+//! The control plane at scale: a cold start of many Services with many
+//! endpoints each, the latency of single EndpointSlice changes while they
+//! are programmed, and the daemon's memory — against the time kube-proxy's
+//! two backends take to load the same rules.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use proxy_common::{BackendKey, ServiceKey, IPPROTO_TCP};
+use serde_json::json;
+
+use super::{datapath::load_rules, median, percentile, rules, service_vip, BenchConfig};
+use crate::{netns::Netns, unique_id, Cluster, ClusterSpec};
+
+#[derive(Debug, Default)]
+pub struct Results {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Daemon start to every frontend and backend in the maps.
+    pub cold_start_s: f64,
+    /// Time the daemon spent in syncs until then (its own accounting).
+    pub cold_sync_s: f64,
+    pub iptables_restore_s: f64,
+    pub nft_s: f64,
+    pub changes: usize,
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    pub change_max_ms: f64,
+    /// The daemon's own sync time per change (from its log).
+    pub change_sync_p50_us: f64,
+    pub change_sync_p99_us: f64,
+    pub rss_mb: f64,
+    pub maps_mb: f64,
+}
+
+fn endpoint_ip(service: usize, endpoint: usize) -> Ipv4Addr {
+    let n = (service * 16 + endpoint) as u32;
+    Ipv4Addr::from(u32::from_be_bytes([10, 128, 0, 0]) + n)
+}
+
+fn service_json(i: usize) -> serde_json::Value {
+    let vip = service_vip(i).to_string();
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+           "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+}
+
+fn slice_json(i: usize, endpoints: &[Ipv4Addr]) -> serde_json::Value {
+    let eps: Vec<_> = endpoints
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+           "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+/// Sum of `took_us` of the daemon's sync log lines.
+fn sync_times_us(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("synced"))
+        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn status_kb(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field}"))?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+/// Memory the kernel charges for the BPF maps the process holds.
+fn maps_bytes(pid: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        if info.contains("map_type:") {
+            if let Some(v) = info.lines().find_map(|l| l.strip_prefix("memlock:")) {
+                total += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
+    let (n, per) = (cfg.cp_services, cfg.cp_endpoints);
+    let mut results = Results {
+        services: n,
+        endpoints_per_service: per,
+        changes: cfg.cp_changes,
+        ..Default::default()
+    };
+
+    progress(&format!(
+        "control plane: loading {n} services x {per} endpoints into iptables and nftables"
+    ));
+    let scratch = Netns::new(&format!("{}-rules", unique_id()))?;
+    let tmp = std::env::temp_dir().join(unique_id());
+    std::fs::create_dir_all(&tmp)?;
+    let rule_services: Vec<rules::RuleService> = (0..n)
+        .map(|i| rules::RuleService {
+            name: format!("svc-{i}"),
+            vip: service_vip(i),
+            port: 80,
+            endpoints: (0..per).map(|e| (endpoint_ip(i, e), 8080)).collect(),
+        })
+        .collect();
+    results.iptables_restore_s = load_rules(
+        &scratch.name,
+        "iptables-restore",
+        &[],
+        &rules::iptables_restore(&rule_services),
+        &tmp,
+    )?;
+    results.nft_s = load_rules(&scratch.name, "nft", &["-f"], &rules::nft_script(&rule_services), &tmp)?;
+    drop(scratch);
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    progress(&format!(
+        "control plane: cold start of the daemon on {n} services x {per} endpoints"
+    ));
+    let mut cluster = Cluster::start(ClusterSpec::pods("p", 1).with_api_server().without_daemon())?;
+    for i in 0..n {
+        cluster.api().apply_json(service_json(i))?;
+        let eps: Vec<Ipv4Addr> = (0..per).map(|e| endpoint_ip(i, e)).collect();
+        cluster.api().apply_json(slice_json(i, &eps))?;
+    }
+    let want = format!("endpoints={}", n * per);
+    let started = Instant::now();
+    cluster.start_daemon()?;
+    loop {
+        let log = cluster.log();
+        if log.lines().any(|l| l.contains("synced") && l.contains(&want)) {
+            results.cold_start_s = started.elapsed().as_secs_f64();
+            results.cold_sync_s = sync_times_us(&log).iter().sum::<f64>() / 1e6;
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the daemon did not program {n} services in 120 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    progress(&format!("control plane: {} single endpoint changes", cfg.cp_changes));
+    let maps = proxy_user::dataplane::maps::ServiceMaps::open(&cluster.pin_dir)?;
+    let syncs_before = sync_times_us(&cluster.log()).len();
+    let mut latencies = Vec::with_capacity(cfg.cp_changes);
+    for k in 0..cfg.cp_changes {
+        let i = (k * 7919) % n;
+        let fresh = Ipv4Addr::from(u32::from_be_bytes([10, 160, 0, 0]) + k as u32);
+        let mut eps: Vec<Ipv4Addr> = (1..per).map(|e| endpoint_ip(i, e)).collect();
+        eps.push(fresh);
+        let id = maps
+            .service(&ServiceKey::new(service_vip(i), 80, IPPROTO_TCP))?
+            .context("service not programmed")?
+            .id;
+        let t0 = Instant::now();
+        cluster.api().apply_json(slice_json(i, &eps))?;
+        loop {
+            let done = (0..per as u32).any(|slot| {
+                maps.backend(&BackendKey { service_id: id, slot })
+                    .ok()
+                    .flatten()
+                    .is_some_and(|b| b.ip() == fresh)
+            });
+            if done {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("change {k} not programmed after 10 s");
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Space changes past the daemon's minimum sync interval, so that each
+        // is measured alone rather than coalesced with the next.
+        std::thread::sleep(Duration::from_millis(cfg.change_spacing_ms));
+    }
+    results.change_p50_ms = median(latencies.clone());
+    results.change_p99_ms = percentile(latencies.clone(), 0.99);
+    results.change_max_ms = latencies.iter().copied().fold(0.0, f64::max);
+    let syncs: Vec<f64> = sync_times_us(&cluster.log()).into_iter().skip(syncs_before).collect();
+    results.change_sync_p50_us = median(syncs.clone());
+    results.change_sync_p99_us = percentile(syncs, 0.99);
+    let pid = cluster.daemon_pid().context("daemon pid")?;
+    results.rss_mb = status_kb(pid, "VmRSS:")? / 1024.0;
+    results.maps_mb = maps_bytes(pid)? / (1024.0 * 1024.0);
+    Ok(results)
+}

@@ -1,0 +1,351 @@
+//! `cargo xtask bench`: kpr against direct pod access and kube-proxy's
+//! iptables and nftables rule layouts, measured in one run on this machine,
+//! reported as ratios to a baseline from the same run.
+pub mod ab;
+pub mod control;
+pub mod datapath;
+pub mod nginx;
+pub mod packets;
+pub mod rules;
+
+use std::{fmt::Write, net::Ipv4Addr};
+
+use anyhow::Result;
+use proxy_user::model::{
+    objects::{ObjectName, Protocol},
+    BackendAddr, DesiredState, Frontend, FrontendState,
+};
+
+pub struct BenchConfig {
+    pub requests: u32,
+    pub concurrency: u32,
+    pub rounds: usize,
+    /// Sizes measured for every dataplane.
+    pub compared_services: Vec<usize>,
+    /// Sizes measured for kpr only (kube-proxy's rules take minutes to load).
+    pub kpr_only_services: Vec<usize>,
+    pub packet_services: Vec<usize>,
+    pub packet_samples: usize,
+    pub cp_services: usize,
+    pub cp_endpoints: usize,
+    pub cp_changes: usize,
+    pub change_spacing_ms: u64,
+}
+
+impl BenchConfig {
+    pub fn full() -> Self {
+        BenchConfig {
+            requests: 20_000,
+            concurrency: 8,
+            rounds: 3,
+            compared_services: vec![1, 1_000, 10_000],
+            kpr_only_services: vec![100_000],
+            packet_services: vec![1, 10_000, 100_000],
+            packet_samples: 5_000,
+            cp_services: 10_000,
+            cp_endpoints: 10,
+            cp_changes: 1_000,
+            change_spacing_ms: 15,
+        }
+    }
+
+    /// Tiny sizes, for the test suite: every part runs, nothing is measured.
+    pub fn smoke() -> Self {
+        BenchConfig {
+            requests: 200,
+            concurrency: 4,
+            rounds: 1,
+            compared_services: vec![1, 20],
+            kpr_only_services: vec![50],
+            packet_services: vec![1, 20],
+            packet_samples: 20,
+            cp_services: 20,
+            cp_endpoints: 3,
+            cp_changes: 5,
+            change_spacing_ms: 15,
+        }
+    }
+}
+
+/// Service `i`'s cluster IP: 10.96.0.1 and up, inside the service CIDR.
+pub fn service_vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be_bytes([10, 96, 0, 0]) + 1 + i as u32)
+}
+
+/// `n` ClusterIP services on port 80 over the same backends.
+pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState {
+    let backends = backends.iter().map(|&(ip, port)| BackendAddr { ip, port }).collect();
+    DesiredState {
+        frontends: (0..n)
+            .map(|i| {
+                (
+                    Frontend {
+                        ip: service_vip(i),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    },
+                    FrontendState {
+                        service: ObjectName {
+                            namespace: "default".into(),
+                            name: format!("svc-{i}"),
+                        },
+                        port_name: "http".into(),
+                        backends: std::collections::BTreeSet::clone(&backends),
+                        affinity_timeout: None,
+                    },
+                )
+            })
+            .collect(),
+        conflicts: vec![],
+    }
+}
+
+pub fn median(values: Vec<f64>) -> f64 {
+    percentile(values, 0.5)
+}
+
+pub fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((values.len() - 1) as f64 * p).round() as usize;
+    values[rank]
+}
+
+pub struct Report {
+    pub datapath: datapath::Results,
+    pub packets: Vec<packets::Row>,
+    pub control: control::Results,
+}
+
+pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Report> {
+    let packets = packets::run(cfg, progress)?;
+    let control = control::run(cfg, progress)?;
+    let datapath = datapath::run(cfg, progress)?;
+    Ok(Report {
+        datapath,
+        packets,
+        control,
+    })
+}
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kb: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    format!(
+        "{cores} cores ({cpu}), {:.0} GiB RAM, Linux {}",
+        mem_kb / 1048576.0,
+        read("/proc/sys/kernel/osrelease").trim()
+    )
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report {
+    /// The targets of the issue, as (description, measured, met).
+    pub fn targets(&self) -> Vec<(String, String, bool)> {
+        let mut out = Vec::new();
+        let kpr: Vec<&datapath::Row> = self
+            .datapath
+            .rows
+            .iter()
+            .filter(|r| r.config.starts_with("kpr, first") || r.config.starts_with("kpr, last"))
+            .collect();
+        if let Some(worst) = kpr.iter().min_by(|a, b| a.ratio.total_cmp(&b.ratio)) {
+            out.push((
+                "connection rate through kpr >= 0.95x direct, at every size".into(),
+                format!(
+                    "worst {:.2}x ({}, {} services)",
+                    worst.ratio, worst.config, worst.services
+                ),
+                worst.ratio >= 0.95,
+            ));
+        }
+        let sizes: Vec<usize> = self.packets.iter().map(|r| r.services).collect();
+        if let (Some(&small), Some(&large)) = (sizes.iter().min(), sizes.iter().max()) {
+            let at = |n: usize, path: &str| {
+                self.packets
+                    .iter()
+                    .find(|r| r.services == n && r.path == path)
+                    .map(|r| r.median_ns)
+            };
+            let mut worst: Option<(f64, &str)> = None;
+            for path in [
+                packets::NO_MATCH,
+                packets::NO_MATCH_SYN,
+                "new flow (SYN: select, track, DNAT)",
+                "established flow (tracked, DNAT)",
+                "reply (reverse NAT)",
+            ] {
+                if let (Some(a), Some(b)) = (at(small, path), at(large, path)) {
+                    let growth = b / a;
+                    if worst.is_none_or(|(w, _)| growth > w) {
+                        worst = Some((growth, path));
+                    }
+                }
+            }
+            if let Some((growth, path)) = worst {
+                out.push((
+                    format!("per-packet cost at {large} services within 10% of {small}, every path"),
+                    format!("worst {growth:.2}x ({path})"),
+                    growth <= 1.10,
+                ));
+            }
+            if let Some(floor) = at(small, packets::FLOOR) {
+                for (label, path) in [
+                    ("no-match packets", packets::NO_MATCH),
+                    ("no-match new connections", packets::NO_MATCH_SYN),
+                ] {
+                    if let Some(cost) = at(small, path) {
+                        out.push((
+                            format!("{label} within 1.5x of the empty program"),
+                            format!("{:.2}x", cost / floor),
+                            cost / floor <= 1.5,
+                        ));
+                    }
+                }
+            }
+        }
+        let c = &self.control;
+        out.push((
+            format!(
+                "cold start of {} services x {} endpoints under 1 s",
+                c.services, c.endpoints_per_service
+            ),
+            format!("{:.2} s", c.cold_start_s),
+            c.cold_start_s < 1.0,
+        ));
+        out.push((
+            "one endpoint change to maps, p99 under 5 ms".into(),
+            format!("{:.2} ms", c.change_p99_ms),
+            c.change_p99_ms < 5.0,
+        ));
+        out.push((
+            "daemon RSS under 100 MB at that scale".into(),
+            format!("{:.1} MB", c.rss_mb),
+            c.rss_mb < 100.0,
+        ));
+        out
+    }
+
+    pub fn to_markdown(&self, cfg: &BenchConfig, command: &str, date: &str) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "# Benchmarks\n\nMeasured {date} on {}.\nReproduce (as root): `{command}`\n",
+            machine()
+        );
+        let _ = writeln!(md, "Every figure comes from one run of that command: each dataplane is compared with a baseline measured in the same run, on the same machine, alternating between configurations.\n");
+        let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
+        for (what, measured, ok) in self.targets() {
+            let _ = writeln!(md, "| {what} | {measured} | {} |", verdict(ok));
+        }
+
+        let _ = writeln!(
+            md,
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane, each with three nginx pods and a client pod; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. *vs direct* is the median over rounds of the run's rate divided by the direct run's rate in the same round. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n",
+            cfg.requests, cfg.concurrency, cfg.rounds
+        );
+        let _ = writeln!(md, "| services | configuration | req/s | vs direct | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &self.datapath.rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.2}x | {:.3} | {:.0} | {:.0} | {} | {:.2} | {} |",
+                r.services,
+                r.config,
+                r.requests_per_s,
+                r.ratio,
+                r.mean_ms,
+                r.p50_ms,
+                r.p99_ms,
+                r.failed,
+                r.load_tool_cpu,
+                r.ns_per_packet.map_or("".into(), |n| format!("{n:.0}"))
+            );
+        }
+        let _ = writeln!(md, "\nLoading those rulesets (three endpoints per service):\n\n| services | iptables-restore | nft -f |\n|---:|---:|---:|");
+        for (n, ipt, nft) in &self.datapath.rule_loads {
+            let _ = writeln!(md, "| {n} | {ipt:.2} s | {nft:.2} s |");
+        }
+
+        let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. Tuples are fresh for every size, so *new flow* really creates a flow and *established* really finds one.\n", cfg.packet_samples);
+        let _ = writeln!(
+            md,
+            "| services | path | median ns | p90 ns | vs same path at {} |\n|---:|---|---:|---:|---:|",
+            self.packets.first().map_or(0, |r| r.services)
+        );
+        for r in &self.packets {
+            let base = self
+                .packets
+                .iter()
+                .find(|b| b.path == r.path)
+                .map_or(r.median_ns, |b| b.median_ns);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.2}x |",
+                r.services,
+                r.path,
+                r.median_ns,
+                r.p90_ns,
+                r.median_ns / base
+            );
+        }
+
+        let c = &self.control;
+        let _ = writeln!(md, "\n## Control plane\n\n{} Services x {} endpoints, served by the in-tree test API server (real list/watch over HTTP) to the release-built daemon.\n", c.services, c.endpoints_per_service);
+        let _ = writeln!(md, "| measurement | value |\n|---|---:|");
+        let rows = [
+            (
+                "cold start: daemon launched to every frontend and backend in the maps",
+                format!("{:.3} s", c.cold_start_s),
+            ),
+            (
+                "  of which the daemon's syncs (map writes)",
+                format!("{:.3} s", c.cold_sync_s),
+            ),
+            (
+                "same rules (iptables layout) with iptables-restore",
+                format!("{:.3} s", c.iptables_restore_s),
+            ),
+            ("same rules (nftables layout) with nft -f", format!("{:.3} s", c.nft_s)),
+            (
+                "one EndpointSlice change, API write to maps updated, p50",
+                format!("{:.2} ms", c.change_p50_ms),
+            ),
+            ("  p99", format!("{:.2} ms", c.change_p99_ms)),
+            ("  max", format!("{:.2} ms", c.change_max_ms)),
+            (
+                "  the daemon's sync per change, p50",
+                format!("{:.0} us", c.change_sync_p50_us),
+            ),
+            ("  p99", format!("{:.0} us", c.change_sync_p99_us)),
+            ("daemon resident memory (VmRSS)", format!("{:.1} MB", c.rss_mb)),
+            (
+                "BPF maps held (kernel memlock accounting)",
+                format!("{:.1} MB", c.maps_mb),
+            ),
+        ];
+        for (what, value) in rows {
+            let _ = writeln!(md, "| {what} | {value} |");
+        }
+        let _ = writeln!(md, "\n{} changes, each to one endpoint of one Service, spaced {} ms apart (past the daemon's minimum sync interval, so each is measured alone). The latency is measured end to end by the benchmark: from writing the EndpointSlice to the API server until the new backend is readable in the pinned BACKENDS map; it includes the watch delivery and the polling granularity (20 us).", c.changes, cfg.change_spacing_ms);
+        md
+    }
+}

@@ -1,0 +1,44 @@
+//! `cargo xtask bench` runs this (release build, as root): every benchmark
+//! in one run, written as a Markdown report.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use kpr_testbed::bench::{self, BenchConfig};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut out = PathBuf::from("docs/benchmarks.md");
+    let mut cfg = BenchConfig::full();
+    let mut command = "cargo xtask bench".to_string();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next().context("--out needs a path")?.into(),
+            "--smoke" => {
+                cfg = BenchConfig::smoke();
+                command.push_str(" --smoke");
+            }
+            "--requests" => cfg.requests = args.next().context("--requests needs a number")?.parse()?,
+            "--rounds" => cfg.rounds = args.next().context("--rounds needs a number")?.parse()?,
+            other => {
+                anyhow::bail!("unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N)")
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let progress = |step: &str| eprintln!("[{:>5.0}s] {step}", started.elapsed().as_secs_f64());
+    let report = bench::run(&cfg, &progress)?;
+    let date = String::from_utf8(
+        std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d"])
+            .output()?
+            .stdout,
+    )?;
+    let markdown = report.to_markdown(&cfg, &command, date.trim());
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &markdown)?;
+    println!("{markdown}");
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
