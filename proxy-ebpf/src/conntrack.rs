@@ -48,9 +48,10 @@ pub fn create(pkt: &Packet, service_id: u32, slot: u32, backend: &Backend) -> Re
 
 /// A new connection straight to an address that once answered for a
 /// service, from a port such a flow used: the old flow's reply entry would
-/// turn this connection's replies into the service's. Forget it.
+/// turn this connection's replies into the service's. Forget that flow, both
+/// directions, so a later connection to the service starts afresh.
 #[inline(always)]
-pub fn forget_stale_reply(pkt: &Packet) {
+pub fn forget_stale_flow(pkt: &Packet) {
     let reply = FlowKey {
         src_addr: pkt.dst,
         dst_addr: pkt.src,
@@ -59,7 +60,18 @@ pub fn forget_stale_reply(pkt: &Packet) {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    if lookup(&reply).is_some_and(|e| e.flags & NAT_REPLY != 0) {
-        let _ = CONNTRACK.remove(&reply);
+    let Some(stale) = lookup(&reply) else { return };
+    if stale.flags & NAT_REPLY == 0 {
+        return;
     }
+    let _ = CONNTRACK.remove(&reply);
+    let request = FlowKey {
+        src_addr: pkt.src,
+        dst_addr: stale.addr,
+        src_port: pkt.sport,
+        dst_port: stale.port,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let _ = CONNTRACK.remove(&request);
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{Stat, NAT_REPLY};
+use proxy_common::{Backend, Stat, NAT_REPLY};
 
 use crate::parse::{Packet, ParseError, MAX_HEADERS};
 
@@ -65,6 +65,12 @@ fn process(ctx: &TcContext) -> Verdict {
             return applied(nat::translate_src(ctx, &pkt, entry.addr, entry.port), Stat::Reply);
         }
         if !pkt.may_open_flow() || lb::still_selected(&entry) {
+            if pkt.is_syn() {
+                // A new connection keeping the tracked backend: record both
+                // directions again, in case one was evicted or forgotten.
+                let backend = Backend { addr: entry.addr, port: entry.port, _pad: 0 };
+                let _ = conntrack::create(&pkt, entry.service_id, entry.slot, &backend);
+            }
             return applied(nat::translate_dst(ctx, &pkt, entry.addr, entry.port), Stat::Established);
         }
         // A new connection on a reused tuple whose backend has gone: choose
@@ -73,7 +79,7 @@ fn process(ctx: &TcContext) -> Verdict {
 
     let Some(svc) = lb::lookup_service(&pkt) else {
         if pkt.may_open_flow() {
-            conntrack::forget_stale_reply(&pkt);
+            conntrack::forget_stale_flow(&pkt);
         }
         return Verdict::Untouched(Stat::NoMatch);
     };

@@ -53,10 +53,15 @@ impl Packet {
         }
     }
 
+    /// A bare TCP SYN: a connection starting (or its SYN retransmitted).
+    pub fn is_syn(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
     /// A packet that may open a new connection on a tuple seen before: a
     /// bare TCP SYN, or any UDP datagram.
     pub fn may_open_flow(&self) -> bool {
-        self.proto == IPPROTO_UDP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.proto == IPPROTO_UDP || self.is_syn()
     }
 
     pub fn l4_csum_off(&self) -> usize {

@@ -353,6 +353,18 @@ fn a_direct_connection_reusing_a_service_flows_port_is_not_reverse_translated() 
         &reply,
         Stat::NoMatch,
     );
+    // The port goes back to the service: its replies are the service's again.
+    let syn = packet::tcp((CLIENT, 44000), (VIP, 80), TCP_SYN);
+    let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    let reply = packet::tcp((ip, port), (CLIENT, 44000), TCP_SYN | TCP_ACK);
+    expect(
+        &dp,
+        "reply to the service again",
+        &reply.frame(),
+        TC_ACT_OK,
+        &with_src(reply.clone(), VIP, 80).frame(),
+        Stat::Reply,
+    );
     // The same holds for UDP.
     let query = packet::udp((CLIENT, 5300), (VIP, 53));
     let (ip, port) = backend_of(&dp.run(&query.frame()).unwrap().frame);
@@ -366,5 +378,35 @@ fn a_direct_connection_reusing_a_service_flows_port_is_not_reverse_translated() 
         TC_ACT_UNSPEC,
         &answer,
         Stat::NoMatch,
+    );
+}
+
+#[test]
+fn a_syn_reusing_a_tracked_tuple_restores_a_lost_reply_entry() {
+    let dp = loaded();
+    let syn = packet::tcp((CLIENT, 45000), (VIP, 80), TCP_SYN);
+    let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    // The LRU evicted the reply side only (simulated).
+    let mut flows = proxy_user::dataplane::maps::FlowMaps::open(&dp.pin_dir).unwrap();
+    let reply_key = proxy_common::FlowKey {
+        src_addr: proxy_common::addr_to_map(ip),
+        dst_addr: proxy_common::addr_to_map(CLIENT),
+        src_port: port.to_be(),
+        dst_port: 45000u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    assert!(flows.remove(&reply_key).unwrap());
+    // A new connection on the same tuple (port reuse, or the SYN retransmitted).
+    let out = dp.run(&syn.frame()).unwrap();
+    assert_eq!(backend_of(&out.frame), (ip, port));
+    let reply = packet::tcp((ip, port), (CLIENT, 45000), TCP_SYN | TCP_ACK);
+    expect(
+        &dp,
+        "reply",
+        &reply.frame(),
+        TC_ACT_OK,
+        &with_src(reply.clone(), VIP, 80).frame(),
+        Stat::Reply,
     );
 }

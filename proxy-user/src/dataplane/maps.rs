@@ -146,6 +146,15 @@ impl FlowMaps {
         })
     }
 
+    /// Removes one entry; `false` when there was none.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<bool> {
+        match self.conntrack.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn entries(&self) -> Result<Vec<(FlowKey, NatEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
