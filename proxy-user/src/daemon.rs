@@ -244,13 +244,9 @@ impl SyncLoop {
     fn sync(&mut self, full: bool, pending: &[Instant]) -> bool {
         let started = Instant::now();
         let metrics = &self.telemetry.metrics;
-        let mut state = self.state.lock().expect("state lock");
-        let changes = state.take_changes();
-        for conflict in &changes.conflicts {
-            tracing::warn!("rejected: {conflict}");
-        }
-        let report = if full {
-            let desired = state.desired();
+        // Re-reading every map takes a while at scale: done before taking
+        // the state lock, so the watchers keep applying events meanwhile.
+        if full {
             match Syncer::recover(&mut self.maps) {
                 Ok(syncer) => self.syncer = syncer,
                 Err(e) => {
@@ -259,7 +255,14 @@ impl SyncLoop {
                     return false;
                 }
             }
-            self.syncer.sync(&desired, &mut self.maps)
+        }
+        let mut state = self.state.lock().expect("state lock");
+        let changes = state.take_changes();
+        for conflict in &changes.conflicts {
+            tracing::warn!("rejected: {conflict}");
+        }
+        let report = if full {
+            self.syncer.sync(&state.desired(), &mut self.maps)
         } else {
             let frontends: Vec<_> = changes.frontends.iter().map(|(f, s)| (*f, s.as_ref())).collect();
             self.syncer.sync_changes(&frontends, &mut self.maps)

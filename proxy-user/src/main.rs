@@ -49,7 +49,7 @@ enum Command {
         /// Period of the full resync that repairs drift between the maps and
         /// the desired state, in seconds (health turns bad when a change has
         /// waited twice this long).
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 120)]
         sync_period_s: u64,
         /// Where /healthz (and /metrics) are served; "" to disable.
         #[arg(long, default_value = "0.0.0.0:10256")]

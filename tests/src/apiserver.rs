@@ -101,6 +101,9 @@ struct Shared {
     bookmark_every: Duration,
     lists: AtomicU64,
     watches: AtomicU64,
+    /// Lists in progress, by continue token prefix.
+    paged: Mutex<BTreeMap<u64, Arc<Paged>>>,
+    next_page_id: AtomicU64,
 }
 
 pub struct ApiServer {
@@ -120,6 +123,15 @@ struct Params {
     resource_version: Option<String>,
     #[serde(rename = "timeoutSeconds")]
     timeout_seconds: Option<u64>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+/// A list being served page by page: the snapshot it started from.
+struct Paged {
+    rv: u64,
+    items: Vec<Value>,
 }
 
 impl ApiServer {
@@ -140,6 +152,8 @@ impl ApiServer {
             bookmark_every: Duration::from_secs(1),
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
+            paged: Mutex::new(BTreeMap::new()),
+            next_page_id: AtomicU64::new(1),
         });
         let mut server = ApiServer {
             port: 0,
@@ -178,6 +192,11 @@ impl ApiServer {
             let shutdown = async move {
                 let _ = stop_rx.wait_for(|stopped| *stopped).await;
             };
+            // As the real API server (Go sets TCP_NODELAY): small watch
+            // events are not held back by Nagle's algorithm.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         }));
         self.stop = Some(stop_tx);
@@ -323,21 +342,7 @@ impl Drop for ApiServer {
 async fn handle(State(shared): State<Arc<Shared>>, Query(params): Query<Params>, kind: Kind) -> Response {
     let watching = matches!(params.watch.as_deref(), Some("true" | "1"));
     if !watching {
-        shared.lists.fetch_add(1, Ordering::Relaxed);
-        let store = shared.store.lock().expect("store lock");
-        let items: Vec<&Value> = store
-            .objects
-            .iter()
-            .filter(|((k, _, _), _)| *k == kind)
-            .map(|(_, v)| v)
-            .collect();
-        let list = json!({
-            "kind": format!("{}List", kind.name()),
-            "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": store.rv.to_string()},
-            "items": items,
-        });
-        return ([(header::CONTENT_TYPE, "application/json")], list.to_string()).into_response();
+        return list(&shared, &params, kind);
     }
     shared.watches.fetch_add(1, Ordering::Relaxed);
     let from: u64 = params
@@ -416,4 +421,61 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(params): Query<Params>,
             .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
     });
     ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
+}
+
+/// A list, paginated like the real server's (`limit` and `continue`, every
+/// page from the same snapshot).
+fn list(shared: &Shared, params: &Params, kind: Kind) -> Response {
+    let (id, offset, paged) = match params.continue_token.as_deref() {
+        Some(token) => {
+            let parsed = token
+                .split_once(':')
+                .and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+            let found =
+                parsed.and_then(|(id, off)| Some((id, off, shared.paged.lock().expect("pages").get(&id)?.clone())));
+            match found {
+                Some(found) => found,
+                None => {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                        "message": "the continue token has expired", "reason": "Expired", "code": 410});
+                    return (
+                        StatusCode::GONE,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        status.to_string(),
+                    )
+                        .into_response();
+                }
+            }
+        }
+        None => {
+            shared.lists.fetch_add(1, Ordering::Relaxed);
+            let store = shared.store.lock().expect("store lock");
+            let items = store
+                .objects
+                .iter()
+                .filter(|((k, _, _), _)| *k == kind)
+                .map(|(_, v)| v.clone())
+                .collect();
+            let id = shared.next_page_id.fetch_add(1, Ordering::Relaxed);
+            (id, 0, Arc::new(Paged { rv: store.rv, items }))
+        }
+    };
+    let end = params
+        .limit
+        .filter(|&l| l > 0)
+        .map_or(paged.items.len(), |l| (offset + l).min(paged.items.len()));
+    let mut metadata = json!({"resourceVersion": paged.rv.to_string()});
+    if end < paged.items.len() {
+        metadata["continue"] = json!(format!("{id}:{end}"));
+        shared.paged.lock().expect("pages").insert(id, paged.clone());
+    } else {
+        shared.paged.lock().expect("pages").remove(&id);
+    }
+    let list = json!({
+        "kind": format!("{}List", kind.name()),
+        "apiVersion": kind.api_version(),
+        "metadata": metadata,
+        "items": &paged.items[offset..end],
+    });
+    ([(header::CONTENT_TYPE, "application/json")], list.to_string()).into_response()
 }

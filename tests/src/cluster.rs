@@ -34,6 +34,9 @@ pub struct ClusterSpec {
     /// Start the daemon with the cluster (benchmarks start it themselves, or
     /// use another dataplane).
     pub daemon: bool,
+    /// Run the daemon with short test timings (fast resync, coarse
+    /// coalescing) rather than its defaults.
+    pub test_timings: bool,
 }
 
 impl ClusterSpec {
@@ -43,6 +46,7 @@ impl ClusterSpec {
             pods: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
             api_server: false,
             daemon: true,
+            test_timings: true,
         }
     }
 
@@ -53,6 +57,12 @@ impl ClusterSpec {
 
     pub fn without_daemon(mut self) -> Self {
         self.daemon = false;
+        self
+    }
+
+    /// The daemon runs with its default timings (for benchmarks).
+    pub fn with_default_timings(mut self) -> Self {
+        self.test_timings = false;
         self
     }
 }
@@ -78,6 +88,7 @@ pub struct Cluster {
     pub node: Option<Netns>,
     pub api: Option<ApiServer>,
     kubeconfig: PathBuf,
+    test_timings: bool,
     /// Holds the test's directory too; dropped last.
     bpffs: Option<BpffsMount>,
 }
@@ -101,6 +112,7 @@ impl Cluster {
             node: None,
             api: None,
             kubeconfig: bpffs.dir.join("kubeconfig"),
+            test_timings: spec.test_timings,
             bpffs: Some(bpffs),
         };
 
@@ -230,20 +242,12 @@ impl Cluster {
             .arg(kpr_binary()?)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args([
-                "run",
-                "--interfaces",
-                "eth0,vpod*",
-                "--node-name",
-                NODE_NAME,
-                "--min-sync-interval-ms",
-                "20",
-            ]);
+            .args(["run", "--interfaces", "eth0,vpod*", "--node-name", NODE_NAME]);
+        if self.test_timings {
+            command.args(["--min-sync-interval-ms", "20", "--sync-period-s", "5"]);
+        }
         if self.api.is_some() {
-            command
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .args(["--sync-period-s", "5"]);
+            command.arg("--kubeconfig").arg(&self.kubeconfig);
         } else {
             command.args(["--poll-ms", "100", "--manifests"]).arg(&self.manifests);
         }

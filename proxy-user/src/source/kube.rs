@@ -6,7 +6,10 @@
 use std::{
     fmt::Debug,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -140,35 +143,49 @@ impl Watched for Node {
     }
 }
 
-/// Watches the three kinds until the process ends.
+/// Watches the three kinds until the process ends. Nothing is synced until
+/// every kind has been listed once: a Service listed before its slices
+/// would otherwise be programmed without backends, and a restarted daemon
+/// would drop new connections until the slices arrive (kube-proxy waits the
+/// same way).
 pub fn spawn_watchers(
     client: Client,
     state: Arc<Mutex<ClusterState>>,
     changed: UnboundedSender<Instant>,
     telemetry: Arc<Telemetry>,
 ) {
-    tokio::spawn(watch::<Service>(
-        Api::all(client.clone()),
-        state.clone(),
-        changed.clone(),
-        telemetry.clone(),
-    ));
-    tokio::spawn(watch::<EndpointSlice>(
-        Api::all(client.clone()),
-        state.clone(),
-        changed.clone(),
-        telemetry.clone(),
-    ));
-    tokio::spawn(watch::<Node>(Api::all(client), state, changed, telemetry));
+    let unlisted = Arc::new(AtomicUsize::new(3));
+    let shared = Shared {
+        state,
+        changed,
+        telemetry,
+        unlisted,
+    };
+    tokio::spawn(watch::<Service>(Api::all(client.clone()), shared.clone()));
+    tokio::spawn(watch::<EndpointSlice>(Api::all(client.clone()), shared.clone()));
+    tokio::spawn(watch::<Node>(Api::all(client), shared));
 }
 
-async fn watch<K: Watched>(
-    api: Api<K>,
+#[derive(Clone)]
+struct Shared {
     state: Arc<Mutex<ClusterState>>,
     changed: UnboundedSender<Instant>,
     telemetry: Arc<Telemetry>,
-) {
+    /// Kinds not listed yet.
+    unlisted: Arc<AtomicUsize>,
+}
+
+async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
+    let Shared {
+        state,
+        changed,
+        telemetry,
+        unlisted,
+    } = shared;
+    let mut listed = false;
     let mut events = watcher::watcher(api, watcher::Config::default())
+        // Nothing here reads them, and on a real cluster they are most of an object.
+        .modify(|obj| obj.meta_mut().managed_fields = None)
         .backoff(WatchBackoff::default())
         .boxed();
     // A (re-)list arrives as Init, InitApply..., InitDone: applied at once
@@ -189,7 +206,12 @@ async fn watch<K: Watched>(
             Ok(Event::InitDone) => {
                 tracing::info!(resource = K::RESOURCE, objects = listing.len(), "listed");
                 let notices = K::replace(&mut state.lock().expect("state lock"), &listing);
-                listing.clear();
+                listing = Vec::new();
+                release_freed_memory();
+                if !listed {
+                    listed = true;
+                    unlisted.fetch_sub(1, Ordering::SeqCst);
+                }
                 notices
             }
             Ok(Event::Apply(obj)) => K::apply(&mut state.lock().expect("state lock"), &obj),
@@ -216,9 +238,18 @@ async fn watch<K: Watched>(
             failing = false;
         }
         report(&notices, &telemetry);
-        // The receiver only goes away when the daemon is stopping.
-        let _ = changed.send(observed);
+        if unlisted.load(Ordering::SeqCst) == 0 {
+            // The receiver only goes away when the daemon is stopping.
+            let _ = changed.send(observed);
+        }
     }
+}
+
+/// A list holds every object at once; hand the memory back once it is
+/// applied, or the daemon's resident size stays at its peak for good.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Logs each notice once (the state only returns new ones) and counts it.

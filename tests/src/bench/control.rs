@@ -28,6 +28,8 @@ pub struct Results {
     pub change_p50_ms: f64,
     pub change_p99_ms: f64,
     pub change_max_ms: f64,
+    /// The daemon's own view: change observed to maps written, mean.
+    pub change_daemon_mean_ms: f64,
     /// The daemon's own sync time per change (from its log).
     pub change_sync_p50_us: f64,
     pub change_sync_p99_us: f64,
@@ -66,6 +68,20 @@ fn sync_times_us(log: &str) -> Vec<f64> {
         .filter(|l| l.contains("synced"))
         .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// (sum in seconds, count) of the daemon's network programming latency.
+fn programming_latency(cluster: &Cluster) -> Result<(f64, f64)> {
+    let (_, text) = crate::pod::http_get(cluster.node(), "127.0.0.1:10249".parse()?, "/metrics")?;
+    let value = |name: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .with_context(|| format!("no {name} in the daemon's metrics"))
+    };
+    Ok((
+        value("kubeproxy_network_programming_duration_seconds_sum")?,
+        value("kubeproxy_network_programming_duration_seconds_count")?,
+    ))
 }
 
 fn status_kb(pid: u32, field: &str) -> Result<f64> {
@@ -128,7 +144,12 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     progress(&format!(
         "control plane: cold start of the daemon on {n} services x {per} endpoints"
     ));
-    let mut cluster = Cluster::start(ClusterSpec::pods("p", 1).with_api_server().without_daemon())?;
+    let mut cluster = Cluster::start(
+        ClusterSpec::pods("p", 1)
+            .with_api_server()
+            .without_daemon()
+            .with_default_timings(),
+    )?;
     for i in 0..n {
         cluster.api().apply_json(service_json(i))?;
         let eps: Vec<Ipv4Addr> = (0..per).map(|e| endpoint_ip(i, e)).collect();
@@ -153,6 +174,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     progress(&format!("control plane: {} single endpoint changes", cfg.cp_changes));
     let maps = proxy_user::dataplane::maps::ServiceMaps::open(&cluster.pin_dir)?;
     let syncs_before = sync_times_us(&cluster.log()).len();
+    let programming_before = programming_latency(&cluster)?;
     let mut latencies = Vec::with_capacity(cfg.cp_changes);
     for k in 0..cfg.cp_changes {
         let i = (k * 7919) % n;
@@ -189,6 +211,11 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     results.change_p99_ms = percentile(latencies.clone(), 0.99);
     results.change_max_ms = latencies.iter().copied().fold(0.0, f64::max);
     let syncs: Vec<f64> = sync_times_us(&cluster.log()).into_iter().skip(syncs_before).collect();
+    let programming_after = programming_latency(&cluster)?;
+    let observed = programming_after.1 - programming_before.1;
+    if observed > 0.0 {
+        results.change_daemon_mean_ms = (programming_after.0 - programming_before.0) / observed * 1e3;
+    }
     results.change_sync_p50_us = median(syncs.clone());
     results.change_sync_p99_us = percentile(syncs, 0.99);
     let pid = cluster.daemon_pid().context("daemon pid")?;

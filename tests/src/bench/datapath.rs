@@ -27,7 +27,12 @@ struct Node {
 impl Node {
     fn start() -> Result<Self> {
         let mut spec = ClusterSpec::pods("nginx", 3).without_daemon();
-        spec.pods.push("client".into());
+        // One client per configuration: connections of two configurations
+        // reaching the same nginx from the same client address could reuse a
+        // tuple still in nginx's TIME_WAIT with other TCP timestamps (they are
+        // offset per destination), get PAWS-rejected and wait out a 1 s SYN
+        // retransmit: an artifact of the benchmark, not of any dataplane.
+        spec.pods.extend(CLIENTS.iter().map(|c| c.to_string()));
         let cluster = Cluster::start(spec)?;
         let dir = cluster
             .pin_dir
@@ -45,15 +50,17 @@ impl Node {
         self.cluster.pods[..3].iter().map(|p| (p.ip, HTTP_PORT)).collect()
     }
 
-    fn ab(&self, target: Ipv4Addr, cfg: &BenchConfig) -> Result<ab::AbResult> {
+    fn ab(&self, client: &str, target: Ipv4Addr, cfg: &BenchConfig) -> Result<ab::AbResult> {
         let url = format!("http://{target}:{HTTP_PORT}/");
-        ab::run(&self.cluster.pod("client").ns, &url, cfg.requests, cfg.concurrency)
+        ab::run(&self.cluster.pod(client).ns, &url, cfg.requests, cfg.concurrency)
     }
 
     fn interfaces(&self) -> Result<Vec<String>> {
         self.cluster.node().run(loader::interfaces)
     }
 }
+
+const CLIENTS: [&str; 3] = ["client-first", "client-last", "client-podip"];
 
 /// kpr's programs loaded and attached to a node, and its maps.
 struct Kpr {
@@ -141,6 +148,15 @@ pub struct Results {
     pub rows: Vec<Row>,
     /// (services, iptables-restore seconds, nft -f seconds) for the runs' rulesets.
     pub rule_loads: Vec<(usize, f64, f64)>,
+}
+
+/// One run of one configuration.
+#[derive(Clone)]
+struct Sample {
+    ab: ab::AbResult,
+    /// Rate over the direct run's rate in the same round.
+    ratio: f64,
+    per_packet: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -237,7 +253,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
         } else {
             vec![Config::Direct, Config::KprFirst, Config::KprLast, Config::KprPodIp]
         };
-        let mut runs: Vec<Vec<(ab::AbResult, f64, Option<f64>)>> = vec![Vec::new(); configs.len()];
+        let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
         for round in 0..cfg.rounds {
             progress(&format!(
                 "connection rate: {n} services, round {}/{}",
@@ -273,7 +289,12 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                     _ => None,
                 };
                 let before = program.map(|p| kpr.kernel_stats(p)).transpose()?;
-                let result = node.ab(target, cfg)?;
+                let client = match config {
+                    Config::KprLast | Config::IptLast | Config::NftLast => CLIENTS[1],
+                    Config::KprPodIp | Config::IptPodIp => CLIENTS[2],
+                    _ => CLIENTS[0],
+                };
+                let result = node.ab(client, target, cfg)?;
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {
                         let (t1, c1) = kpr.kernel_stats(p)?;
@@ -292,23 +313,27 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 } else {
                     0.0
                 };
-                runs[c].push((result, ratio, per_packet));
+                runs[c].push(Sample {
+                    ab: result,
+                    ratio,
+                    per_packet,
+                });
             }
         }
         for (c, config) in configs.iter().enumerate() {
             let r = &runs[c];
-            let pick = |f: &dyn Fn(&(ab::AbResult, f64, Option<f64>)) -> f64| median(r.iter().map(f).collect());
-            let per_packet: Vec<f64> = r.iter().filter_map(|x| x.2).collect();
+            let pick = |f: &dyn Fn(&Sample) -> f64| median(r.iter().map(f).collect());
+            let per_packet: Vec<f64> = r.iter().filter_map(|x| x.per_packet).collect();
             results.rows.push(Row {
                 services: n,
                 config: config.label().to_string(),
-                requests_per_s: pick(&|x| x.0.requests_per_s),
-                ratio: pick(&|x| x.1),
-                mean_ms: pick(&|x| x.0.mean_ms),
-                p50_ms: pick(&|x| x.0.p50_ms),
-                p99_ms: pick(&|x| x.0.p99_ms),
-                failed: r.iter().map(|x| x.0.failed).sum(),
-                load_tool_cpu: pick(&|x| x.0.load_tool_cpu),
+                requests_per_s: pick(&|x| x.ab.requests_per_s),
+                ratio: pick(&|x| x.ratio),
+                mean_ms: pick(&|x| x.ab.mean_ms),
+                p50_ms: pick(&|x| x.ab.p50_ms),
+                p99_ms: pick(&|x| x.ab.p99_ms),
+                failed: r.iter().map(|x| x.ab.failed).sum(),
+                load_tool_cpu: pick(&|x| x.ab.load_tool_cpu),
                 ns_per_packet: (!per_packet.is_empty()).then(|| median(per_packet)),
             });
         }

@@ -332,6 +332,10 @@ impl Report {
             ("  p99", format!("{:.2} ms", c.change_p99_ms)),
             ("  max", format!("{:.2} ms", c.change_max_ms)),
             (
+                "  the daemon's own view (change observed to maps written), mean",
+                format!("{:.2} ms", c.change_daemon_mean_ms),
+            ),
+            (
                 "  the daemon's sync per change, p50",
                 format!("{:.0} us", c.change_sync_p50_us),
             ),
