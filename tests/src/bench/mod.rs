@@ -280,6 +280,7 @@ impl Report {
                 r.ns_per_packet.map_or("".into(), |n| format!("{n:.0}"))
             );
         }
+        let _ = writeln!(md, "\nThe *empty TC program* row measures nothing but attaching a program that does nothing: how far it strays from 1.00x is this machine's run-to-run noise (two shared cores, the load tool saturating one of them), and differences smaller than that spread are not significant.");
         let _ = writeln!(md, "\nLoading those rulesets (three endpoints per service):\n\n| services | iptables-restore | nft -f |\n|---:|---:|---:|");
         for (n, ipt, nft) in &self.datapath.rule_loads {
             let _ = writeln!(md, "| {n} | {ipt:.2} s | {nft:.2} s |");
