@@ -115,10 +115,16 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
         changes: cfg.cp_changes,
         ..Default::default()
     };
+    if !cfg.skip_rule_loads {
+        progress(&format!(
+            "control plane: loading {n} services x {per} endpoints into iptables and nftables"
+        ));
+        load_kube_proxy_rules(n, per, &mut results)?;
+    }
+    cold_start_and_changes(cfg, progress, results)
+}
 
-    progress(&format!(
-        "control plane: loading {n} services x {per} endpoints into iptables and nftables"
-    ));
+fn load_kube_proxy_rules(n: usize, per: usize, results: &mut Results) -> Result<()> {
     let scratch = Netns::new(&format!("{}-rules", unique_id()))?;
     let tmp = std::env::temp_dir().join(unique_id());
     std::fs::create_dir_all(&tmp)?;
@@ -140,7 +146,11 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     results.nft_s = load_rules(&scratch.name, "nft", &["-f"], &rules::nft_script(&rule_services), &tmp)?;
     drop(scratch);
     let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
 
+fn cold_start_and_changes(cfg: &BenchConfig, progress: &dyn Fn(&str), mut results: Results) -> Result<Results> {
+    let (n, per) = (cfg.cp_services, cfg.cp_endpoints);
     progress(&format!(
         "control plane: cold start of the daemon on {n} services x {per} endpoints"
     ));
@@ -221,5 +231,8 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     let pid = cluster.daemon_pid().context("daemon pid")?;
     results.rss_mb = status_kb(pid, "VmRSS:")? / 1024.0;
     results.maps_mb = maps_bytes(pid)? / (1024.0 * 1024.0);
+    if std::env::var_os("KPR_BENCH_SHOW_LOG").is_some() {
+        eprintln!("{}", cluster.log());
+    }
     Ok(results)
 }

@@ -30,6 +30,11 @@ pub struct BenchConfig {
     pub cp_endpoints: usize,
     pub cp_changes: usize,
     pub change_spacing_ms: u64,
+    /// Run only these parts ("datapath", "packets", "control"); all when empty.
+    pub only: Vec<String>,
+    /// Skip loading kube-proxy's rulesets in the control-plane part (nft
+    /// takes minutes at 10,000 services).
+    pub skip_rule_loads: bool,
 }
 
 impl BenchConfig {
@@ -46,6 +51,8 @@ impl BenchConfig {
             cp_endpoints: 10,
             cp_changes: 1_000,
             change_spacing_ms: 15,
+            only: Vec::new(),
+            skip_rule_loads: false,
         }
     }
 
@@ -63,6 +70,8 @@ impl BenchConfig {
             cp_endpoints: 3,
             cp_changes: 5,
             change_spacing_ms: 15,
+            only: Vec::new(),
+            skip_rule_loads: false,
         }
     }
 }
@@ -120,9 +129,22 @@ pub struct Report {
 }
 
 pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Report> {
-    let packets = packets::run(cfg, progress)?;
-    let control = control::run(cfg, progress)?;
-    let datapath = datapath::run(cfg, progress)?;
+    let wanted = |part: &str| cfg.only.is_empty() || cfg.only.iter().any(|p| p == part);
+    let packets = if wanted("packets") {
+        packets::run(cfg, progress)?
+    } else {
+        Vec::new()
+    };
+    let control = if wanted("control") {
+        control::run(cfg, progress)?
+    } else {
+        control::Results::default()
+    };
+    let datapath = if wanted("datapath") {
+        datapath::run(cfg, progress)?
+    } else {
+        datapath::Results::default()
+    };
     Ok(Report {
         datapath,
         packets,

@@ -19,9 +19,11 @@ fn main() -> Result<()> {
             }
             "--requests" => cfg.requests = args.next().context("--requests needs a number")?.parse()?,
             "--rounds" => cfg.rounds = args.next().context("--rounds needs a number")?.parse()?,
-            other => {
-                anyhow::bail!("unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N)")
-            }
+            "--only" => cfg.only.push(args.next().context("--only needs datapath, packets or control")?),
+            "--skip-rule-loads" => cfg.skip_rule_loads = true,
+            other => anyhow::bail!(
+                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads)"
+            ),
         }
     }
     let started = std::time::Instant::now();
