@@ -68,7 +68,11 @@ fn process(ctx: &TcContext) -> Verdict {
             if pkt.is_syn() {
                 // A new connection keeping the tracked backend: record both
                 // directions again, in case one was evicted or forgotten.
-                let backend = Backend { addr: entry.addr, port: entry.port, _pad: 0 };
+                let backend = Backend {
+                    addr: entry.addr,
+                    port: entry.port,
+                    _pad: 0,
+                };
                 let _ = conntrack::create(&pkt, entry.service_id, entry.slot, &backend);
             }
             return applied(nat::translate_dst(ctx, &pkt, entry.addr, entry.port), Stat::Established);

@@ -102,3 +102,27 @@ pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[En
     }
     yaml
 }
+
+/// A Service and the one EndpointSlice the EndpointSlice controller would
+/// write for it (`<name>-abc12`): every port targets `target_port`.
+pub fn service_with_endpoints(
+    name: &str,
+    vip: Ipv4Addr,
+    ports: &[Port],
+    target_port: u16,
+    endpoints: &[Endpoint],
+) -> String {
+    let slice_ports: Vec<Port> = ports
+        .iter()
+        .map(|p| Port {
+            name: p.name,
+            port: target_port,
+            protocol: p.protocol,
+        })
+        .collect();
+    format!(
+        "{}---\n{}",
+        service(name, vip, ports),
+        endpoint_slice(&format!("{name}-abc12"), name, &slice_ports, endpoints)
+    )
+}

@@ -7,7 +7,7 @@ use std::{
 
 use kpr_testbed::{
     cluster::POD_PORT,
-    manifests::{endpoint_slice, ready, service, tcp, udp},
+    manifests::{ready, service_with_endpoints, tcp, udp},
     netns::Netns,
     pod::{connect, Conn, Datagrams, Reply},
     Cluster, ClusterSpec,
@@ -32,15 +32,12 @@ fn web_cluster() -> Cluster {
 }
 
 fn write_web(cluster: &Cluster, backends: &[Ipv4Addr]) {
-    let yaml = format!(
-        "{}---\n{}",
-        service("web", VIP, &[tcp("http", 80), udp("dns", 53)]),
-        endpoint_slice(
-            "web-abc12",
-            "web",
-            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
-            &ready(backends)
-        )
+    let yaml = service_with_endpoints(
+        "web",
+        VIP,
+        &[tcp("http", 80), udp("dns", 53)],
+        POD_PORT,
+        &ready(backends),
     );
     cluster.write_manifest("web.yaml", &yaml).unwrap();
     let want: Vec<SocketAddr> = backends.iter().map(|&ip| SocketAddr::from((ip, POD_PORT))).collect();
@@ -252,15 +249,12 @@ fn a_malformed_manifest_is_reported_and_everything_else_keeps_forwarding() {
     let client = cluster.pod("client");
     let other_vip = Ipv4Addr::new(10, 96, 0, 20);
     let api = |port: u16| {
-        format!(
-            "{}---\n{}",
-            service("api", other_vip, &[tcp("http", port)]),
-            endpoint_slice(
-                "api-1",
-                "api",
-                &[tcp("http", POD_PORT)],
-                &ready(&[cluster.pod("web-0").ip])
-            )
+        service_with_endpoints(
+            "api",
+            other_vip,
+            &[tcp("http", port)],
+            POD_PORT,
+            &ready(&[cluster.pod("web-0").ip]),
         )
     };
     cluster.write_manifest("api.yaml", &api(8000)).unwrap();

@@ -9,7 +9,7 @@ use std::{
 use kpr_testbed::{
     apiserver::Kind,
     cluster::POD_PORT,
-    manifests::{endpoint_slice, ready, service, tcp, udp, Endpoint},
+    manifests::{ready, service, service_with_endpoints, tcp, udp, Endpoint},
     pod::{connect, Conn, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
@@ -40,15 +40,12 @@ fn cluster() -> Cluster {
 
 fn web_objects(cluster: &Cluster, pods: &[usize], http_port: u16) -> String {
     let ips: Vec<Ipv4Addr> = pods.iter().map(|&i| cluster.pods[i].ip).collect();
-    format!(
-        "{}---\n{}",
-        service("web", VIP, &[tcp("http", http_port), udp("dns", 53)]),
-        endpoint_slice(
-            "web-abc12",
-            "web",
-            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
-            &ready(&ips)
-        )
+    service_with_endpoints(
+        "web",
+        VIP,
+        &[tcp("http", http_port), udp("dns", 53)],
+        POD_PORT,
+        &ready(&ips),
     )
 }
 
@@ -145,10 +142,12 @@ fn services_and_slices_from_the_api_are_programmed_and_follow_changes() {
 
 fn api_objects(cluster: &Cluster) -> String {
     let other = Ipv4Addr::new(10, 96, 0, 20);
-    format!(
-        "{}---\n{}",
-        service("api", other, &[tcp("http", 80)]),
-        endpoint_slice("api-1", "api", &[tcp("http", POD_PORT)], &ready(&[cluster.pods[1].ip]))
+    service_with_endpoints(
+        "api",
+        other,
+        &[tcp("http", 80)],
+        POD_PORT,
+        &ready(&[cluster.pods[1].ip]),
     )
 }
 
@@ -188,7 +187,10 @@ fn an_api_outage_keeps_traffic_flowing_and_the_state_converges_after_it() {
     // daemon would resume from is compacted, so it must re-list.
     cluster.api().apply(&web_objects(&cluster, &[0, 2], 80)).unwrap();
     cluster.api().delete(Kind::Service, "default", "api").unwrap();
-    cluster.api().delete(Kind::EndpointSlice, "default", "api-1").unwrap();
+    cluster
+        .api()
+        .delete(Kind::EndpointSlice, "default", "api-abc12")
+        .unwrap();
     cluster.api().compact();
     assert!(cluster.log().contains("watch failed"), "{}", cluster.log());
 
@@ -257,20 +259,20 @@ fn a_restarted_daemon_reconciles_the_maps_without_dropping_connections() {
     cluster.stop_daemon().unwrap();
     // Changes the daemon does not see while it is down.
     cluster.api().delete(Kind::Service, "default", "api").unwrap();
-    cluster.api().delete(Kind::EndpointSlice, "default", "api-1").unwrap();
-    let not_ready_web2 = format!(
-        "{}---\n{}",
-        service("web", VIP, &[tcp("http", 80), udp("dns", 53)]),
-        endpoint_slice(
-            "web-abc12",
-            "web",
-            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
-            &[
-                Endpoint::ready(cluster.pods[0].ip),
-                Endpoint::ready(cluster.pods[1].ip),
-                Endpoint::ready(cluster.pods[2].ip).not_ready(),
-            ]
-        )
+    cluster
+        .api()
+        .delete(Kind::EndpointSlice, "default", "api-abc12")
+        .unwrap();
+    let not_ready_web2 = service_with_endpoints(
+        "web",
+        VIP,
+        &[tcp("http", 80), udp("dns", 53)],
+        POD_PORT,
+        &[
+            Endpoint::ready(cluster.pods[0].ip),
+            Endpoint::ready(cluster.pods[1].ip),
+            Endpoint::ready(cluster.pods[2].ip).not_ready(),
+        ],
     );
     cluster.api().apply(&not_ready_web2).unwrap();
     for (c, o) in conns.iter_mut().zip(&owners) {
@@ -448,58 +450,35 @@ fn internal_traffic_policy_local_and_zone_hints_follow_this_node() {
     .unwrap();
     let ip = |i: usize| cluster.pods[i].ip;
     let local_vip = Ipv4Addr::new(10, 96, 0, 40);
-    api.apply(&format!(
-        "{}---\n{}",
-        service("local", local_vip, &[tcp("http", 80)]).replace("  ports:", "  internalTrafficPolicy: Local\n  ports:"),
-        endpoint_slice(
-            "local-1",
-            "local",
-            &[tcp("http", POD_PORT)],
-            &[
-                Endpoint::ready(ip(0)).on("node0"),
-                Endpoint::ready(ip(1)).on("node0"),
-                Endpoint::ready(ip(2)).on("node1")
-            ]
-        )
-    ))
-    .unwrap();
+    let local = [
+        Endpoint::ready(ip(0)).on("node0"),
+        Endpoint::ready(ip(1)).on("node0"),
+        Endpoint::ready(ip(2)).on("node1"),
+    ];
+    let local_objects = service_with_endpoints("local", local_vip, &[tcp("http", 80)], POD_PORT, &local);
+    api.apply(&local_objects.replace("  ports:", "  internalTrafficPolicy: Local\n  ports:"))
+        .unwrap();
     let zoned_vip = Ipv4Addr::new(10, 96, 0, 41);
-    api.apply(&format!(
-        "{}---\n{}",
-        service("zoned", zoned_vip, &[tcp("http", 80)]),
-        endpoint_slice(
-            "zoned-1",
-            "zoned",
-            &[tcp("http", POD_PORT)],
-            &[
-                Endpoint::ready(ip(0)).for_zone("zone-b"),
-                Endpoint::ready(ip(1)).for_zone("zone-a"),
-                Endpoint::ready(ip(2)).for_zone("zone-a"),
-            ]
-        )
+    let zoned = [
+        Endpoint::ready(ip(0)).for_zone("zone-b"),
+        Endpoint::ready(ip(1)).for_zone("zone-a"),
+        Endpoint::ready(ip(2)).for_zone("zone-a"),
+    ];
+    api.apply(&service_with_endpoints(
+        "zoned",
+        zoned_vip,
+        &[tcp("http", 80)],
+        POD_PORT,
+        &zoned,
     ))
     .unwrap();
-    cluster
-        .wait_for_backends(
-            SocketAddr::from((local_vip, 80)),
-            IPPROTO_TCP,
-            &backends(&cluster, &[0, 1]),
-        )
-        .unwrap();
-    cluster
-        .wait_for_backends(
-            SocketAddr::from((zoned_vip, 80)),
-            IPPROTO_TCP,
-            &backends(&cluster, &[1, 2]),
-        )
-        .unwrap();
+    // internalTrafficPolicy Local: this node's endpoints; zone hints: this zone's.
     let mut keep = Vec::new();
-    assert_eq!(
-        connections(&cluster, SocketAddr::from((local_vip, 80)), 4, &mut keep),
-        even(&[0, 1], 2)
-    );
-    assert_eq!(
-        connections(&cluster, SocketAddr::from((zoned_vip, 80)), 4, &mut keep),
-        even(&[1, 2], 2)
-    );
+    for (vip, pods) in [(local_vip, [0, 1]), (zoned_vip, [1, 2])] {
+        let frontend = SocketAddr::from((vip, 80));
+        cluster
+            .wait_for_backends(frontend, IPPROTO_TCP, &backends(&cluster, &pods))
+            .unwrap();
+        assert_eq!(connections(&cluster, frontend, 4, &mut keep), even(&pods, 2), "{vip}");
+    }
 }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Result;
 use kpr_testbed::{
     cluster::{kpr_binary, POD_PORT},
-    manifests::{endpoint_slice, ready, service, tcp, udp},
+    manifests::{ready, service_with_endpoints, tcp, udp},
     pod::{connect, Datagrams},
     Cluster, ClusterSpec,
 };
@@ -46,16 +46,8 @@ fn step(text: &str) {
 
 fn manifest(cluster: &Cluster, pods: usize) -> String {
     let ips: Vec<Ipv4Addr> = cluster.pods[..pods].iter().map(|p| p.ip).collect();
-    format!(
-        "{DEPLOYMENT}---\n{}---\n{}",
-        service("nginx", VIP, &[tcp("http", 80), udp("dns", 53)]),
-        endpoint_slice(
-            "nginx-x7k2p",
-            "nginx",
-            &[tcp("http", POD_PORT), udp("dns", POD_PORT)],
-            &ready(&ips)
-        )
-    )
+    let objects = service_with_endpoints("nginx", VIP, &[tcp("http", 80), udp("dns", 53)], POD_PORT, &ready(&ips));
+    format!("{DEPLOYMENT}---\n{objects}")
 }
 
 /// Runs a `kpr` subcommand against the node's pins and prints its output indented.
