@@ -16,7 +16,8 @@ pub mod map_name {
     pub const RR_CURSORS: &str = "RR_CURSORS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const STATS: &str = "STATS";
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, RR_CURSORS, CONNTRACK, STATS];
+    pub const FILTER: &str = "FILTER";
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, RR_CURSORS, CONNTRACK, STATS, FILTER];
 }
 
 /// Name of the TC classifier in the eBPF object.
@@ -31,6 +32,22 @@ pub const MAX_SERVICES: u32 = 262_144;
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Tracked flows; each connection takes two entries (one per direction).
 pub const MAX_CONNTRACK: u32 = 262_144;
+
+/// The pre-filter: two bitmaps of 2^FILTER_BITS_LOG2 bits, in u64 words of
+/// the `FILTER` array. Words `0..FILTER_WORDS` hold the tuples services are
+/// addressed by, words `FILTER_WORDS..2*FILTER_WORDS` the tuples backends
+/// answer from. A packet whose tuples hit neither cannot concern any service
+/// and skips every hash lookup; a set bit only means "look".
+pub const FILTER_BITS_LOG2: u32 = 20;
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+
+/// The filter bit of an (address, port, protocol) tuple, address and port
+/// in network order as the maps hold them.
+#[inline(always)]
+pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    let x = ((addr as u64) << 24) ^ ((port as u64) << 8) ^ proto as u64;
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS_LOG2)) as u32
+}
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

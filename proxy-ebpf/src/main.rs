@@ -60,6 +60,15 @@ fn process(ctx: &TcContext) -> Verdict {
         Err(ParseError::OtherProtocol) => return Verdict::Untouched(Stat::NoMatch),
     };
 
+    // Nothing addressed to a service, nothing from a backend, and no new
+    // connection to a backend (which may need stale state cleared): not ours,
+    // decided without touching the hash tables.
+    let to_service = maps::may_be_frontend(pkt.dst, pkt.dport, pkt.proto);
+    let from_backend = maps::may_be_backend(pkt.src, pkt.sport, pkt.proto);
+    if !to_service && !from_backend && !(pkt.may_open_flow() && maps::may_be_backend(pkt.dst, pkt.dport, pkt.proto)) {
+        return Verdict::Untouched(Stat::NoMatch);
+    }
+
     if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
         if entry.flags & NAT_REPLY != 0 {
             return applied(nat::translate_src(ctx, &pkt, entry.addr, entry.port), Stat::Reply);

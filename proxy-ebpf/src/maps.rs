@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, MAX_BACKEND_SLOTS, MAX_CONNTRACK,
-    MAX_SERVICES,
+    filter_bit, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, FILTER_WORDS,
+    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -27,6 +27,30 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CON
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+
+/// Small enough to stay in cache, unlike the hash tables behind it.
+#[map]
+pub static FILTER: Array<u64> = Array::pinned(2 * FILTER_WORDS, 0);
+
+#[inline(always)]
+fn filter_has(base: u32, bit: u32) -> bool {
+    match FILTER.get(base + (bit >> 6)) {
+        Some(word) => *word & (1u64 << (bit & 63)) != 0,
+        None => true,
+    }
+}
+
+/// Whether a service may be addressed by this tuple.
+#[inline(always)]
+pub fn may_be_frontend(addr: u32, port: u16, proto: u8) -> bool {
+    filter_has(0, filter_bit(addr, port, proto))
+}
+
+/// Whether a backend may answer from this tuple.
+#[inline(always)]
+pub fn may_be_backend(addr: u32, port: u16, proto: u8) -> bool {
+    filter_has(FILTER_WORDS, filter_bit(addr, port, proto))
+}
 
 #[inline(always)]
 pub fn count(stat: Stat) {

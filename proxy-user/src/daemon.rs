@@ -130,6 +130,8 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let flows = FlowMaps::open(&config.pin_dir)?;
+    maps.rebuild_filter(&flows)
+        .context("rebuilding the data path's pre-filter")?;
     let mut sync = SyncLoop {
         maps,
         flows,

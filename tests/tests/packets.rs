@@ -410,3 +410,33 @@ fn a_syn_reusing_a_tracked_tuple_restores_a_lost_reply_entry() {
         Stat::Reply,
     );
 }
+
+#[test]
+fn established_connections_of_a_deleted_service_keep_working() {
+    let mut dp = loaded();
+    let syn = packet::tcp((CLIENT, 46000), (VIP, 80), TCP_SYN);
+    let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    dp.program(&desired(vec![])).unwrap();
+    // As with kube-proxy's conntrack: the open connection keeps its translation...
+    let ack = packet::tcp((CLIENT, 46000), (VIP, 80), TCP_ACK);
+    expect(
+        &dp,
+        "request",
+        &ack.frame(),
+        TC_ACT_OK,
+        &with_dst(ack.clone(), BackendAddr { ip, port }).frame(),
+        Stat::Established,
+    );
+    let reply = packet::tcp((ip, port), (CLIENT, 46000), TCP_ACK);
+    expect(
+        &dp,
+        "reply",
+        &reply.frame(),
+        TC_ACT_OK,
+        &with_src(reply.clone(), VIP, 80).frame(),
+        Stat::Reply,
+    );
+    // ...while a new connection to the deleted service is not translated.
+    let new = packet::tcp((CLIENT, 46001), (VIP, 80), TCP_SYN).frame();
+    expect(&dp, "new connection", &new, TC_ACT_UNSPEC, &new, Stat::NoMatch);
+}

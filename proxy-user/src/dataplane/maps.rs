@@ -5,7 +5,10 @@ use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, IPPROTO_UDP};
+use proxy_common::{
+    filter_bit, map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, FILTER_WORDS,
+    IPPROTO_UDP, NAT_REPLY,
+};
 
 use crate::sync::{ServiceTable, TableError};
 
@@ -19,18 +22,67 @@ fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     })
 }
 
-/// SERVICES and BACKENDS.
+/// SERVICES and BACKENDS, and the pre-filter in front of them.
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
+    filter: Array<MapData, u64>,
+    /// What the filter holds, so a mark costs a write only when it adds a bit.
+    words: Vec<u64>,
 }
 
 impl ServiceMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
+        let filter: Array<MapData, u64> = Array::try_from(Map::Array(open(pin_dir, map_name::FILTER)?))?;
+        let words = filter.iter().collect::<Result<Vec<u64>, _>>()?;
         Ok(Self {
             services: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::SERVICES)?))?,
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
+            filter,
+            words,
         })
+    }
+
+    fn set_bit(&mut self, base: u32, bit: u32) -> Result<(), aya::maps::MapError> {
+        let index = (base + (bit >> 6)) as usize;
+        let word = self.words[index] | (1u64 << (bit & 63));
+        if word != self.words[index] {
+            self.filter.set(index as u32, word, 0)?;
+            self.words[index] = word;
+        }
+        Ok(())
+    }
+
+    /// Recomputes the pre-filter from what is programmed and what conntrack
+    /// still translates, dropping the bits of everything else (so that
+    /// churn does not fill it up across restarts).
+    pub fn rebuild_filter(&mut self, flows: &FlowMaps) -> Result<()> {
+        let mut words = vec![0u64; 2 * FILTER_WORDS as usize];
+        let mut set = |base: u32, bit: u32| words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+        let services = self.services()?;
+        let proto_of: std::collections::BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.id, k.proto)).collect();
+        for (key, _) in &services {
+            set(0, filter_bit(key.addr, key.port, key.proto));
+        }
+        for (key, b) in self.backends()? {
+            if let Some(&proto) = proto_of.get(&key.service_id) {
+                set(FILTER_WORDS, filter_bit(b.addr, b.port, proto));
+            }
+        }
+        for (key, entry) in flows.entries()? {
+            if entry.flags & NAT_REPLY != 0 {
+                set(FILTER_WORDS, filter_bit(key.src_addr, key.src_port, key.proto));
+            } else {
+                set(0, filter_bit(key.dst_addr, key.dst_port, key.proto));
+            }
+        }
+        for (index, word) in words.into_iter().enumerate() {
+            if word != self.words[index] {
+                self.filter.set(index as u32, word, 0)?;
+                self.words[index] = word;
+            }
+        }
+        Ok(())
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
@@ -120,6 +172,16 @@ impl ServiceTable for ServiceMaps {
 
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {
         self.backends.remove(key).map_err(table_err("deleting from BACKENDS"))
+    }
+
+    fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
+        self.set_bit(0, filter_bit(key.addr, key.port, key.proto))
+            .map_err(table_err("writing FILTER"))
+    }
+
+    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError> {
+        self.set_bit(FILTER_WORDS, filter_bit(backend.addr, backend.port, proto))
+            .map_err(table_err("writing FILTER"))
     }
 }
 

@@ -13,6 +13,8 @@ pub struct MemTable {
     pub backends: BTreeMap<BackendKey, Backend>,
     pub writes: usize,
     pub fail_after: Option<usize>,
+    pub frontend_marks: BTreeSet<ServiceKey>,
+    pub backend_marks: BTreeSet<(Backend, u8)>,
 }
 
 impl MemTable {
@@ -33,6 +35,22 @@ impl MemTable {
     pub fn view(&self) -> BTreeMap<ServiceKey, (u32, Vec<Backend>)> {
         let ids: BTreeSet<u32> = self.services.values().map(|v| v.id).collect();
         assert_eq!(ids.len(), self.services.len(), "service ids must be unique");
+        for (key, value) in &self.services {
+            assert!(
+                self.frontend_marks.contains(key),
+                "frontend {key:?} not in the pre-filter"
+            );
+            for slot in 0..value.backend_count {
+                let b = self.backends[&BackendKey {
+                    service_id: value.id,
+                    slot,
+                }];
+                assert!(
+                    self.backend_marks.contains(&(b, key.proto)),
+                    "backend {b:?} not in the pre-filter"
+                );
+            }
+        }
         self.services
             .iter()
             .map(|(k, v)| {
@@ -85,6 +103,14 @@ impl ServiceTable for MemTable {
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError> {
         self.write()?;
         self.backends.remove(key);
+        Ok(())
+    }
+    fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
+        self.frontend_marks.insert(*key);
+        Ok(())
+    }
+    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError> {
+        self.backend_marks.insert((*backend, proto));
         Ok(())
     }
 }

@@ -24,6 +24,12 @@ pub trait ServiceTable {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), TableError>;
     fn put_backend(&mut self, key: &BackendKey, value: &Backend) -> Result<(), TableError>;
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), TableError>;
+    /// Lets the data path's pre-filter pass packets addressed to this
+    /// frontend. Must precede the frontend's entry; never undone while the
+    /// daemon runs (flows of a deleted service may still need translating).
+    fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError>;
+    /// Likewise for packets a backend sends from (address, port, protocol).
+    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError>;
 }
 
 /// What is in the maps for one frontend, as far as the syncer knows.
@@ -207,6 +213,7 @@ impl Syncer {
         // slots go, so the data path never picks an empty slot.
         for (slot, b) in target.iter().enumerate() {
             if applied.slots.get(slot).copied().flatten() != Some(*b) {
+                table.mark_backend(b, key.proto)?;
                 table.put_backend(
                     &BackendKey {
                         service_id: value.id,
@@ -222,6 +229,9 @@ impl Syncer {
             }
         }
         if applied.value != Some(value) {
+            if applied.value.is_none() {
+                table.mark_frontend(key)?;
+            }
             table.put_service(key, &value)?;
             applied.value = Some(value);
             wrote = true;
