@@ -151,18 +151,24 @@ fn api_objects(cluster: &Cluster) -> String {
     )
 }
 
+/// `web` on all three pods and `api` on web-1, both programmed; api's frontend.
+fn web_and_api(cluster: &Cluster) -> SocketAddr {
+    cluster.api().apply(&web_objects(cluster, &[0, 1, 2], 80)).unwrap();
+    cluster.api().apply(&api_objects(cluster)).unwrap();
+    let api_vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80));
+    cluster
+        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(cluster, &[0, 1, 2]))
+        .unwrap();
+    cluster
+        .wait_for_backends(api_vip, IPPROTO_TCP, &backends(cluster, &[1]))
+        .unwrap();
+    api_vip
+}
+
 #[test]
 fn an_api_outage_keeps_traffic_flowing_and_the_state_converges_after_it() {
     let mut cluster = cluster();
-    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
-    cluster.api().apply(&api_objects(&cluster)).unwrap();
-    let api_vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80));
-    cluster
-        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
-        .unwrap();
-    cluster
-        .wait_for_backends(api_vip, IPPROTO_TCP, &backends(&cluster, &[1]))
-        .unwrap();
+    let api_vip = web_and_api(&cluster);
     let mut long = connect(&cluster.pod("client").ns, vip(80)).unwrap();
     let owner = long.request().unwrap().pod;
 
@@ -242,15 +248,7 @@ fn a_dropped_watch_resumes_without_a_relist_and_misses_nothing() {
 #[test]
 fn a_restarted_daemon_reconciles_the_maps_without_dropping_connections() {
     let mut cluster = cluster();
-    cluster.api().apply(&web_objects(&cluster, &[0, 1, 2], 80)).unwrap();
-    cluster.api().apply(&api_objects(&cluster)).unwrap();
-    let api_vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80));
-    cluster
-        .wait_for_backends(api_vip, IPPROTO_TCP, &backends(&cluster, &[1]))
-        .unwrap();
-    cluster
-        .wait_for_backends(vip(80), IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
-        .unwrap();
+    let api_vip = web_and_api(&cluster);
     let mut conns: Vec<Conn> = (0..3)
         .map(|_| connect(&cluster.pod("client").ns, vip(80)).unwrap())
         .collect();

@@ -82,6 +82,12 @@ fn expect(dp: &Loaded, name: &str, input: &[u8], verdict: i32, output: &[u8], st
     assert_eq!(moved, vec![stat.name()], "{name}: counters");
 }
 
+/// A backend's reply must come out with the service address as its source.
+fn expect_reverse_nat(dp: &Loaded, name: &str, reply: Ipv4, service: (Ipv4Addr, u16)) {
+    let expected = with_src(reply.clone(), service.0, service.1).frame();
+    expect(dp, name, &reply.frame(), TC_ACT_OK, &expected, Stat::Reply);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
@@ -136,14 +142,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 
     // The backend's reply gets the service address back.
     let reply = packet::tcp((chosen.ip, chosen.port), (CLIENT, 40000), TCP_SYN | TCP_ACK);
-    expect(
-        &dp,
-        "reply",
-        &reply.frame(),
-        TC_ACT_OK,
-        &with_src(reply.clone(), VIP, 80).frame(),
-        Stat::Reply,
-    );
+    expect_reverse_nat(&dp, "reply", reply, (VIP, 80));
 }
 
 #[test]
@@ -173,14 +172,7 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     assert_eq!(&out.frame[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
 
     let reply = packet::udp((chosen.ip, chosen.port), (CLIENT, 5001));
-    expect(
-        &dp,
-        "UDP reply",
-        &reply.frame(),
-        TC_ACT_OK,
-        &with_src(reply.clone(), VIP, 53).frame(),
-        Stat::Reply,
-    );
+    expect_reverse_nat(&dp, "UDP reply", reply, (VIP, 53));
 }
 
 #[test]
@@ -357,14 +349,7 @@ fn a_direct_connection_reusing_a_service_flows_port_is_not_reverse_translated() 
     let syn = packet::tcp((CLIENT, 44000), (VIP, 80), TCP_SYN);
     let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
     let reply = packet::tcp((ip, port), (CLIENT, 44000), TCP_SYN | TCP_ACK);
-    expect(
-        &dp,
-        "reply to the service again",
-        &reply.frame(),
-        TC_ACT_OK,
-        &with_src(reply.clone(), VIP, 80).frame(),
-        Stat::Reply,
-    );
+    expect_reverse_nat(&dp, "reply to the service again", reply, (VIP, 80));
     // The same holds for UDP.
     let query = packet::udp((CLIENT, 5300), (VIP, 53));
     let (ip, port) = backend_of(&dp.run(&query.frame()).unwrap().frame);
@@ -401,14 +386,7 @@ fn a_syn_reusing_a_tracked_tuple_restores_a_lost_reply_entry() {
     let out = dp.run(&syn.frame()).unwrap();
     assert_eq!(backend_of(&out.frame), (ip, port));
     let reply = packet::tcp((ip, port), (CLIENT, 45000), TCP_SYN | TCP_ACK);
-    expect(
-        &dp,
-        "reply",
-        &reply.frame(),
-        TC_ACT_OK,
-        &with_src(reply.clone(), VIP, 80).frame(),
-        Stat::Reply,
-    );
+    expect_reverse_nat(&dp, "reply", reply, (VIP, 80));
 }
 
 #[test]
@@ -428,14 +406,7 @@ fn established_connections_of_a_deleted_service_keep_working() {
         Stat::Established,
     );
     let reply = packet::tcp((ip, port), (CLIENT, 46000), TCP_ACK);
-    expect(
-        &dp,
-        "reply",
-        &reply.frame(),
-        TC_ACT_OK,
-        &with_src(reply.clone(), VIP, 80).frame(),
-        Stat::Reply,
-    );
+    expect_reverse_nat(&dp, "reply", reply, (VIP, 80));
     // ...while a new connection to the deleted service is not translated.
     let new = packet::tcp((CLIENT, 46001), (VIP, 80), TCP_SYN).frame();
     expect(&dp, "new connection", &new, TC_ACT_UNSPEC, &new, Stat::NoMatch);
