@@ -17,7 +17,6 @@ pub mod map_name {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const STATS: &str = "STATS";
     pub const FILTER: &str = "FILTER";
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, RR_CURSORS, CONNTRACK, STATS, FILTER];
 }
 
 /// Name of the TC classifier in the eBPF object.

@@ -36,7 +36,6 @@ fn frontend(ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[BackendAddr
                 namespace: "default".into(),
                 name: "web".into(),
             },
-            port_name: "http".into(),
             backends: backends.iter().copied().collect(),
             affinity_timeout: None,
         },

@@ -43,7 +43,6 @@ impl fmt::Display for BackendAddr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     pub service: ObjectName,
-    pub port_name: String,
     pub backends: BTreeSet<BackendAddr>,
     pub affinity_timeout: Option<u32>,
 }
@@ -54,12 +53,6 @@ pub struct DesiredState {
     /// Service ports that could not be programmed because another Service
     /// already claims the same frontend.
     pub conflicts: Vec<Rejection>,
-}
-
-impl DesiredState {
-    pub fn endpoint_count(&self) -> usize {
-        self.frontends.values().map(|f| f.backends.len()).sum()
-    }
 }
 
 /// One frontend a Service asks for, with the index of its port (for
@@ -87,7 +80,6 @@ pub fn service_frontends(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node:
                 port_index: i,
                 state: FrontendState {
                     service: svc.name.clone(),
-                    port_name: port.name.clone(),
                     backends: backends.clone(),
                     affinity_timeout: svc.affinity_timeout,
                 },

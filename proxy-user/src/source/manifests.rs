@@ -15,7 +15,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
 use super::Snapshot;
-use crate::model::objects::{EndpointSliceInfo, ObjectName, Rejection, ServiceInfo, Skipped};
+use crate::model::objects::{EndpointSliceInfo, ObjectName, Rejection, ServiceInfo};
 
 /// One YAML document of a manifest.
 #[derive(Debug)]
@@ -273,9 +273,8 @@ fn read_file(path: &Path, previous: &FileObjects, problems: &mut BTreeSet<String
                     }
                     objects.services.insert(info.name.clone(), info);
                 }
-                Ok(Err(
-                    Skipped::OtherProxy(_) | Skipped::Headless | Skipped::ExternalName | Skipped::NoIpv4ClusterIp,
-                )) => {}
+                // Headless, ExternalName, another proxy's: not ours.
+                Ok(Err(_skipped)) => {}
                 Err(rejection) => rejected.push(rejection),
             },
             Ok(Document::EndpointSlice(slice)) => match EndpointSliceInfo::from_k8s(&slice) {

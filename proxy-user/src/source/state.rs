@@ -5,10 +5,7 @@
 //! cannot be used is reported once (when it first appears or its reason
 //! changes), and its last valid version stays, so one bad update never takes
 //! a working service down.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -56,8 +53,6 @@ pub struct ClusterState {
     unsupported: BTreeMap<ObjectName, Vec<String>>,
     /// Slices of address types not programmed (IPv6, FQDN), by name.
     ignored_slices: BTreeMap<ObjectName, String>,
-    /// Nodes and their IPv4 addresses.
-    nodes: BTreeMap<String, Vec<Ipv4Addr>>,
     /// This node, with its zone once its Node object is seen.
     node: NodeTopology,
 }
@@ -78,7 +73,6 @@ impl ClusterState {
 
     /// Standalone mode: the manifest source validated the whole snapshot.
     pub fn replace_snapshot(&mut self, snapshot: Snapshot) {
-        self.mark_all_dirty();
         self.snapshot = snapshot;
         self.slices_of.clear();
         for (name, slice) in &self.snapshot.slices {
@@ -88,6 +82,8 @@ impl ClusterState {
         self.mark_all_dirty();
     }
 
+    /// Every Service now known, and every one that still has frontends
+    /// (and so must lose them if it is gone).
     fn mark_all_dirty(&mut self) {
         self.dirty.extend(self.snapshot.services.keys().cloned());
         self.dirty.extend(self.desired.services().cloned());
@@ -235,23 +231,14 @@ impl ClusterState {
         self.dirty.insert(service);
     }
 
+    /// Of Nodes, only this node's zone matters (for topology hints).
     pub fn apply_node(&mut self, node: &Node) {
-        let addresses = node
-            .status
-            .iter()
-            .flat_map(|s| s.addresses.iter().flatten())
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect();
-        let name = node.metadata.name.clone().unwrap_or_default();
-        if name == self.node.name {
+        if node.metadata.name.as_deref() == Some(self.node.name.as_str()) {
             self.set_zone(node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned());
         }
-        self.nodes.insert(name, addresses);
     }
 
     pub fn delete_node(&mut self, name: &str) {
-        self.nodes.remove(name);
         if name == self.node.name {
             self.set_zone(None);
         }
@@ -304,7 +291,6 @@ impl ClusterState {
     }
 
     pub fn replace_nodes(&mut self, nodes: &[Node]) {
-        self.nodes.clear();
         if !nodes
             .iter()
             .any(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
@@ -346,10 +332,6 @@ impl ClusterState {
     /// Unsupported service ports by protocol (only SCTP today).
     pub fn unsupported_ports(&self) -> usize {
         self.unsupported.values().map(Vec::len).sum()
-    }
-
-    pub fn nodes(&self) -> &BTreeMap<String, Vec<Ipv4Addr>> {
-        &self.nodes
     }
 }
 

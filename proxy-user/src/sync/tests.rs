@@ -40,7 +40,6 @@ fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
                             namespace: "default".into(),
                             name: format!("svc{}", f.ip),
                         },
-                        port_name: "http".into(),
                         backends: backends(ids),
                         affinity_timeout: None,
                     },

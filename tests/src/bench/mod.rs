@@ -98,7 +98,6 @@ pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState 
                             namespace: "default".into(),
                             name: format!("svc-{i}"),
                         },
-                        port_name: "http".into(),
                         backends: std::collections::BTreeSet::clone(&backends),
                         affinity_timeout: None,
                     },
