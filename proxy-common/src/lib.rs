@@ -17,12 +17,18 @@ pub mod map_name {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const STATS: &str = "STATS";
     pub const FILTER: &str = "FILTER";
+    pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
 }
 
 /// Name of the TC classifier in the eBPF object.
 pub const TC_PROGRAM: &str = "kpr_tc";
 /// A classifier that does nothing, for benchmarks' floor.
 pub const NOOP_PROGRAM: &str = "kpr_noop";
+/// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
+/// that point a TCP socket at a backend when it connects to a service, so
+/// its packets need no per-packet translation.
+pub const CONNECT_PROGRAM: &str = "kpr_connect4";
+pub const GETPEERNAME_PROGRAM: &str = "kpr_getpeername4";
 
 /// Service frontends (VIP, port, protocol); also the size of `RR_CURSORS`,
 /// which service ids index.
@@ -31,6 +37,9 @@ pub const MAX_SERVICES: u32 = 262_144;
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Tracked flows; each connection takes two entries (one per direction).
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Sockets connected through the socket-level balancer whose service
+/// address `getpeername` restores (least recently connected evicted first).
+pub const MAX_SOCKET_PEERS: u32 = 262_144;
 
 /// The pre-filter: two bitmaps of 2^FILTER_BITS_LOG2 bits, in u64 words of
 /// the `FILTER` array. Words `0..FILTER_WORDS` hold the tuples services are
@@ -176,6 +185,23 @@ pub struct NatEntry {
     pub slot: u32,
 }
 
+/// Value of `SOCKET_PEERS`, keyed by socket cookie: the service a socket
+/// connected to and the backend it was sent to instead. `getpeername`
+/// answers with the service only while the socket is still connected to
+/// that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketPeer {
+    /// Network order.
+    pub service_addr: u32,
+    /// Network order.
+    pub backend_addr: u32,
+    /// Network order.
+    pub service_port: u16,
+    /// Network order.
+    pub backend_port: u16,
+}
+
 /// Indices into the per-CPU `STATS` array: what happened to each packet.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,10 +224,16 @@ pub enum Stat {
     NoBackend = 7,
     /// Conntrack insert or packet rewrite failed: dropped.
     Error = 8,
+    /// A TCP socket connecting to a service, sent to a backend by the
+    /// socket-level balancer (counted per connection, not per packet).
+    SocketConnect = 9,
+    /// A TCP socket connecting to a service with no usable backend: left
+    /// addressed to the service, whose packets the TC path then drops.
+    SocketNoBackend = 10,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NewFlow,
         Stat::Established,
@@ -212,6 +244,8 @@ impl Stat {
         Stat::Truncated,
         Stat::NoBackend,
         Stat::Error,
+        Stat::SocketConnect,
+        Stat::SocketNoBackend,
     ];
 
     pub fn name(self) -> &'static str {
@@ -225,6 +259,8 @@ impl Stat {
             Stat::Truncated => "truncated",
             Stat::NoBackend => "no_backend",
             Stat::Error => "error",
+            Stat::SocketConnect => "socket_connect",
+            Stat::SocketNoBackend => "socket_no_backend",
         }
     }
 }
@@ -240,4 +276,5 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for SocketPeer {}
 }

@@ -3,17 +3,16 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use proxy_common::{Backend, BackendKey, NatEntry, ServiceKey, ServiceValue};
 
-use crate::{
-    maps::{BACKENDS, RR_CURSORS, SERVICES},
-    parse::Packet,
-};
+use crate::maps::{BACKENDS, RR_CURSORS, SERVICES};
 
+/// The service addressed by (address, port, protocol), all as the packet
+/// or socket holds them (network order).
 #[inline(always)]
-pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
+pub fn lookup_service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
-        addr: pkt.dst,
-        port: pkt.dport,
-        proto: pkt.proto,
+        addr,
+        port,
+        proto,
         _pad: 0,
     };
     // SAFETY: the value is copied out before any other map call.

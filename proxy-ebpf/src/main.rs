@@ -12,6 +12,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -90,7 +91,7 @@ fn process(ctx: &TcContext) -> Verdict {
         // again below.
     }
 
-    let Some(svc) = lb::lookup_service(&pkt) else {
+    let Some(svc) = lb::lookup_service(pkt.dst, pkt.dport, pkt.proto) else {
         if pkt.may_open_flow() {
             conntrack::forget_stale_flow(&pkt);
         }

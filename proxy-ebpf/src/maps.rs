@@ -1,13 +1,13 @@
 //! The maps, laid out by `proxy_common`. All are pinned by name so that a
 //! daemon restart finds them again with every flow still tracked.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    filter_bit, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, FILTER_WORDS,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES,
+    filter_bit, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, SocketPeer, Stat, FILTER_WORDS,
+    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -22,8 +22,16 @@ pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(MAX_BACKEND_
 #[map]
 pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no
+/// lock shared with the other CPUs.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, BPF_F_NO_COMMON_LRU);
+
+/// Keyed by socket cookie: cookies are never reused, so an entry outliving
+/// its socket is only ever evicted, never misread. Per-CPU LRU lists, as
+/// for `CONNTRACK`.
+#[map]
+pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -16,6 +16,7 @@ use crate::{
     dataplane::{
         loader,
         maps::{FlowMaps, ServiceMaps},
+        socket_lb,
     },
     source::{self, manifests::ManifestDir, state::ClusterState},
     sync::Syncer,
@@ -42,6 +43,8 @@ pub struct Config {
     pub sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The cgroup the socket-level balancer is attached to; none: TC only.
+    pub socket_lb: Option<PathBuf>,
 }
 
 fn matches(patterns: &[String], iface: &str) -> bool {
@@ -96,6 +99,13 @@ pub async fn run(config: Config) -> Result<()> {
         attached: BTreeSet::new(),
     };
     attacher.refresh(&mut ebpf, &config.pin_dir);
+    match &config.socket_lb {
+        Some(cgroup) => {
+            socket_lb::attach(&mut ebpf, &config.pin_dir, cgroup)?;
+            tracing::info!(cgroup = %cgroup.display(), "socket-level balancer attached for TCP");
+        }
+        None => socket_lb::detach(&config.pin_dir)?,
+    }
 
     let mut maps = ServiceMaps::open(&config.pin_dir)?;
     let syncer = Syncer::recover(&mut maps).context("reading the maps left by a previous run")?;

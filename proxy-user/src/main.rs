@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use proxy_user::{
     daemon,
-    dataplane::{loader, maps},
+    dataplane::{loader, maps, socket_lb},
     sync,
 };
 
@@ -57,6 +57,16 @@ enum Command {
         /// Where /metrics (and /healthz) are served; "" to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
+        /// The cgroup v2 directory whose processes get the socket-level
+        /// balancer (a TCP connect to a service goes straight to a backend,
+        /// with no per-packet translation). Default: the hierarchy's root,
+        /// i.e. every pod and host process on the node.
+        #[arg(long)]
+        socket_lb_cgroup: Option<PathBuf>,
+        /// Translate TCP per packet in the TC path only, without the
+        /// socket-level hooks (removes them if an earlier run attached them).
+        #[arg(long, conflicts_with = "socket_lb_cgroup")]
+        no_socket_lb: bool,
     },
     /// Print the programmed frontends and their backends, from the pinned maps.
     Services,
@@ -109,6 +119,8 @@ fn main() -> Result<()> {
             sync_period_s,
             healthz_bind_address,
             metrics_bind_address,
+            socket_lb_cgroup,
+            no_socket_lb,
         } => {
             let source = match manifests {
                 Some(dir) => daemon::SourceConfig::Manifests {
@@ -126,6 +138,11 @@ fn main() -> Result<()> {
                 sync_period: Duration::from_secs(sync_period_s.max(1)),
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
                 metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
+                socket_lb: match (no_socket_lb, socket_lb_cgroup) {
+                    (true, _) => None,
+                    (false, Some(cgroup)) => Some(cgroup),
+                    (false, None) => Some(socket_lb::cgroup2_root()?),
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -16,7 +16,9 @@ use anyhow::{bail, Context, Result};
 use proxy_common::ServiceKey;
 use proxy_user::dataplane::maps::ServiceMaps;
 
-use crate::{apiserver::ApiServer, bpffs::BpffsMount, netns::Netns, pod::PodServer, sh};
+use crate::{
+    apiserver::ApiServer, bpffs::BpffsMount, cgroup::TestCgroup, netns::Netns, pod::PodServer, pod::Reply, sh,
+};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -89,6 +91,9 @@ pub struct Cluster {
     pub api: Option<ApiServer>,
     kubeconfig: PathBuf,
     test_timings: bool,
+    /// Where the daemon's socket-level balancer acts; processes started by
+    /// `in_pod` run in it.
+    pub cgroup: Option<TestCgroup>,
     /// Holds the test's directory too; dropped last.
     bpffs: Option<BpffsMount>,
 }
@@ -113,8 +118,11 @@ impl Cluster {
             api: None,
             kubeconfig: bpffs.dir.join("kubeconfig"),
             test_timings: spec.test_timings,
-            bpffs: Some(bpffs),
+            cgroup: None,
+            bpffs: None,
         };
+        cluster.cgroup = Some(TestCgroup::new(&bpffs.dir, &id)?);
+        cluster.bpffs = Some(bpffs);
 
         let node = Netns::new(&format!("{id}-node"))?;
         for (key, value) in [
@@ -230,11 +238,58 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    pub fn cgroup(&self) -> &TestCgroup {
+        self.cgroup.as_ref().expect("cluster is running")
+    }
+
+    /// `program` in a namespace (a pod's, or the node's for a host-network
+    /// client), as a process of the cluster's cgroup: its TCP connections to
+    /// services go through the socket-level balancer (the test process's
+    /// own connections, through the TC path).
+    pub fn in_netns(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns.name]).arg(program);
+        self.cgroup().enter(&mut command);
+        command
+    }
+
+    /// `count` TCP connections from a process in `ns` to `to`, all kept
+    /// open until the last: (what each server answered, what
+    /// `getpeername()` said), or the error of each that failed.
+    pub fn socket_clients(&self, ns: &Netns, to: SocketAddr, count: usize) -> Result<Vec<SocketClient>> {
+        let out = self
+            .in_netns(ns, sibling_binary("kpr-client")?)
+            .args([to.to_string(), count.to_string()])
+            .output()
+            .context("running kpr-client")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kpr-client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| match line.strip_prefix("error ") {
+                Some(e) => Ok(Err(e.to_owned())),
+                None => {
+                    let (answer, peer) = line.rsplit_once(' ').context("unexpected kpr-client line")?;
+                    Ok(Ok((Reply::parse(answer)?, peer.parse()?)))
+                }
+            })
+            .collect()
+    }
+
     pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
         self.pods.iter().map(|p| p.ip).collect()
     }
 
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with(&[])
+    }
+
+    /// Starts the daemon with extra `run` flags.
+    pub fn start_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
+        let synced_before = self.log().matches("synced").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut command = Command::new("ip");
         command
@@ -242,7 +297,12 @@ impl Cluster {
             .arg(kpr_binary()?)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args(["run", "--interfaces", "eth0,vpod*", "--node-name", NODE_NAME]);
+            .args(["run", "--interfaces", "eth0,vpod*", "--node-name", NODE_NAME])
+            .args(extra);
+        // The cluster's cgroup, never the default (the machine's root).
+        if !extra.contains(&"--no-socket-lb") {
+            command.arg("--socket-lb-cgroup").arg(&self.cgroup().path);
+        }
         if self.test_timings {
             command.args(["--min-sync-interval-ms", "20", "--sync-period-s", "5"]);
         }
@@ -259,8 +319,11 @@ impl Cluster {
             .spawn()
             .context("starting the daemon")?;
         self.daemon = Some(child);
-        // Ready once its maps are pinned and it has synced once.
-        self.wait_until("the daemon to start", || Ok(self.log().contains("synced")))
+        // Ready once its maps are pinned and it has synced once (the log
+        // holds earlier runs' lines too).
+        self.wait_until("the daemon to start", || {
+            Ok(self.log().matches("synced").count() > synced_before)
+        })
     }
 
     /// The daemon's pid (`ip netns exec` execs it, so the child is the daemon).
@@ -342,21 +405,31 @@ impl Cluster {
     }
 }
 
+/// One connection of `kpr-client`: the server's answer and the peer
+/// address the client's socket reported, or why it failed.
+pub type SocketClient = std::result::Result<(Reply, SocketAddr), String>;
+
 /// The daemon binary: `KPR_BIN`, or `kpr` next to (or one level above) the
 /// running executable, as cargo lays out `target/<profile>/`.
 pub fn kpr_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("KPR_BIN") {
         return Ok(path.into());
     }
+    sibling_binary("kpr")
+}
+
+/// A binary of the workspace, next to (or one level above) the running
+/// executable, as cargo lays out `target/<profile>/`.
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has a directory")?;
-    for candidate in [dir.join("kpr"), dir.join("../kpr")] {
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     bail!(
-        "the daemon binary `kpr` is not built next to {}: run `cargo build -p proxy-user` (or `cargo xtask test`)",
+        "`{name}` is not built next to {}: run `cargo build --workspace --bins` (or `cargo xtask test`)",
         exe.display()
     )
 }
@@ -374,6 +447,7 @@ impl Drop for Cluster {
         self.pods.clear();
         self.outside.take();
         self.node.take();
+        self.cgroup.take();
         self.bpffs.take();
     }
 }

@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod bpffs;
+pub mod cgroup;
 pub mod cluster;
 pub mod dataplane;
 pub mod manifests;

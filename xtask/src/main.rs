@@ -31,7 +31,8 @@ enum Task {
     Demo,
     /// Set up, build (release) and run the benchmarks; writes docs/benchmarks.md.
     Bench {
-        /// Arguments for the benchmark (`--smoke`, `--requests N`, `--rounds N`, `--out PATH`).
+        /// Arguments for the benchmark (`--smoke`, `--requests N`, `--rounds N`, `--sizes N,N`,
+        /// `--only datapath|packets|control`, `--skip-rule-loads`, `--out PATH`).
         #[arg(last = true)]
         bench_args: Vec<String>,
     },

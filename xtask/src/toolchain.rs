@@ -204,7 +204,7 @@ pub fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
-/// Namespaces and bpffs mounts of test processes that died without
+/// Namespaces, bpffs and cgroup mounts (and cgroups) of test processes that died without
 /// cleaning up (killed by a signal): named `kpr<pid>x<n>`, removed when
 /// that pid is gone, so reruns start clean and live runs are left alone.
 pub fn remove_stale_test_leftovers() {
@@ -226,6 +226,11 @@ pub fn remove_stale_test_leftovers() {
     for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if dead(&name) {
+            let cgroup = entry.path().join("cgroup");
+            let _ = std::fs::write(cgroup.join(&name).join("cgroup.kill"), "1");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let _ = std::fs::remove_dir(cgroup.join(&name));
+            let _ = Command::new("umount").arg(&cgroup).status();
             let _ = Command::new("umount").arg(entry.path().join("bpf")).status();
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -23,7 +23,7 @@ use proxy_common::TC_PROGRAM;
 
 use super::{bpffs, EBPF_OBJECT};
 
-const LINK_DIR: &str = "links";
+pub(crate) const LINK_DIR: &str = "links";
 const PROGRAM_PIN: &str = "prog_kpr_tc";
 
 /// Loads the object with its maps at `pin_dir/<MAP>` (created, or reused

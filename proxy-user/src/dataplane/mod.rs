@@ -3,6 +3,8 @@
 pub mod bpffs;
 pub mod loader;
 pub mod maps;
+pub mod socket_lb;
+mod sys;
 
 /// The eBPF object built by `cargo xtask build-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT_PATH"));

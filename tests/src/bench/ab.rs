@@ -4,7 +4,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::netns::Netns;
+use crate::{cgroup::TestCgroup, netns::Netns};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AbResult {
@@ -26,11 +26,16 @@ fn children_cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// `ab -n requests -c concurrency url` from inside `ns`.
-pub fn run(ns: &Netns, url: &str, requests: u32, concurrency: u32) -> Result<AbResult> {
+/// `ab -n requests -c concurrency url` from inside `ns`, as a process of
+/// `cgroup` when given (where kpr's socket-level balancer acts).
+pub fn run(ns: &Netns, cgroup: Option<&TestCgroup>, url: &str, requests: u32, concurrency: u32) -> Result<AbResult> {
     let cpu_before = children_cpu_seconds();
     let started = Instant::now();
-    let out = Command::new("ip")
+    let mut command = Command::new("ip");
+    if let Some(cgroup) = cgroup {
+        cgroup.enter(&mut command);
+    }
+    let out = command
         .args(["netns", "exec", &ns.name, "ab", "-q", "-r", "-s", "10"])
         .args(["-n", &requests.to_string(), "-c", &concurrency.to_string(), url])
         .output()

@@ -11,7 +11,7 @@ use aya::{
 };
 use proxy_common::{NOOP_PROGRAM, TC_PROGRAM};
 use proxy_user::{
-    dataplane::{loader, maps::ServiceMaps},
+    dataplane::{loader, maps::ServiceMaps, socket_lb},
     sync::Syncer,
 };
 
@@ -50,9 +50,13 @@ impl Node {
         self.cluster.pods[..3].iter().map(|p| (p.ip, HTTP_PORT)).collect()
     }
 
-    fn ab(&self, client: &str, target: Ipv4Addr, cfg: &BenchConfig) -> Result<ab::AbResult> {
+    /// `ab` from a client pod; `in_cgroup` makes it a process of the
+    /// cluster's cgroup, where kpr's socket-level balancer (if attached)
+    /// acts.
+    fn ab(&self, client: &str, in_cgroup: bool, target: Ipv4Addr, cfg: &BenchConfig) -> Result<ab::AbResult> {
         let url = format!("http://{target}:{HTTP_PORT}/");
-        ab::run(&self.cluster.pod(client).ns, &url, cfg.requests, cfg.concurrency)
+        let cgroup = in_cgroup.then(|| self.cluster.cgroup());
+        ab::run(&self.cluster.pod(client).ns, cgroup, &url, cfg.requests, cfg.concurrency)
     }
 
     fn interfaces(&self) -> Result<Vec<String>> {
@@ -60,7 +64,13 @@ impl Node {
     }
 }
 
-const CLIENTS: [&str; 3] = ["client-first", "client-last", "client-podip"];
+const CLIENTS: [&str; 5] = [
+    "client-first",
+    "client-last",
+    "client-podip",
+    "client-socket-first",
+    "client-socket-last",
+];
 
 /// kpr's programs loaded and attached to a node, and its maps.
 struct Kpr {
@@ -77,6 +87,7 @@ impl Kpr {
         node.cluster
             .node()
             .run(|| ifaces.iter().try_for_each(|i| loader::attach(&mut ebpf, &pin_dir, i)))??;
+        socket_lb::attach(&mut ebpf, &pin_dir, &node.cluster.cgroup().path)?;
         let mut maps = ServiceMaps::open(&pin_dir)?;
         let syncer = Syncer::recover(&mut maps)?;
         Ok(Kpr { ebpf, maps, syncer })
@@ -163,6 +174,8 @@ struct Sample {
 enum Config {
     Direct,
     Floor,
+    KprSocketFirst,
+    KprSocketLast,
     KprFirst,
     KprLast,
     KprPodIp,
@@ -178,8 +191,10 @@ impl Config {
         match self {
             Config::Direct => "direct to pod IP (no proxy)",
             Config::Floor => "direct, empty TC program attached",
-            Config::KprFirst => "kpr, first service",
-            Config::KprLast => "kpr, last service",
+            Config::KprSocketFirst => "kpr, first service",
+            Config::KprSocketLast => "kpr, last service",
+            Config::KprFirst => "kpr TC path only, first service",
+            Config::KprLast => "kpr TC path only, last service",
             Config::KprPodIp => "kpr, to a pod IP (no service)",
             Config::IptFirst => "iptables, first service",
             Config::IptLast => "iptables, last service",
@@ -241,6 +256,8 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
             vec![
                 Config::Direct,
                 Config::Floor,
+                Config::KprSocketFirst,
+                Config::KprSocketLast,
                 Config::KprFirst,
                 Config::KprLast,
                 Config::KprPodIp,
@@ -251,7 +268,14 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 Config::NftLast,
             ]
         } else {
-            vec![Config::Direct, Config::KprFirst, Config::KprLast, Config::KprPodIp]
+            vec![
+                Config::Direct,
+                Config::KprSocketFirst,
+                Config::KprSocketLast,
+                Config::KprFirst,
+                Config::KprLast,
+                Config::KprPodIp,
+            ]
         };
         let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
         for round in 0..cfg.rounds {
@@ -264,8 +288,8 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
             for (c, &config) in configs.iter().enumerate() {
                 let (node, target) = match config {
                     Config::Direct | Config::Floor => (&direct, direct.cluster.pods[1].ip),
-                    Config::KprFirst => (&kpr_node, service_vip(0)),
-                    Config::KprLast => (&kpr_node, service_vip(n - 1)),
+                    Config::KprFirst | Config::KprSocketFirst => (&kpr_node, service_vip(0)),
+                    Config::KprLast | Config::KprSocketLast => (&kpr_node, service_vip(n - 1)),
                     Config::KprPodIp => (&kpr_node, kpr_node.cluster.pods[1].ip),
                     Config::IptFirst => (&ipt, service_vip(0)),
                     Config::IptLast => (&ipt, service_vip(n - 1)),
@@ -285,16 +309,23 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 }
                 let program = match config {
                     Config::Floor => Some(NOOP_PROGRAM),
-                    Config::KprFirst | Config::KprLast | Config::KprPodIp => Some(TC_PROGRAM),
+                    Config::KprFirst
+                    | Config::KprLast
+                    | Config::KprPodIp
+                    | Config::KprSocketFirst
+                    | Config::KprSocketLast => Some(TC_PROGRAM),
                     _ => None,
                 };
                 let before = program.map(|p| kpr.kernel_stats(p)).transpose()?;
                 let client = match config {
                     Config::KprLast | Config::IptLast | Config::NftLast => CLIENTS[1],
                     Config::KprPodIp | Config::IptPodIp => CLIENTS[2],
+                    Config::KprSocketFirst => CLIENTS[3],
+                    Config::KprSocketLast => CLIENTS[4],
                     _ => CLIENTS[0],
                 };
-                let result = node.ab(client, target, cfg)?;
+                let in_cgroup = matches!(config, Config::KprSocketFirst | Config::KprSocketLast);
+                let result = node.ab(client, in_cgroup, target, cfg)?;
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {
                         let (t1, c1) = kpr.kernel_stats(p)?;

@@ -278,10 +278,23 @@ impl Report {
         for (what, measured, ok) in self.targets() {
             let _ = writeln!(md, "| {what} | {measured} | {} |", verdict(ok));
         }
+        let per_packet = self
+            .datapath
+            .rows
+            .iter()
+            .filter(|r| r.config.starts_with("kpr TC path only"))
+            .min_by(|a, b| a.ratio.total_cmp(&b.ratio));
+        if let Some(worst) = per_packet {
+            let _ = writeln!(
+                md,
+                "\nkpr balances TCP connections of the node's processes (pods and host) when they connect, so their packets travel untranslated. Connections the socket hooks do not see (from outside the node, or with the hooks disabled by `--no-socket-lb`) are translated per packet by the TC program: that path's worst rate is {:.2}x of direct ({}, {} services).",
+                worst.ratio, worst.config, worst.services
+            );
+        }
 
         let _ = writeln!(
             md,
-            "\n## Connection rate and latency\n\nA namespace cluster per dataplane, each with three nginx pods and a client pod; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. *vs direct* is the median over rounds of the run's rate divided by the direct run's rate in the same round. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n",
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane, each with three nginx pods and a client pod; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. *vs direct* is the median over rounds of the run's rate divided by the direct run's rate in the same round. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see.\n",
             cfg.requests, cfg.concurrency, cfg.rounds
         );
         let _ = writeln!(md, "| services | configuration | req/s | vs direct | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");

@@ -10,21 +10,38 @@ fn main() -> Result<()> {
     let mut out = PathBuf::from("docs/benchmarks.md");
     let mut cfg = BenchConfig::full();
     let mut command = "cargo xtask bench".to_string();
+    let mut recorded = Vec::new();
     while let Some(arg) = args.next() {
+        if arg != "--out" {
+            recorded.push(arg.clone());
+        }
+        let mut value = |what: &str| -> Result<String> {
+            let v = args.next().with_context(|| format!("{arg} needs {what}"))?;
+            recorded.push(v.clone());
+            Ok(v)
+        };
         match arg.as_str() {
             "--out" => out = args.next().context("--out needs a path")?.into(),
-            "--smoke" => {
-                cfg = BenchConfig::smoke();
-                command.push_str(" --smoke");
-            }
-            "--requests" => cfg.requests = args.next().context("--requests needs a number")?.parse()?,
-            "--rounds" => cfg.rounds = args.next().context("--rounds needs a number")?.parse()?,
-            "--only" => cfg.only.push(args.next().context("--only needs datapath, packets or control")?),
+            "--smoke" => cfg = BenchConfig::smoke(),
+            "--requests" => cfg.requests = value("a number")?.parse()?,
+            "--rounds" => cfg.rounds = value("a number")?.parse()?,
+            "--only" => cfg.only.push(value("datapath, packets or control")?),
             "--skip-rule-loads" => cfg.skip_rule_loads = true,
+            // Connection-rate sizes, every dataplane compared at each.
+            "--sizes" => {
+                cfg.compared_services = value("sizes, comma separated")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+                cfg.kpr_only_services.clear();
+            }
             other => anyhow::bail!(
-                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads)"
+                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads, --sizes N,N)"
             ),
         }
+    }
+    if !recorded.is_empty() {
+        command = format!("{command} -- {}", recorded.join(" "));
     }
     let started = std::time::Instant::now();
     let progress = |step: &str| eprintln!("[{:>5.0}s] {step}", started.elapsed().as_secs_f64());

@@ -1,0 +1,83 @@
+//! The socket-level balancer: a TCP socket connecting to a service is
+//! pointed at a backend inside `connect()`, so every packet of the
+//! connection travels pod to pod untranslated and conntrack-free (the
+//! approach of Cilium's socket LB). `getpeername()` still answers with the
+//! service address, as it would behind kube-proxy.
+//!
+//! UDP is left to the TC path: its flows must move when a backend goes away,
+//! which a connected UDP socket pointed at that backend could not do.
+use aya_ebpf::{helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use proxy_common::{SocketPeer, Stat, IPPROTO_TCP};
+
+use crate::{lb, maps};
+
+/// What the kernel expects from a sock_addr hook: 1 lets the call proceed.
+const PROCEED: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn kpr_connect4(ctx: SockAddrContext) -> i32 {
+    if let Some(stat) = balance_connect(&ctx) {
+        maps::count(stat);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kpr_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_service_peer(&ctx);
+    PROCEED
+}
+
+/// lookup service -> select backend -> remember the service -> translate
+/// the socket's destination. `None` when the socket is not ours to touch.
+#[inline(always)]
+fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
+    // SAFETY: the context pointer is the kernel's, valid for this run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP as u32 {
+        return None;
+    }
+    let addr = sa.user_ip4;
+    // The port sits in the low 16 bits, in network order.
+    let port = sa.user_port as u16;
+    if !maps::may_be_frontend(addr, port, IPPROTO_TCP) {
+        return None;
+    }
+    let svc = lb::lookup_service(addr, port, IPPROTO_TCP)?;
+    let Some((_, backend)) = lb::select_backend(&svc) else {
+        return Some(Stat::SocketNoBackend);
+    };
+    let peer = SocketPeer {
+        service_addr: addr,
+        backend_addr: backend.addr,
+        service_port: port,
+        backend_port: backend.port,
+    };
+    // SAFETY: a sock_addr context is what the cookie helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // Without the record only getpeername would be wrong; connecting the
+    // socket matters more.
+    let _ = maps::SOCKET_PEERS.insert(&cookie, &peer, 0);
+    sa.user_ip4 = backend.addr;
+    sa.user_port = backend.port as u32;
+    Some(Stat::SocketConnect)
+}
+
+#[inline(always)]
+fn restore_service_peer(ctx: &SockAddrContext) {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP as u32 {
+        return;
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: copied out at once.
+    let Some(peer) = (unsafe { maps::SOCKET_PEERS.get(&cookie).copied() }) else {
+        return;
+    };
+    if sa.user_ip4 == peer.backend_addr && sa.user_port as u16 == peer.backend_port {
+        sa.user_ip4 = peer.service_addr;
+        sa.user_port = peer.service_port as u32;
+    }
+}

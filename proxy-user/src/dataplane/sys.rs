@@ -1,0 +1,135 @@
+//! The few BPF commands aya does not wrap: link update and info for cgroup
+//! links, opening a pinned object, and batched map updates.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::AsFd,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info` up to the cgroup member of its union.
+#[repr(C)]
+#[derive(Default)]
+pub struct CgroupLinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+    _pad2: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, correctly sized bpf_attr prefix.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub fn update_link(link: BorrowedFd<'_>, program: RawFd) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    let mut info = CgroupLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<CgroupLinkInfo>() as u32,
+        info: &mut info as *mut CgroupLinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // BPF_LINK_TYPE_CGROUP
+    if info.link_type != 3 {
+        return Err(io::Error::other("not a cgroup link"));
+    }
+    Ok(info)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys[i] -> values[i]` in one `BPF_MAP_UPDATE_BATCH` call (the
+/// kernel loops over them; one syscall instead of one per entry). On
+/// failure: how many were written before it, and the error.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &impl AsFd,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+        .map(drop)
+        .map_err(|e| (attr.count as usize, e))
+}

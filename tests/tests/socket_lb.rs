@@ -1,0 +1,147 @@
+//! The socket-level balancer: TCP clients running as processes of the
+//! cluster's cgroup (pods and the node itself) connect to services and land
+//! on backends with no per-packet translation, and still see the service as
+//! their peer.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+};
+
+use kpr_testbed::{
+    cluster::{SocketClient, POD_PORT},
+    manifests::{ready, service_with_endpoints, tcp},
+    Cluster, ClusterSpec,
+};
+use proxy_common::{Stat, IPPROTO_TCP};
+use proxy_user::dataplane::maps::read_stats;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const FRONTEND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VIP), 80);
+
+fn cluster_with_web(backends: usize) -> Cluster {
+    let mut spec = ClusterSpec::pods("web", 3);
+    spec.pods.push("client".into());
+    let cluster = Cluster::start(spec).expect("cluster");
+    program_web(&cluster, backends);
+    cluster
+}
+
+/// `web` served by the first `backends` pods.
+fn program_web(cluster: &Cluster, backends: usize) {
+    let ips: Vec<Ipv4Addr> = cluster.pods[..backends].iter().map(|p| p.ip).collect();
+    let yaml = service_with_endpoints("web", VIP, &[tcp("http", 80)], POD_PORT, &ready(&ips));
+    cluster.write_manifest("web.yaml", &yaml).unwrap();
+    let want: Vec<SocketAddr> = ips.iter().map(|&ip| SocketAddr::from((ip, POD_PORT))).collect();
+    cluster.wait_for_backends(FRONTEND, IPPROTO_TCP, &want).unwrap();
+}
+
+fn stat(cluster: &Cluster, which: Stat) -> u64 {
+    read_stats(&cluster.pin_dir)
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| *s == which)
+        .map_or(0, |(_, n)| n)
+}
+
+/// Per pod, how many connections it answered; panics on any failure or on
+/// a peer address other than the service's.
+fn tally(results: &[SocketClient], client_ip: Ipv4Addr) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for result in results {
+        let (reply, peer) = result.as_ref().expect("connection failed");
+        assert_eq!(
+            *peer, FRONTEND,
+            "getpeername() must report the service, not the backend"
+        );
+        assert_eq!(
+            reply.peer.ip(),
+            client_ip,
+            "the backend must see the client's own address"
+        );
+        *counts.entry(reply.pod.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn connections_are_balanced_at_connect_without_per_packet_translation() {
+    let cluster = cluster_with_web(3);
+    let client = cluster.pod("client");
+    let new_flows = stat(&cluster, Stat::NewFlow);
+    let results = cluster.socket_clients(&client.ns, FRONTEND, 30).unwrap();
+    let counts = tally(&results, client.ip);
+    let want: BTreeMap<String, usize> = (0..3).map(|i| (format!("web-{i}"), 10)).collect();
+    assert_eq!(counts, want, "exact round-robin over the three backends");
+    assert_eq!(stat(&cluster, Stat::SocketConnect), 30);
+    assert_eq!(
+        stat(&cluster, Stat::NewFlow),
+        new_flows,
+        "no packet of these connections may need translating"
+    );
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    // Hairpin: per-packet DNAT would send web-0's SYN back to web-0 from its
+    // own address; the connection is made to the backend directly instead.
+    let cluster = cluster_with_web(1);
+    let web0 = cluster.pod("web-0");
+    let results = cluster.socket_clients(&web0.ns, FRONTEND, 3).unwrap();
+    assert_eq!(tally(&results, web0.ip), BTreeMap::from([("web-0".to_string(), 3)]));
+}
+
+#[test]
+fn host_network_clients_reach_services() {
+    let cluster = cluster_with_web(3);
+    let results = cluster.socket_clients(cluster.node(), FRONTEND, 6).unwrap();
+    let mut counts = BTreeMap::new();
+    for result in &results {
+        let (reply, peer) = result.as_ref().expect("connection from the node failed");
+        assert_eq!(*peer, FRONTEND);
+        *counts.entry(reply.pod.clone()).or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = (0..3).map(|i| (format!("web-{i}"), 2)).collect();
+    assert_eq!(counts, want);
+}
+
+#[test]
+fn endpoint_changes_apply_to_the_next_connect() {
+    let cluster = cluster_with_web(3);
+    let client = cluster.pod("client");
+    program_web(&cluster, 1);
+    let results = cluster.socket_clients(&client.ns, FRONTEND, 4).unwrap();
+    assert_eq!(tally(&results, client.ip), BTreeMap::from([("web-0".to_string(), 4)]));
+}
+
+#[test]
+fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them() {
+    let mut cluster = cluster_with_web(3);
+    let client = cluster.pod("client").ip;
+    cluster.stop_daemon().unwrap();
+    cluster.start_daemon().unwrap();
+    let links = std::fs::read_dir(cluster.pin_dir.join("links"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("cgroup_"))
+        .count();
+    assert_eq!(
+        links, 2,
+        "the restart reuses the pinned connect4 and getpeername4 links"
+    );
+    let results = cluster.socket_clients(&cluster.pod("client").ns, FRONTEND, 3).unwrap();
+    assert_eq!(tally(&results, client).values().sum::<usize>(), 3);
+    let socket_connects = stat(&cluster, Stat::SocketConnect);
+    assert_eq!(socket_connects, 3, "one program, not an old one beside the new");
+
+    // Without the socket-level hooks the TC path translates the same
+    // connections per packet.
+    cluster.stop_daemon().unwrap();
+    cluster.start_daemon_with(&["--no-socket-lb"]).unwrap();
+    let new_flows = stat(&cluster, Stat::NewFlow);
+    let results = cluster.socket_clients(&cluster.pod("client").ns, FRONTEND, 3).unwrap();
+    for result in &results {
+        let (_, peer) = result.as_ref().expect("connection through the TC path failed");
+        assert_eq!(*peer, FRONTEND);
+    }
+    assert_eq!(stat(&cluster, Stat::SocketConnect), socket_connects);
+    assert_eq!(stat(&cluster, Stat::NewFlow), new_flows + 3);
+}
