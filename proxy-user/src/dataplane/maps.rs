@@ -10,6 +10,7 @@ use proxy_common::{
     IPPROTO_UDP, NAT_REPLY,
 };
 
+use super::sys;
 use crate::sync::{ServiceTable, TableError};
 
 fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
@@ -27,6 +28,10 @@ pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     filter: Array<MapData, u64>,
+    /// The same three maps again, for the batched writes aya does not offer.
+    raw_services: MapData,
+    raw_backends: MapData,
+    raw_filter: MapData,
     /// What the filter holds, so a mark costs a write only when it adds a bit.
     words: Vec<u64>,
 }
@@ -40,6 +45,9 @@ impl ServiceMaps {
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
             filter,
             words,
+            raw_services: open(pin_dir, map_name::SERVICES)?,
+            raw_backends: open(pin_dir, map_name::BACKENDS)?,
+            raw_filter: open(pin_dir, map_name::FILTER)?,
         })
     }
 
@@ -182,6 +190,57 @@ impl ServiceTable for ServiceMaps {
     fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError> {
         self.set_bit(FILTER_WORDS, filter_bit(backend.addr, backend.port, proto))
             .map_err(table_err("writing FILTER"))
+    }
+
+    fn mark_all(&mut self, frontends: &[ServiceKey], backends: &[(Backend, u8)]) -> Result<(), TableError> {
+        let mut words = self.words.clone();
+        let mut set = |base: u32, bit: u32| words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+        for key in frontends {
+            set(0, filter_bit(key.addr, key.port, key.proto));
+        }
+        for (b, proto) in backends {
+            set(FILTER_WORDS, filter_bit(b.addr, b.port, *proto));
+        }
+        let (indices, values): (Vec<u32>, Vec<u64>) = words
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| **w != self.words[*i])
+            .map(|(i, w)| (i as u32, *w))
+            .unzip();
+        // Bits are only ever added, so a partial write leaves nothing wrong,
+        // only bits the cache below does not know about yet.
+        sys::update_batch(self.raw_filter.fd(), &indices, &values).map_err(|(_, e)| TableError {
+            op: "writing FILTER".into(),
+            reason: e.to_string(),
+        })?;
+        self.words = words;
+        Ok(())
+    }
+
+    fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
+        let (keys, values): (Vec<BackendKey>, Vec<Backend>) = entries.iter().copied().unzip();
+        sys::update_batch(self.raw_backends.fd(), &keys, &values).map_err(|(n, e)| {
+            (
+                n,
+                TableError {
+                    op: "writing BACKENDS".into(),
+                    reason: e.to_string(),
+                },
+            )
+        })
+    }
+
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, TableError)> {
+        let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = entries.iter().copied().unzip();
+        sys::update_batch(self.raw_services.fd(), &keys, &values).map_err(|(n, e)| {
+            (
+                n,
+                TableError {
+                    op: "writing SERVICES".into(),
+                    reason: e.to_string(),
+                },
+            )
+        })
     }
 }
 

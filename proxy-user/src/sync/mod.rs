@@ -30,6 +30,28 @@ pub trait ServiceTable {
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError>;
     /// Likewise for packets a backend sends from (address, port, protocol).
     fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError>;
+
+    /// Many marks at once (a table may write each changed word only once).
+    fn mark_all(&mut self, frontends: &[ServiceKey], backends: &[(Backend, u8)]) -> Result<(), TableError> {
+        frontends.iter().try_for_each(|k| self.mark_frontend(k))?;
+        backends.iter().try_for_each(|(b, proto)| self.mark_backend(b, *proto))
+    }
+
+    /// Writes entries in order; on failure, how many were written first.
+    fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
+        for (i, (key, value)) in entries.iter().enumerate() {
+            self.put_backend(key, value).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// As `put_backends`, for SERVICES.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, TableError)> {
+        for (i, (key, value)) in entries.iter().enumerate() {
+            self.put_service(key, value).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// What is in the maps for one frontend, as far as the syncer knows.
@@ -51,6 +73,14 @@ pub struct SyncReport {
     pub removed_ids: Vec<u32>,
     /// Frontends that could not be (fully) programmed; retried next sync.
     pub failures: Vec<String>,
+}
+
+/// A frontend about to be added, its id allocated by `add_in_bulk`.
+struct Staged {
+    frontend: Frontend,
+    key: ServiceKey,
+    value: ServiceValue,
+    backends: Vec<Backend>,
 }
 
 #[derive(Default)]
@@ -160,6 +190,7 @@ impl Syncer {
                 Err(e) => report.failures.push(format!("removing {f}: {e}")),
             }
         }
+        let mut new = Vec::new();
         for (f, state) in changes {
             let Some(state) = state else { continue };
             let key = service_key(f);
@@ -170,15 +201,107 @@ impl Syncer {
                 affinity_timeout: state.affinity_timeout.unwrap_or(0),
                 flags: 0,
             };
-            let is_new = !self.applied.contains_key(&key);
+            if !self.applied.contains_key(&key) {
+                new.push(Staged {
+                    frontend: *f,
+                    key,
+                    value,
+                    backends,
+                });
+                continue;
+            }
             match self.apply(&key, value, &backends, table) {
                 Ok(false) => {}
-                Ok(true) if is_new => report.added += 1,
                 Ok(true) => report.updated += 1,
                 Err(e) => report.failures.push(format!("programming {f}: {e}")),
             }
         }
+        self.add_in_bulk(new, table, &mut report);
         report
+    }
+
+    /// Adds frontends the maps do not have yet in three bulk writes (the
+    /// filter bits, every backend slot, every service entry, in that order,
+    /// so that no service is visible before its backends). Whatever a bulk
+    /// write leaves out goes through `apply`, which retries it and reports
+    /// the error if it fails again.
+    fn add_in_bulk(&mut self, new: Vec<Staged>, table: &mut impl ServiceTable, report: &mut SyncReport) {
+        let mut staged = Vec::with_capacity(new.len());
+        for mut s in new {
+            match self.allocate_id() {
+                Some(id) => {
+                    s.value.id = id;
+                    staged.push(s);
+                }
+                None => report.failures.push(format!(
+                    "programming {}: allocating a service id: all {MAX_SERVICES} are in use",
+                    s.frontend
+                )),
+            }
+        }
+        let frontends: Vec<ServiceKey> = staged.iter().map(|s| s.key).collect();
+        let marks: Vec<(Backend, u8)> = staged
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (*b, s.key.proto)))
+            .collect();
+        let slots: Vec<(BackendKey, Backend)> = staged
+            .iter()
+            .flat_map(|s| {
+                s.backends.iter().enumerate().map(|(slot, b)| {
+                    (
+                        BackendKey {
+                            service_id: s.value.id,
+                            slot: slot as u32,
+                        },
+                        *b,
+                    )
+                })
+            })
+            .collect();
+        // Nothing is written unless every filter bit is set first.
+        let marked = table.mark_all(&frontends, &marks).is_ok();
+        let slots_written = if marked {
+            table.put_backends(&slots).map_or_else(|(n, _)| n, |()| slots.len())
+        } else {
+            0
+        };
+        let mut first_slot = 0;
+        let complete: Vec<(ServiceKey, ServiceValue)> = staged
+            .iter()
+            .take_while(|s| {
+                first_slot += s.backends.len();
+                first_slot <= slots_written
+            })
+            .map(|s| (s.key, s.value))
+            .collect();
+        let services_written = if marked {
+            table
+                .put_services(&complete)
+                .map_or_else(|(n, _)| n, |()| complete.len())
+        } else {
+            0
+        };
+        let mut first_slot = 0;
+        for (i, s) in staged.into_iter().enumerate() {
+            let written = slots_written.saturating_sub(first_slot).min(s.backends.len());
+            first_slot += s.backends.len();
+            self.applied.insert(
+                s.key,
+                Applied {
+                    id: s.value.id,
+                    value: (i < services_written).then_some(s.value),
+                    slots: s.backends[..written].iter().copied().map(Some).collect(),
+                },
+            );
+            if i < services_written {
+                report.added += 1;
+                continue;
+            }
+            match self.apply(&s.key, s.value, &s.backends, table) {
+                Ok(_) => report.added += 1,
+                Err(e) => report.failures.push(format!("programming {}: {e}", s.frontend)),
+            }
+        }
     }
 
     /// Brings one frontend to `value` with `backends`; `Ok(true)` when
