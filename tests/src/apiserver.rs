@@ -83,7 +83,9 @@ type Key = (Kind, String, String);
 #[derive(Default)]
 struct Store {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
+    /// Each object serialized once, when written: lists only concatenate
+    /// (as kube-apiserver's watch cache keeps objects encoded).
+    objects: BTreeMap<Key, Arc<str>>,
     /// Events after `compacted_rv`, oldest first.
     history: VecDeque<Event>,
     /// A watch must start after this resourceVersion, or it gets 410.
@@ -131,7 +133,7 @@ struct Params {
 /// A list being served page by page: the snapshot it started from.
 struct Paged {
     rv: u64,
-    items: Vec<Value>,
+    items: Vec<Arc<str>>,
 }
 
 impl ApiServer {
@@ -246,6 +248,7 @@ impl ApiServer {
         let Some(object) = object else {
             bail!("no {} {namespace}/{name}", kind.name())
         };
+        let object: Value = serde_json::from_str(&object)?;
         self.write(kind, object, true)
     }
 
@@ -276,7 +279,7 @@ impl ApiServer {
         let type_ = if delete {
             store.objects.remove(&key);
             "DELETED"
-        } else if store.objects.insert(key, object.clone()).is_some() {
+        } else if store.objects.insert(key, object.to_string().into()).is_some() {
             "MODIFIED"
         } else {
             "ADDED"
@@ -460,9 +463,12 @@ fn list(shared: &Shared, params: &Params, kind: Kind) -> Response {
             (id, 0, Arc::new(Paged { rv: store.rv, items }))
         }
     };
+    // Like kube-apiserver's watch cache: a list at resourceVersion=0 is
+    // served whole, whatever the limit (client-go's first list is one).
+    let any_version = params.resource_version.as_deref() == Some("0");
     let end = params
         .limit
-        .filter(|&l| l > 0)
+        .filter(|&l| l > 0 && !any_version)
         .map_or(paged.items.len(), |l| (offset + l).min(paged.items.len()));
     let mut metadata = json!({"resourceVersion": paged.rv.to_string()});
     if end < paged.items.len() {
@@ -471,11 +477,19 @@ fn list(shared: &Shared, params: &Params, kind: Kind) -> Response {
     } else {
         shared.paged.lock().expect("pages").remove(&id);
     }
-    let list = json!({
-        "kind": format!("{}List", kind.name()),
-        "apiVersion": kind.api_version(),
-        "metadata": metadata,
-        "items": &paged.items[offset..end],
-    });
-    ([(header::CONTENT_TYPE, "application/json")], list.to_string()).into_response()
+    let items = &paged.items[offset..end];
+    let mut list = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
+    list.push_str(&format!(
+        r#"{{"kind":"{}List","apiVersion":"{}","metadata":{metadata},"items":["#,
+        kind.name(),
+        kind.api_version()
+    ));
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(item);
+    }
+    list.push_str("]}");
+    ([(header::CONTENT_TYPE, "application/json")], list).into_response()
 }

@@ -183,7 +183,10 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
         unlisted,
     } = shared;
     let mut listed = false;
-    let mut events = watcher::watcher(api, watcher::Config::default())
+    // Lists at resourceVersion=0, as client-go's reflectors (so kube-proxy)
+    // make them: the API server answers from its watch cache in one piece
+    // instead of paging through etcd.
+    let mut events = watcher::watcher(api, watcher::Config::default().any_semantic())
         // Nothing here reads them, and on a real cluster they are most of an object.
         .modify(|obj| obj.meta_mut().managed_fields = None)
         .backoff(WatchBackoff::default())
