@@ -12,6 +12,7 @@ use aya::{
 use proxy_common::{NOOP_PROGRAM, TC_PROGRAM};
 use proxy_user::{
     dataplane::{loader, maps::ServiceMaps, socket_lb},
+    model::Frontend,
     sync::Syncer,
 };
 
@@ -56,7 +57,13 @@ impl Node {
     fn ab(&self, client: &str, in_cgroup: bool, target: Ipv4Addr, cfg: &BenchConfig) -> Result<ab::AbResult> {
         let url = format!("http://{target}:{HTTP_PORT}/");
         let cgroup = in_cgroup.then(|| self.cluster.cgroup());
-        ab::run(&self.cluster.pod(client).ns, cgroup, &url, cfg.requests, cfg.concurrency)
+        ab::run(
+            &self.cluster.pod(client).ns,
+            cgroup,
+            &url,
+            cfg.requests,
+            cfg.concurrency,
+        )
     }
 
     fn interfaces(&self) -> Result<Vec<String>> {
@@ -64,12 +71,9 @@ impl Node {
     }
 }
 
-const CLIENTS: [&str; 5] = [
-    "client-first",
-    "client-last",
-    "client-podip",
-    "client-socket-first",
-    "client-socket-last",
+/// One client pod per configuration of a cluster (see `Config::client`).
+const CLIENTS: [&str; 7] = [
+    "client-0", "client-1", "client-2", "client-3", "client-4", "client-5", "client-6",
 ];
 
 /// kpr's programs loaded and attached to a node, and its maps.
@@ -94,7 +98,21 @@ impl Kpr {
     }
 
     fn program(&mut self, n: usize, backends: &[(Ipv4Addr, u16)]) -> Result<()> {
-        let report = self.syncer.sync(&services_desired(n, backends), &mut self.maps);
+        let mut desired = services_desired(n, backends);
+        // The single-endpoint service: `services_desired` shifted to its address.
+        let (frontend, mut state) = services_desired(1, &backends[1..2])
+            .frontends
+            .pop_first()
+            .context("one service")?;
+        state.service.name = "svc-one".into();
+        desired.frontends.insert(
+            Frontend {
+                ip: one_endpoint_vip(n),
+                ..frontend
+            },
+            state,
+        );
+        let report = self.syncer.sync(&desired, &mut self.maps);
         anyhow::ensure!(report.failures.is_empty(), "{:?}", report.failures);
         Ok(())
     }
@@ -114,15 +132,28 @@ impl Kpr {
     }
 }
 
+/// The service with a single endpoint (the pod the direct runs hit), after
+/// the `n` others: last in kube-proxy's iptables chain.
+fn one_endpoint_vip(n: usize) -> Ipv4Addr {
+    service_vip(n)
+}
+
 fn rule_services(n: usize, backends: &[(Ipv4Addr, u16)]) -> Vec<rules::RuleService> {
-    (0..n)
+    let mut services: Vec<rules::RuleService> = (0..n)
         .map(|i| rules::RuleService {
             name: format!("svc-{i}"),
             vip: service_vip(i),
             port: HTTP_PORT,
             endpoints: backends.to_vec(),
         })
-        .collect()
+        .collect();
+    services.push(rules::RuleService {
+        name: "svc-one".into(),
+        vip: one_endpoint_vip(n),
+        port: HTTP_PORT,
+        endpoints: backends[1..2].to_vec(),
+    });
+    services
 }
 
 /// Loads a ruleset into a node's namespace, returning the seconds it took.
@@ -143,7 +174,7 @@ pub struct Row {
     pub services: usize,
     pub config: String,
     pub requests_per_s: f64,
-    /// Median over rounds of (this run / the direct run of the same round).
+    /// Median over rounds of (this run / the mean of that round's two direct runs).
     pub ratio: f64,
     pub mean_ms: f64,
     pub p50_ms: f64,
@@ -161,11 +192,22 @@ pub struct Results {
     pub rule_loads: Vec<(usize, f64, f64)>,
 }
 
+impl Results {
+    /// The row with the lowest rate ratio among configurations whose label
+    /// starts with one of `prefixes`.
+    pub fn worst(&self, prefixes: &[&str]) -> Option<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| prefixes.iter().any(|p| r.config.starts_with(p)))
+            .min_by(|a, b| a.ratio.total_cmp(&b.ratio))
+    }
+}
+
 /// One run of one configuration.
 #[derive(Clone)]
 struct Sample {
     ab: ab::AbResult,
-    /// Rate over the direct run's rate in the same round.
+    /// Rate over the mean rate of the round's two direct runs.
     ratio: f64,
     per_packet: Option<f64>,
 }
@@ -173,35 +215,114 @@ struct Sample {
 #[derive(Clone, Copy, PartialEq)]
 enum Config {
     Direct,
+    /// Direct again, last in the round: the baseline is the mean of both,
+    /// and their spread shows the drift within a round.
+    DirectAgain,
     Floor,
+    KprSocketOne,
     KprSocketFirst,
     KprSocketLast,
+    KprOne,
     KprFirst,
     KprLast,
     KprPodIp,
+    IptOne,
     IptFirst,
     IptLast,
     IptPodIp,
+    NftOne,
     NftFirst,
     NftLast,
 }
 
+/// Which service (or pod) a configuration's client connects to.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    /// The single-endpoint service; its endpoint is the pod the direct runs hit.
+    OneEndpoint,
+    First,
+    Last,
+    PodIp,
+}
+
 impl Config {
+    const COMPARED: [Config; 17] = [
+        Config::Direct,
+        Config::Floor,
+        Config::KprSocketOne,
+        Config::KprSocketFirst,
+        Config::KprSocketLast,
+        Config::KprOne,
+        Config::KprFirst,
+        Config::KprLast,
+        Config::KprPodIp,
+        Config::IptOne,
+        Config::IptFirst,
+        Config::IptLast,
+        Config::IptPodIp,
+        Config::NftOne,
+        Config::NftFirst,
+        Config::NftLast,
+        Config::DirectAgain,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Config::Direct => "direct to pod IP (no proxy)",
+            Config::DirectAgain => "direct to pod IP, again at the end of the round",
             Config::Floor => "direct, empty TC program attached",
+            Config::KprSocketOne => "kpr, one-endpoint service",
             Config::KprSocketFirst => "kpr, first service",
             Config::KprSocketLast => "kpr, last service",
+            Config::KprOne => "kpr TC path only, one-endpoint service",
             Config::KprFirst => "kpr TC path only, first service",
             Config::KprLast => "kpr TC path only, last service",
             Config::KprPodIp => "kpr, to a pod IP (no service)",
+            Config::IptOne => "iptables, one-endpoint service",
             Config::IptFirst => "iptables, first service",
             Config::IptLast => "iptables, last service",
             Config::IptPodIp => "iptables, to a pod IP (no service)",
+            Config::NftOne => "nftables, one-endpoint service",
             Config::NftFirst => "nftables, first service",
             Config::NftLast => "nftables, last service",
         }
+    }
+
+    fn target(self) -> Target {
+        match self {
+            Config::KprSocketOne | Config::KprOne | Config::IptOne | Config::NftOne => Target::OneEndpoint,
+            Config::KprSocketFirst | Config::KprFirst | Config::IptFirst | Config::NftFirst => Target::First,
+            Config::KprSocketLast | Config::KprLast | Config::IptLast | Config::NftLast => Target::Last,
+            Config::Direct | Config::DirectAgain | Config::Floor | Config::KprPodIp | Config::IptPodIp => Target::PodIp,
+        }
+    }
+
+    fn is_kpr(self) -> bool {
+        self.label().starts_with("kpr")
+    }
+
+    /// Whether the client runs in the cgroup of kpr's socket-level hooks.
+    fn socket_lb(self) -> bool {
+        matches!(
+            self,
+            Config::KprSocketOne | Config::KprSocketFirst | Config::KprSocketLast
+        )
+    }
+
+    /// A client pod of its own within its cluster: connections of two
+    /// configurations from one client to one nginx could reuse a tuple
+    /// still in TIME_WAIT (see `Node::start`).
+    fn client(self) -> &'static str {
+        let index = match (self.target(), self.socket_lb()) {
+            (Target::PodIp, _) => 0,
+            (Target::OneEndpoint, false) => 1,
+            (Target::First, false) => 2,
+            (Target::Last, false) => 3,
+            (Target::OneEndpoint, true) => 4,
+            (Target::First, true) => 5,
+            (Target::Last, true) => 6,
+        };
+        CLIENTS[index]
     }
 }
 
@@ -252,31 +373,10 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
             )?;
             results.rule_loads.push((n, ipt_s, nft_s));
         }
-        let configs: Vec<Config> = if compared {
-            vec![
-                Config::Direct,
-                Config::Floor,
-                Config::KprSocketFirst,
-                Config::KprSocketLast,
-                Config::KprFirst,
-                Config::KprLast,
-                Config::KprPodIp,
-                Config::IptFirst,
-                Config::IptLast,
-                Config::IptPodIp,
-                Config::NftFirst,
-                Config::NftLast,
-            ]
-        } else {
-            vec![
-                Config::Direct,
-                Config::KprSocketFirst,
-                Config::KprSocketLast,
-                Config::KprFirst,
-                Config::KprLast,
-                Config::KprPodIp,
-            ]
-        };
+        let configs: Vec<Config> = Config::COMPARED
+            .into_iter()
+            .filter(|c| compared || c.is_kpr() || matches!(c, Config::Direct | Config::DirectAgain))
+            .collect();
         let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
         for round in 0..cfg.rounds {
             progress(&format!(
@@ -284,18 +384,19 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 round + 1,
                 cfg.rounds
             ));
-            let mut direct_rps = 0.0;
-            for (c, &config) in configs.iter().enumerate() {
-                let (node, target) = match config {
-                    Config::Direct | Config::Floor => (&direct, direct.cluster.pods[1].ip),
-                    Config::KprFirst | Config::KprSocketFirst => (&kpr_node, service_vip(0)),
-                    Config::KprLast | Config::KprSocketLast => (&kpr_node, service_vip(n - 1)),
-                    Config::KprPodIp => (&kpr_node, kpr_node.cluster.pods[1].ip),
-                    Config::IptFirst => (&ipt, service_vip(0)),
-                    Config::IptLast => (&ipt, service_vip(n - 1)),
-                    Config::IptPodIp => (&ipt, ipt.cluster.pods[1].ip),
-                    Config::NftFirst => (&nft, service_vip(0)),
-                    Config::NftLast => (&nft, service_vip(n - 1)),
+            let mut round_runs = Vec::with_capacity(configs.len());
+            for &config in &configs {
+                let node = match config {
+                    Config::Direct | Config::DirectAgain | Config::Floor => &direct,
+                    c if c.is_kpr() => &kpr_node,
+                    Config::IptOne | Config::IptFirst | Config::IptLast | Config::IptPodIp => &ipt,
+                    _ => &nft,
+                };
+                let target = match config.target() {
+                    Target::OneEndpoint => one_endpoint_vip(n),
+                    Target::First => service_vip(0),
+                    Target::Last => service_vip(n - 1),
+                    Target::PodIp => node.cluster.pods[1].ip,
                 };
                 let mut links: Vec<SchedClassifierLinkId> = Vec::new();
                 if config == Config::Floor {
@@ -309,23 +410,11 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 }
                 let program = match config {
                     Config::Floor => Some(NOOP_PROGRAM),
-                    Config::KprFirst
-                    | Config::KprLast
-                    | Config::KprPodIp
-                    | Config::KprSocketFirst
-                    | Config::KprSocketLast => Some(TC_PROGRAM),
+                    c if c.is_kpr() => Some(TC_PROGRAM),
                     _ => None,
                 };
                 let before = program.map(|p| kpr.kernel_stats(p)).transpose()?;
-                let client = match config {
-                    Config::KprLast | Config::IptLast | Config::NftLast => CLIENTS[1],
-                    Config::KprPodIp | Config::IptPodIp => CLIENTS[2],
-                    Config::KprSocketFirst => CLIENTS[3],
-                    Config::KprSocketLast => CLIENTS[4],
-                    _ => CLIENTS[0],
-                };
-                let in_cgroup = matches!(config, Config::KprSocketFirst | Config::KprSocketLast);
-                let result = node.ab(client, in_cgroup, target, cfg)?;
+                let result = node.ab(config.client(), config.socket_lb(), target, cfg)?;
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {
                         let (t1, c1) = kpr.kernel_stats(p)?;
@@ -336,17 +425,19 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 for link in links {
                     kpr.noop()?.detach(link)?;
                 }
-                if config == Config::Direct {
-                    direct_rps = result.requests_per_s;
-                }
-                let ratio = if direct_rps > 0.0 {
-                    result.requests_per_s / direct_rps
-                } else {
-                    0.0
-                };
+                round_runs.push((result, per_packet));
+            }
+            let baseline = round_runs
+                .iter()
+                .zip(&configs)
+                .filter(|(_, c)| matches!(c, Config::Direct | Config::DirectAgain))
+                .map(|((r, _), _)| r.requests_per_s)
+                .sum::<f64>()
+                / 2.0;
+            for (c, (result, per_packet)) in round_runs.into_iter().enumerate() {
                 runs[c].push(Sample {
+                    ratio: result.requests_per_s / baseline,
                     ab: result,
-                    ratio,
                     per_packet,
                 });
             }
