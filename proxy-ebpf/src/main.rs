@@ -91,7 +91,14 @@ fn process(ctx: &TcContext) -> Verdict {
         // again below.
     }
 
-    let Some(svc) = lb::lookup_service(pkt.dst, pkt.dport, pkt.proto) else {
+    // The pre-filter has already ruled out a service for most untracked
+    // packets (replies of direct connections, say).
+    let svc = if to_service {
+        lb::lookup_service(pkt.dst, pkt.dport, pkt.proto)
+    } else {
+        None
+    };
+    let Some(svc) = svc else {
         if pkt.may_open_flow() {
             conntrack::forget_stale_flow(&pkt);
         }
@@ -106,16 +113,20 @@ fn process(ctx: &TcContext) -> Verdict {
     applied(nat::translate_dst(ctx, &pkt, backend.addr, backend.port), Stat::NewFlow)
 }
 
-/// Makes sure the headers are in the linear part of the skb, then parses.
+/// Parses the headers from the linear part of the skb; only when they run
+/// past it are they pulled in. Pulling unconditionally would cost most
+/// packets from local sockets a copy: their payload sits in page fragments,
+/// their headers (all this reads) in the linear part, and they are clones.
 #[inline(always)]
 fn parse_packet(ctx: &TcContext) -> Result<Packet, ParseError> {
-    let linear = ctx.data_end() - ctx.data();
-    let want = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
-    if linear < want {
-        // On failure the parse below reports the short headers.
-        let _ = ctx.pull_data(want as u32);
+    match parse::parse(ctx.data(), ctx.data_end()) {
+        Err(ParseError::Truncated) if ctx.data_end() - ctx.data() < core::cmp::min(ctx.len() as usize, MAX_HEADERS) => {
+            // On failure the parse below reports the short headers.
+            let _ = ctx.pull_data(core::cmp::min(ctx.len() as usize, MAX_HEADERS) as u32);
+            parse::parse(ctx.data(), ctx.data_end())
+        }
+        parsed => parsed,
     }
-    parse::parse(ctx.data(), ctx.data_end())
 }
 
 #[inline(always)]
