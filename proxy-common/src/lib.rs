@@ -248,6 +248,12 @@ impl Stat {
         Stat::SocketNoBackend,
     ];
 
+    /// Whether the stat counts connections made through the socket-level
+    /// balancer rather than packets of the TC path.
+    pub fn is_socket(self) -> bool {
+        matches!(self, Stat::SocketConnect | Stat::SocketNoBackend)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stat::NewFlow => "new_flow",

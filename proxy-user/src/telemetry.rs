@@ -176,11 +176,21 @@ impl Telemetry {
         encode_registry(&mut out, &self.metrics.registry).expect("writing to a String");
         // The data path's own counters, read from the map at scrape time.
         if let Ok(stats) = maps::read_stats(&self.pin_dir) {
-            out.push_str("# HELP kpr_datapath_packets Packets seen by the data path, by verdict.\n");
+            out.push_str("# HELP kpr_datapath_packets Packets seen by the TC data path, by verdict.\n");
             out.push_str("# TYPE kpr_datapath_packets counter\n");
-            for (stat, n) in stats {
+            for (stat, n) in stats.iter().filter(|(s, _)| !s.is_socket()) {
                 out.push_str(&format!(
                     "kpr_datapath_packets_total{{verdict=\"{}\"}} {n}\n",
+                    stat.name()
+                ));
+            }
+            out.push_str(
+                "# HELP kpr_socket_connects TCP connects to a service seen by the socket-level balancer, by verdict.\n",
+            );
+            out.push_str("# TYPE kpr_socket_connects counter\n");
+            for (stat, n) in stats.iter().filter(|(s, _)| s.is_socket()) {
+                out.push_str(&format!(
+                    "kpr_socket_connects_total{{verdict=\"{}\"}} {n}\n",
                     stat.name()
                 ));
             }

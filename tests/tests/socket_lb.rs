@@ -78,6 +78,12 @@ fn connections_are_balanced_at_connect_without_per_packet_translation() {
         new_flows,
         "no packet of these connections may need translating"
     );
+    let (_, metrics) =
+        kpr_testbed::pod::http_get(cluster.node(), "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("kpr_socket_connects_total{verdict=\"socket_connect\"} 30"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -144,4 +150,18 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
     }
     assert_eq!(stat(&cluster, Stat::SocketConnect), socket_connects);
     assert_eq!(stat(&cluster, Stat::NewFlow), new_flows + 3);
+}
+
+#[test]
+fn a_service_without_endpoints_is_left_to_the_tc_path() {
+    let cluster = cluster_with_web(0);
+    let client = cluster.pod("client");
+    let results = cluster.socket_clients(&client.ns, FRONTEND, 1).unwrap();
+    assert!(results[0].is_err(), "nothing may answer: {results:?}");
+    assert_eq!(stat(&cluster, Stat::SocketNoBackend), 1);
+    assert_eq!(stat(&cluster, Stat::SocketConnect), 0);
+    assert!(
+        stat(&cluster, Stat::NoBackend) >= 1,
+        "the SYN meets the TC path's verdict"
+    );
 }
