@@ -32,6 +32,7 @@ pub fn run(ns: &Netns, cgroup: Option<&TestCgroup>, url: &str, requests: u32, co
     let cpu_before = children_cpu_seconds();
     let started = Instant::now();
     let mut command = Command::new("ip");
+    super::pin(&mut command, super::Cpu::Client);
     if let Some(cgroup) = cgroup {
         cgroup.enter(&mut command);
     }

@@ -176,6 +176,8 @@ pub struct Row {
     pub requests_per_s: f64,
     /// Median over rounds of (this run / the mean of that round's two direct runs).
     pub ratio: f64,
+    /// Lowest and highest ratio over the rounds.
+    pub ratio_range: (f64, f64),
     pub mean_ms: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -451,6 +453,10 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 config: config.label().to_string(),
                 requests_per_s: pick(&|x| x.ab.requests_per_s),
                 ratio: pick(&|x| x.ratio),
+                ratio_range: (
+                    r.iter().map(|x| x.ratio).fold(f64::INFINITY, f64::min),
+                    r.iter().map(|x| x.ratio).fold(0.0, f64::max),
+                ),
                 mean_ms: pick(&|x| x.ab.mean_ms),
                 p50_ms: pick(&|x| x.ab.p50_ms),
                 p99_ms: pick(&|x| x.ab.p99_ms),

@@ -76,6 +76,42 @@ impl BenchConfig {
     }
 }
 
+/// Which CPU a benchmark process is kept on.
+#[derive(Clone, Copy)]
+pub enum Cpu {
+    /// The load tool.
+    Client,
+    /// The web servers.
+    Servers,
+}
+
+/// Keeps the process `command` starts (and its children) on one CPU when
+/// the machine has two or more: the load tool on the first, the servers on
+/// the second, in every configuration alike, so that the scheduler moving
+/// them around does not add to the run-to-run spread.
+pub fn pin(command: &mut std::process::Command, cpu: Cpu) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return command;
+    }
+    let index = match cpu {
+        Cpu::Client => 0,
+        Cpu::Servers => 1,
+    };
+    // SAFETY: sched_setaffinity on the child itself, between fork and exec,
+    // on a set built on the stack: async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(index, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Service `i`'s cluster IP: 10.96.0.1 and up, inside the service CIDR.
 pub fn service_vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be_bytes([10, 96, 0, 0]) + 1 + i as u32)
@@ -284,18 +320,20 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "\n## Connection rate and latency\n\nA namespace cluster per dataplane, each with three nginx pods and a client pod; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Each round runs direct first and again last; *vs direct* is the median over rounds of the run's rate divided by the mean of that round's two direct rates. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see.\n",
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane, each with three nginx pods and a client pod; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Each round runs direct first and again last; *vs direct* is the median over rounds of the run's rate divided by the mean of that round's two direct rates. *rounds' range* is the lowest and highest of those per-round ratios. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see.\n",
             cfg.requests, cfg.concurrency, cfg.rounds
         );
-        let _ = writeln!(md, "| services | configuration | req/s | vs direct | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.datapath.rows {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.2}x | {:.3} | {:.0} | {:.0} | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.3} | {:.0} | {:.0} | {} | {:.2} | {} |",
                 r.services,
                 r.config,
                 r.requests_per_s,
                 r.ratio,
+                r.ratio_range.0,
+                r.ratio_range.1,
                 r.mean_ms,
                 r.p50_ms,
                 r.p99_ms,

@@ -33,7 +33,7 @@ impl Nginx {
                  server {{ listen {HTTP_PORT} backlog=4096; location / {{ return 200 \"{name}\\n\"; }} }}\n}}\n"
             ),
         )?;
-        let child = Command::new("ip")
+        let child = super::pin(&mut Command::new("ip"), super::Cpu::Servers)
             .args(["netns", "exec", &ns.name, "nginx", "-e"])
             .arg(dir.join("error.log"))
             .arg("-c")
