@@ -1,7 +1,7 @@
 //! The maps, laid out by `proxy_common`. All are pinned by name so that a
 //! daemon restart finds them again with every flow still tracked.
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -22,16 +22,17 @@ pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(MAX_BACKEND_
 #[map]
 pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 
-/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no
-/// lock shared with the other CPUs.
+/// One LRU list for all CPUs: per-CPU lists (`BPF_F_NO_COMMON_LRU`) would
+/// give each CPU only its share of the entries, and a CPU taking most new
+/// flows would evict live ones long before the map is full.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
 /// Keyed by socket cookie: cookies are never reused, so an entry outliving
-/// its socket is only ever evicted, never misread. Per-CPU LRU lists, as
-/// for `CONNTRACK`.
+/// its socket is only ever evicted, never misread. One LRU list, as for
+/// `CONNTRACK`.
 #[map]
-pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, BPF_F_NO_COMMON_LRU);
+pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
