@@ -181,7 +181,7 @@ fn main() -> Result<()> {
         }
         Command::Stats => {
             for (stat, n) in maps::read_stats(&cli.pin_dir)? {
-                println!("{:<12} {n}", stat.name());
+                println!("{:<18} {n}", stat.name());
             }
             Ok(())
         }

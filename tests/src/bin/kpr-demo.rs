@@ -109,8 +109,18 @@ fn main() -> Result<()> {
     println!("    `kpr services` reads the pinned maps:");
     show_kpr(&cluster, "services")?;
 
-    step("30 new TCP connections from the client pod to 10.96.0.100:80");
+    step("30 new TCP connections to 10.96.0.100:80 from the client pod's network, made by this demo (outside the socket hooks' cgroup: translated per packet by the TC program)");
     print_counts("connections per pod:", &tcp_round(&cluster, 30)?);
+
+    step("30 TCP connections from a process inside the client pod (balanced in connect(): no per-packet NAT)");
+    let mut counts = BTreeMap::new();
+    for result in cluster.socket_clients(&cluster.pod("client").ns, SocketAddr::from((VIP, 80)), 30)? {
+        let (reply, peer) = result.map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(peer == SocketAddr::from((VIP, 80)), "getpeername() said {peer}");
+        *counts.entry(reply.pod).or_insert(0) += 1;
+    }
+    print_counts("connections per pod:", &counts);
+    println!("    (each socket's getpeername() still reports {VIP}:80)");
 
     step("30 UDP flows (distinct source ports) to 10.96.0.100:53");
     let client = cluster.pod("client");
