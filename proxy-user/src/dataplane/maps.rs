@@ -218,30 +218,30 @@ impl ServiceTable for ServiceMaps {
     }
 
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
-        let (keys, values): (Vec<BackendKey>, Vec<Backend>) = entries.iter().copied().unzip();
-        sys::update_batch(self.raw_backends.fd(), &keys, &values).map_err(|(n, e)| {
-            (
-                n,
-                TableError {
-                    op: "writing BACKENDS".into(),
-                    reason: e.to_string(),
-                },
-            )
-        })
+        write_batch(&self.raw_backends, entries, "writing BACKENDS")
     }
 
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, TableError)> {
-        let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = entries.iter().copied().unzip();
-        sys::update_batch(self.raw_services.fd(), &keys, &values).map_err(|(n, e)| {
-            (
-                n,
-                TableError {
-                    op: "writing SERVICES".into(),
-                    reason: e.to_string(),
-                },
-            )
-        })
+        write_batch(&self.raw_services, entries, "writing SERVICES")
     }
+}
+
+/// `entries` in one batched write; on failure, how many were written first.
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    entries: &[(K, V)],
+    op: &str,
+) -> Result<(), (usize, TableError)> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    sys::update_batch(map.fd(), &keys, &values).map_err(|(written, e)| {
+        (
+            written,
+            TableError {
+                op: op.into(),
+                reason: e.to_string(),
+            },
+        )
+    })
 }
 
 /// The per-CPU packet counters, summed.

@@ -39,19 +39,24 @@ pub trait ServiceTable {
 
     /// Writes entries in order; on failure, how many were written first.
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
-        for (i, (key, value)) in entries.iter().enumerate() {
-            self.put_backend(key, value).map_err(|e| (i, e))?;
-        }
-        Ok(())
+        put_each(entries, |k, v| self.put_backend(k, v))
     }
 
     /// As `put_backends`, for SERVICES.
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, TableError)> {
-        for (i, (key, value)) in entries.iter().enumerate() {
-            self.put_service(key, value).map_err(|e| (i, e))?;
-        }
-        Ok(())
+        put_each(entries, |k, v| self.put_service(k, v))
     }
+}
+
+/// Writes entries one at a time; on failure, how many were written first.
+fn put_each<K, V>(
+    entries: &[(K, V)],
+    mut put: impl FnMut(&K, &V) -> Result<(), TableError>,
+) -> Result<(), (usize, TableError)> {
+    for (i, (key, value)) in entries.iter().enumerate() {
+        put(key, value).map_err(|e| (i, e))?;
+    }
+    Ok(())
 }
 
 /// What is in the maps for one frontend, as far as the syncer knows.
