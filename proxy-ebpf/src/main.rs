@@ -119,10 +119,11 @@ fn process(ctx: &TcContext) -> Verdict {
 /// their headers (all this reads) in the linear part, and they are clones.
 #[inline(always)]
 fn parse_packet(ctx: &TcContext) -> Result<Packet, ParseError> {
+    let headers = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
     match parse::parse(ctx.data(), ctx.data_end()) {
-        Err(ParseError::Truncated) if ctx.data_end() - ctx.data() < core::cmp::min(ctx.len() as usize, MAX_HEADERS) => {
+        Err(ParseError::Truncated) if ctx.data_end() - ctx.data() < headers => {
             // On failure the parse below reports the short headers.
-            let _ = ctx.pull_data(core::cmp::min(ctx.len() as usize, MAX_HEADERS) as u32);
+            let _ = ctx.pull_data(headers as u32);
             parse::parse(ctx.data(), ctx.data_end())
         }
         parsed => parsed,

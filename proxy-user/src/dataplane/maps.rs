@@ -4,7 +4,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
 use proxy_common::{
     filter_bit, map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, FILTER_WORDS,
     IPPROTO_UDP, NAT_REPLY,
@@ -23,15 +23,16 @@ fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     })
 }
 
+/// Sets filter bit `bit` of the bitmap starting at word `base`.
+fn add_bit(words: &mut [u64], base: u32, bit: u32) {
+    words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+}
+
 /// SERVICES and BACKENDS, and the pre-filter in front of them.
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     filter: Array<MapData, u64>,
-    /// The same three maps again, for the batched writes aya does not offer.
-    raw_services: MapData,
-    raw_backends: MapData,
-    raw_filter: MapData,
     /// What the filter holds, so a mark costs a write only when it adds a bit.
     words: Vec<u64>,
 }
@@ -45,10 +46,24 @@ impl ServiceMaps {
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
             filter,
             words,
-            raw_services: open(pin_dir, map_name::SERVICES)?,
-            raw_backends: open(pin_dir, map_name::BACKENDS)?,
-            raw_filter: open(pin_dir, map_name::FILTER)?,
         })
+    }
+
+    /// Makes the filter hold `words`, writing the changed ones in one batch.
+    /// The cache follows what was written, also when only part of it was.
+    fn store_words(&mut self, words: &[u64]) -> std::io::Result<()> {
+        let (indices, values): (Vec<u32>, Vec<u64>) = words
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| **w != self.words[*i])
+            .map(|(i, w)| (i as u32, *w))
+            .unzip();
+        let result = sys::update_batch(self.filter.map().fd(), &indices, &values);
+        let written = result.as_ref().map_or_else(|(n, _)| *n, |()| indices.len());
+        for (index, word) in indices.iter().zip(&values).take(written) {
+            self.words[*index as usize] = *word;
+        }
+        result.map_err(|(_, e)| e)
     }
 
     fn set_bit(&mut self, base: u32, bit: u32) -> Result<(), aya::maps::MapError> {
@@ -66,7 +81,7 @@ impl ServiceMaps {
     /// churn does not fill it up across restarts).
     pub fn rebuild_filter(&mut self, flows: &FlowMaps) -> Result<()> {
         let mut words = vec![0u64; 2 * FILTER_WORDS as usize];
-        let mut set = |base: u32, bit: u32| words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+        let mut set = |base: u32, bit: u32| add_bit(&mut words, base, bit);
         let services = self.services()?;
         let proto_of: std::collections::BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.id, k.proto)).collect();
         for (key, _) in &services {
@@ -84,13 +99,7 @@ impl ServiceMaps {
                 set(0, filter_bit(key.dst_addr, key.dst_port, key.proto));
             }
         }
-        for (index, word) in words.into_iter().enumerate() {
-            if word != self.words[index] {
-                self.filter.set(index as u32, word, 0)?;
-                self.words[index] = word;
-            }
-        }
-        Ok(())
+        self.store_words(&words).context("writing FILTER")
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
@@ -194,35 +203,25 @@ impl ServiceTable for ServiceMaps {
 
     fn mark_all(&mut self, frontends: &[ServiceKey], backends: &[(Backend, u8)]) -> Result<(), TableError> {
         let mut words = self.words.clone();
-        let mut set = |base: u32, bit: u32| words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+        let mut set = |base: u32, bit: u32| add_bit(&mut words, base, bit);
         for key in frontends {
             set(0, filter_bit(key.addr, key.port, key.proto));
         }
         for (b, proto) in backends {
             set(FILTER_WORDS, filter_bit(b.addr, b.port, *proto));
         }
-        let (indices, values): (Vec<u32>, Vec<u64>) = words
-            .iter()
-            .enumerate()
-            .filter(|(i, w)| **w != self.words[*i])
-            .map(|(i, w)| (i as u32, *w))
-            .unzip();
-        // Bits are only ever added, so a partial write leaves nothing wrong,
-        // only bits the cache below does not know about yet.
-        sys::update_batch(self.raw_filter.fd(), &indices, &values).map_err(|(_, e)| TableError {
+        self.store_words(&words).map_err(|e| TableError {
             op: "writing FILTER".into(),
             reason: e.to_string(),
-        })?;
-        self.words = words;
-        Ok(())
+        })
     }
 
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
-        write_batch(&self.raw_backends, entries, "writing BACKENDS")
+        write_batch(self.backends.map(), entries, "writing BACKENDS")
     }
 
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, TableError)> {
-        write_batch(&self.raw_services, entries, "writing SERVICES")
+        write_batch(self.services.map(), entries, "writing SERVICES")
     }
 }
 

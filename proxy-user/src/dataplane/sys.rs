@@ -4,8 +4,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::AsFd,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     os::unix::ffi::OsStrExt,
     path::Path,
 };
