@@ -41,20 +41,44 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 /// address `getpeername` restores (least recently connected evicted first).
 pub const MAX_SOCKET_PEERS: u32 = 262_144;
 
-/// The pre-filter: two bitmaps of 2^FILTER_BITS_LOG2 bits, in u64 words of
-/// the `FILTER` array. Words `0..FILTER_WORDS` hold the tuples services are
-/// addressed by, words `FILTER_WORDS..2*FILTER_WORDS` the tuples backends
-/// answer from. A packet whose tuples hit neither cannot concern any service
-/// and skips every hash lookup; a set bit only means "look".
+/// The pre-filter, in u64 words of the `FILTER` array: two halves, one
+/// for the tuples services are addressed by (written by the daemon), one
+/// for the tuples backends of translated flows answer from (set by the data
+/// path as it translates). A packet whose tuples hit neither cannot concern
+/// any service and skips every hash lookup; a set bit only means "look".
+///
+/// Each half is an exact bitmap of 2^FILTER_BITS_LOG2 bits keyed by the
+/// whole tuple, then a small one of 2^PREFIX_BITS_LOG2 bits keyed by the
+/// address's /24. The small one is read first: it stays in cache, so a
+/// packet to or from a part of the network with no service or marked
+/// backend (pod to pod, say) is decided without a cache miss, even the
+/// first packet of a connection.
 pub const FILTER_BITS_LOG2: u32 = 20;
+pub const PREFIX_BITS_LOG2: u32 = 16;
 pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+pub const PREFIX_WORDS: u32 = 1 << (PREFIX_BITS_LOG2 - 6);
+/// Words of one half: exact bitmap, then prefix bitmap.
+pub const FILTER_HALF_WORDS: u32 = FILTER_WORDS + PREFIX_WORDS;
+/// First word of the frontend half and of the backend half.
+pub const FRONTEND_HALF: u32 = 0;
+pub const BACKEND_HALF: u32 = FILTER_HALF_WORDS;
 
-/// The filter bit of an (address, port, protocol) tuple, address and port
-/// in network order as the maps hold them.
 #[inline(always)]
-pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
-    let x = ((addr as u64) << 24) ^ ((port as u64) << 8) ^ proto as u64;
-    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS_LOG2)) as u32
+fn spread(x: u64, bits_log2: u32) -> u32 {
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits_log2)) as u32
+}
+
+/// The bits an (address, port, protocol) tuple sets within a half, counted
+/// from the half's first word: its prefix bit, then its exact bit. Address
+/// and port in network order as the maps hold them.
+#[inline(always)]
+pub fn filter_bits(addr: u32, port: u16, proto: u8) -> [u32; 2] {
+    let exact = ((addr as u64) << 24) ^ ((port as u64) << 8) ^ proto as u64;
+    let prefix = (u32::from_be(addr) >> 8) as u64;
+    [
+        FILTER_WORDS * 64 + spread(prefix, PREFIX_BITS_LOG2),
+        spread(exact, FILTER_BITS_LOG2),
+    ]
 }
 
 pub const IPPROTO_TCP: u8 = 6;

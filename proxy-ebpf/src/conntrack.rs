@@ -2,7 +2,10 @@
 //! tuple each direction's packets carry on arrival.
 use proxy_common::{Backend, FlowKey, NatEntry, NAT_REPLY};
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{
+    maps::{self, CONNTRACK},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
@@ -40,9 +43,11 @@ pub fn create(pkt: &Packet, service_id: u32, slot: u32, backend: &Backend) -> Re
         service_id,
         slot,
     };
-    // Reply entry first: a reply can never arrive before the request it
-    // answers, so this order leaves no window in which it is missed.
+    // Reply entry and its filter bit first: a reply can never arrive before
+    // the request it answers, so this order leaves no window in which it is
+    // missed.
     CONNTRACK.insert(&reply, &to_service, 0)?;
+    maps::mark_backend(backend.addr, backend.port, pkt.proto);
     CONNTRACK.insert(&request, &to_backend, 0)
 }
 

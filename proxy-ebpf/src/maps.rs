@@ -1,13 +1,15 @@
 //! The maps, laid out by `proxy_common`. All are pinned by name so that a
 //! daemon restart finds them again with every flow still tracked.
+use core::intrinsics::{atomic_or, AtomicOrdering};
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    filter_bit, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, SocketPeer, Stat, FILTER_WORDS,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS,
+    filter_bits, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, SocketPeer, Stat, BACKEND_HALF,
+    FILTER_HALF_WORDS, FRONTEND_HALF, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -38,27 +40,58 @@ pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SO
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 
 /// Small enough to stay in cache, unlike the hash tables behind it.
+/// Mappable: the data path sets backend bits itself, so the daemon may only
+/// change that half with atomic operations on the shared memory.
 #[map]
-pub static FILTER: Array<u64> = Array::pinned(2 * FILTER_WORDS, 0);
+pub static FILTER: Array<u64> = Array::pinned(2 * FILTER_HALF_WORDS, BPF_F_MMAPABLE);
 
 #[inline(always)]
-fn filter_has(base: u32, bit: u32) -> bool {
-    match FILTER.get(base + (bit >> 6)) {
+fn filter_has(half: u32, bit: u32) -> bool {
+    match FILTER.get(half + (bit >> 6)) {
         Some(word) => *word & (1u64 << (bit & 63)) != 0,
         None => true,
     }
 }
 
+/// Prefix bit first: it is the one in cache.
+#[inline(always)]
+fn half_has(half: u32, addr: u32, port: u16, proto: u8) -> bool {
+    let [prefix, exact] = filter_bits(addr, port, proto);
+    filter_has(half, prefix) && filter_has(half, exact)
+}
+
 /// Whether a service may be addressed by this tuple.
 #[inline(always)]
 pub fn may_be_frontend(addr: u32, port: u16, proto: u8) -> bool {
-    filter_has(0, filter_bit(addr, port, proto))
+    half_has(FRONTEND_HALF, addr, port, proto)
 }
 
-/// Whether a backend may answer from this tuple.
+/// Whether a backend may answer from this tuple for a translated flow.
 #[inline(always)]
 pub fn may_be_backend(addr: u32, port: u16, proto: u8) -> bool {
-    filter_has(FILTER_WORDS, filter_bit(addr, port, proto))
+    half_has(BACKEND_HALF, addr, port, proto)
+}
+
+/// Records that a backend now answers a translated flow, so its replies are
+/// looked up. Only flows this program translates set the bits: replies of
+/// connections balanced at the socket, or made straight to a pod, never
+/// touch the conntrack table unless their backend also serves such a flow.
+#[inline(always)]
+pub fn mark_backend(addr: u32, port: u16, proto: u8) {
+    for bit in filter_bits(addr, port, proto) {
+        let Some(word) = FILTER.get_ptr_mut(BACKEND_HALF + (bit >> 6)) else {
+            return;
+        };
+        let mask = 1u64 << (bit & 63);
+        // SAFETY: a live array element; read first so that a backend already
+        // marked costs no locked write (and no cache line bouncing between
+        // CPUs).
+        unsafe {
+            if *word & mask == 0 {
+                atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask);
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -11,9 +11,12 @@ use kpr_testbed::{
     packet::{self, checksum, ethernet, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
 };
 use proxy_common::Stat;
-use proxy_user::model::{
-    objects::{ObjectName, Protocol},
-    BackendAddr, DesiredState, Frontend, FrontendState,
+use proxy_user::{
+    dataplane::maps::{FlowMaps, ServiceMaps},
+    model::{
+        objects::{ObjectName, Protocol},
+        BackendAddr, DesiredState, Frontend, FrontendState,
+    },
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -371,7 +374,7 @@ fn a_syn_reusing_a_tracked_tuple_restores_a_lost_reply_entry() {
     let syn = packet::tcp((CLIENT, 45000), (VIP, 80), TCP_SYN);
     let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
     // The LRU evicted the reply side only (simulated).
-    let mut flows = proxy_user::dataplane::maps::FlowMaps::open(&dp.pin_dir).unwrap();
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
     let reply_key = proxy_common::FlowKey {
         src_addr: proxy_common::addr_to_map(ip),
         dst_addr: proxy_common::addr_to_map(CLIENT),
@@ -409,4 +412,68 @@ fn established_connections_of_a_deleted_service_keep_working() {
     // ...while a new connection to the deleted service is not translated.
     let new = packet::tcp((CLIENT, 46001), (VIP, 80), TCP_SYN).frame();
     expect(&dp, "new connection", &new, TC_ACT_UNSPEC, &new, Stat::NoMatch);
+}
+
+fn backend_marked(dp: &Loaded, b: (Ipv4Addr, u16)) -> bool {
+    ServiceMaps::open(&dp.pin_dir)
+        .unwrap()
+        .backend_marked(proxy_common::addr_to_map(b.0), b.1.to_be(), 6)
+}
+
+fn rebuild_filter(dp: &Loaded) {
+    let flows = FlowMaps::open(&dp.pin_dir).unwrap();
+    ServiceMaps::open(&dp.pin_dir).unwrap().rebuild_filter(&flows).unwrap();
+}
+
+#[test]
+fn replies_are_looked_up_only_from_backends_that_translated_flows_reach() {
+    let dp = loaded();
+    let all: Vec<(Ipv4Addr, u16)> = (0..3).map(backend).map(|b| (b.ip, b.port)).collect();
+    // Programming services marks no backend: packets from a backend that
+    // only ever answers connections made straight to it (or balanced at
+    // the socket) skip the conntrack table.
+    assert!(
+        all.iter().all(|&b| !backend_marked(&dp, b)),
+        "no backend marked before any flow"
+    );
+    let syn = packet::tcp((CLIENT, 47000), (VIP, 80), TCP_SYN);
+    let chosen = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    assert!(backend_marked(&dp, chosen), "translating a flow marks its backend");
+    for &b in all.iter().filter(|&&b| b != chosen) {
+        assert!(!backend_marked(&dp, b), "{b:?} received no flow yet");
+    }
+    // Its replies are reverse-translated from the first one on.
+    let reply = packet::tcp(chosen, (CLIENT, 47000), TCP_SYN | TCP_ACK);
+    expect_reverse_nat(&dp, "first reply", reply, (VIP, 80));
+}
+
+fn forget_all_flows(dp: &Loaded) {
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
+    for (key, _) in flows.entries().unwrap() {
+        flows.remove(&key).unwrap();
+    }
+}
+
+#[test]
+fn a_restart_keeps_the_marks_flows_need_and_drops_the_rest() {
+    let mut dp = loaded();
+    let syn = packet::tcp((CLIENT, 48000), (VIP, 80), TCP_SYN);
+    let chosen = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    // A backend still in service keeps its mark with no flow tracked: the
+    // data path may be marking it again at this very moment.
+    forget_all_flows(&dp);
+    rebuild_filter(&dp);
+    assert!(backend_marked(&dp, chosen), "mark of a current backend");
+    // One whose service is gone keeps it while a flow to it is tracked.
+    let syn = packet::tcp((CLIENT, 48001), (VIP, 80), TCP_SYN);
+    let chosen = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    dp.program(&desired(vec![])).unwrap();
+    rebuild_filter(&dp);
+    assert!(backend_marked(&dp, chosen), "mark of a backend with a tracked flow");
+    let reply = packet::tcp(chosen, (CLIENT, 48001), TCP_ACK);
+    expect_reverse_nat(&dp, "reply after the rebuild", reply, (VIP, 80));
+    // Once nothing can reach it any more, the mark goes.
+    forget_all_flows(&dp);
+    rebuild_filter(&dp);
+    assert!(!backend_marked(&dp, chosen), "mark of a backend nothing reaches");
 }

@@ -1,13 +1,13 @@
 //! Typed access to the pinned maps, for the daemon's syncer and for the CLI.
-use std::path::Path;
+use std::{path::Path, sync::atomic::Ordering};
 
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    filter_bit, map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, FILTER_WORDS,
-    IPPROTO_UDP, NAT_REPLY,
+    filter_bits, map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, BACKEND_HALF,
+    FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
 };
 
 use super::sys;
@@ -23,9 +23,11 @@ fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     })
 }
 
-/// Sets filter bit `bit` of the bitmap starting at word `base`.
-fn add_bit(words: &mut [u64], base: u32, bit: u32) {
-    words[(base + (bit >> 6)) as usize] |= 1u64 << (bit & 63);
+/// Sets a tuple's bits in `half` (one half's words).
+fn add_tuple(half: &mut [u64], addr: u32, port: u16, proto: u8) {
+    for bit in filter_bits(addr, port, proto) {
+        half[(bit >> 6) as usize] |= 1u64 << (bit & 63);
+    }
 }
 
 /// SERVICES and BACKENDS, and the pre-filter in front of them.
@@ -33,73 +35,104 @@ pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     filter: Array<MapData, u64>,
-    /// What the filter holds, so a mark costs a write only when it adds a bit.
-    words: Vec<u64>,
+    /// The filter's frontend half as written, so a mark costs a write only
+    /// when it adds a bit.
+    frontend_words: Vec<u64>,
+    /// The whole filter, shared with the data path, which sets backend bits.
+    shared: sys::SharedWords,
 }
 
 impl ServiceMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let filter: Array<MapData, u64> = Array::try_from(Map::Array(open(pin_dir, map_name::FILTER)?))?;
-        let words = filter.iter().collect::<Result<Vec<u64>, _>>()?;
+        let shared = sys::SharedWords::map(filter.map().fd(), 2 * FILTER_HALF_WORDS as usize).with_context(|| {
+            format!(
+                "mapping {} into memory (pinned by an older kpr? `kpr uninstall` removes it)",
+                map_name::FILTER
+            )
+        })?;
+        let frontend_words = shared.words()[..FILTER_HALF_WORDS as usize]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
         Ok(Self {
             services: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::SERVICES)?))?,
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
             filter,
-            words,
+            frontend_words,
+            shared,
         })
     }
 
-    /// Makes the filter hold `words`, writing the changed ones in one batch.
-    /// The cache follows what was written, also when only part of it was.
-    fn store_words(&mut self, words: &[u64]) -> std::io::Result<()> {
+    /// Makes the frontend half hold `words`, writing the changed ones in one
+    /// batch. The cache follows what was written, also when only part of it
+    /// was.
+    fn store_frontend_words(&mut self, words: &[u64]) -> std::io::Result<()> {
         let (indices, values): (Vec<u32>, Vec<u64>) = words
             .iter()
             .enumerate()
-            .filter(|(i, w)| **w != self.words[*i])
+            .filter(|(i, w)| **w != self.frontend_words[*i])
             .map(|(i, w)| (i as u32, *w))
             .unzip();
         let result = sys::update_batch(self.filter.map().fd(), &indices, &values);
         let written = result.as_ref().map_or_else(|(n, _)| *n, |()| indices.len());
         for (index, word) in indices.iter().zip(&values).take(written) {
-            self.words[*index as usize] = *word;
+            self.frontend_words[*index as usize] = *word;
         }
         result.map_err(|(_, e)| e)
-    }
-
-    fn set_bit(&mut self, base: u32, bit: u32) -> Result<(), aya::maps::MapError> {
-        let index = (base + (bit >> 6)) as usize;
-        let word = self.words[index] | (1u64 << (bit & 63));
-        if word != self.words[index] {
-            self.filter.set(index as u32, word, 0)?;
-            self.words[index] = word;
-        }
-        Ok(())
     }
 
     /// Recomputes the pre-filter from what is programmed and what conntrack
     /// still translates, dropping the bits of everything else (so that
     /// churn does not fill it up across restarts).
+    ///
+    /// The backend half is the data path's: it sets a backend's bit when it
+    /// translates a flow to it. Only bits no current backend and no tracked
+    /// flow hashes to are cleared, atomically, so a bit the data path sets
+    /// meanwhile (it can only pick current backends) survives; bits of
+    /// tracked flows are set, should the filter be newer than conntrack.
     pub fn rebuild_filter(&mut self, flows: &FlowMaps) -> Result<()> {
-        let mut words = vec![0u64; 2 * FILTER_WORDS as usize];
-        let mut set = |base: u32, bit: u32| add_bit(&mut words, base, bit);
+        let mut frontends = vec![0u64; FILTER_HALF_WORDS as usize];
+        let mut keep = vec![0u64; FILTER_HALF_WORDS as usize];
+        let mut replies = vec![0u64; FILTER_HALF_WORDS as usize];
         let services = self.services()?;
         let proto_of: std::collections::BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.id, k.proto)).collect();
         for (key, _) in &services {
-            set(0, filter_bit(key.addr, key.port, key.proto));
+            add_tuple(&mut frontends, key.addr, key.port, key.proto);
         }
         for (key, b) in self.backends()? {
-            if let Some(&proto) = proto_of.get(&key.service_id) {
-                set(FILTER_WORDS, filter_bit(b.addr, b.port, proto));
+            // A slot whose service entry is gone can still be reached through
+            // a tracked flow's service id: keep it under either protocol.
+            let protos = match proto_of.get(&key.service_id) {
+                Some(proto) => std::slice::from_ref(proto),
+                None => &[IPPROTO_TCP, IPPROTO_UDP][..],
+            };
+            for &proto in protos {
+                add_tuple(&mut keep, b.addr, b.port, proto);
             }
         }
         for (key, entry) in flows.entries()? {
             if entry.flags & NAT_REPLY != 0 {
-                set(FILTER_WORDS, filter_bit(key.src_addr, key.src_port, key.proto));
+                add_tuple(&mut replies, key.src_addr, key.src_port, key.proto);
             } else {
-                set(0, filter_bit(key.dst_addr, key.dst_port, key.proto));
+                add_tuple(&mut frontends, key.dst_addr, key.dst_port, key.proto);
             }
         }
-        self.store_words(&words).context("writing FILTER")
+        let backend_half = &self.shared.words()[BACKEND_HALF as usize..];
+        for ((word, keep), replies) in backend_half.iter().zip(&keep).zip(&replies) {
+            word.fetch_and(keep | replies, Ordering::SeqCst);
+            word.fetch_or(*replies, Ordering::SeqCst);
+        }
+        self.store_frontend_words(&frontends).context("writing FILTER")
+    }
+
+    /// Whether the data path looks up replies from this tuple (it has
+    /// translated a flow to it, or a bit it shares).
+    pub fn backend_marked(&self, addr: u32, port: u16, proto: u8) -> bool {
+        filter_bits(addr, port, proto).into_iter().all(|bit| {
+            let word = &self.shared.words()[(BACKEND_HALF + (bit >> 6)) as usize];
+            word.load(Ordering::SeqCst) & (1u64 << (bit & 63)) != 0
+        })
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
@@ -192,25 +225,25 @@ impl ServiceTable for ServiceMaps {
     }
 
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
-        self.set_bit(0, filter_bit(key.addr, key.port, key.proto))
-            .map_err(table_err("writing FILTER"))
+        for bit in filter_bits(key.addr, key.port, key.proto) {
+            let index = (FRONTEND_HALF + (bit >> 6)) as usize;
+            let word = self.frontend_words[index] | (1u64 << (bit & 63));
+            if word != self.frontend_words[index] {
+                self.filter
+                    .set(index as u32, word, 0)
+                    .map_err(table_err("writing FILTER"))?;
+                self.frontend_words[index] = word;
+            }
+        }
+        Ok(())
     }
 
-    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError> {
-        self.set_bit(FILTER_WORDS, filter_bit(backend.addr, backend.port, proto))
-            .map_err(table_err("writing FILTER"))
-    }
-
-    fn mark_all(&mut self, frontends: &[ServiceKey], backends: &[(Backend, u8)]) -> Result<(), TableError> {
-        let mut words = self.words.clone();
-        let mut set = |base: u32, bit: u32| add_bit(&mut words, base, bit);
+    fn mark_all(&mut self, frontends: &[ServiceKey]) -> Result<(), TableError> {
+        let mut words = self.frontend_words.clone();
         for key in frontends {
-            set(0, filter_bit(key.addr, key.port, key.proto));
+            add_tuple(&mut words, key.addr, key.port, key.proto);
         }
-        for (b, proto) in backends {
-            set(FILTER_WORDS, filter_bit(b.addr, b.port, *proto));
-        }
-        self.store_words(&words).map_err(|e| TableError {
+        self.store_frontend_words(&words).map_err(|e| TableError {
             op: "writing FILTER".into(),
             reason: e.to_string(),
         })

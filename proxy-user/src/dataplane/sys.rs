@@ -1,5 +1,6 @@
 //! The few BPF commands aya does not wrap: link update and info for cgroup
-//! links, opening a pinned object, and batched map updates.
+//! links, opening a pinned object, batched map updates, and the memory of a
+//! mappable array.
 
 use std::{
     ffi::CString,
@@ -131,4 +132,54 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
         .map(drop)
         .map_err(|e| (attr.count as usize, e))
+}
+
+/// The values of a `BPF_F_MMAPABLE` array of `u64`, shared with the data
+/// path: what the programs write atomically, userspace changes atomically
+/// too, without the read-modify-write window of a map update.
+pub struct SharedWords {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+impl SharedWords {
+    /// Maps the first `len` values of the array behind `map`.
+    pub fn map(map: &impl AsFd, len: usize) -> io::Result<Self> {
+        let bytes = len * std::mem::size_of::<u64>();
+        // SAFETY: a fresh shared mapping of the map's own memory; the kernel
+        // refuses it (EINVAL/EPERM) unless the array was created mappable
+        // and is at least that large.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: `len` aligned u64s mapped for as long as `self` lives; the
+        // kernel and other mappers only ever change them atomically.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+// SAFETY: the memory is only accessed through atomics.
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference outlives self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * std::mem::size_of::<u64>()) };
+    }
 }

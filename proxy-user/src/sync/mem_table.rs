@@ -14,7 +14,6 @@ pub struct MemTable {
     pub writes: usize,
     pub fail_after: Option<usize>,
     pub frontend_marks: BTreeSet<ServiceKey>,
-    pub backend_marks: BTreeSet<(Backend, u8)>,
 }
 
 impl MemTable {
@@ -41,13 +40,12 @@ impl MemTable {
                 "frontend {key:?} not in the pre-filter"
             );
             for slot in 0..value.backend_count {
-                let b = self.backends[&BackendKey {
-                    service_id: value.id,
-                    slot,
-                }];
                 assert!(
-                    self.backend_marks.contains(&(b, key.proto)),
-                    "backend {b:?} not in the pre-filter"
+                    self.backends.contains_key(&BackendKey {
+                        service_id: value.id,
+                        slot,
+                    }),
+                    "slot {slot} of {key:?} missing"
                 );
             }
         }
@@ -107,10 +105,6 @@ impl ServiceTable for MemTable {
     }
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
         self.frontend_marks.insert(*key);
-        Ok(())
-    }
-    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError> {
-        self.backend_marks.insert((*backend, proto));
         Ok(())
     }
 }

@@ -27,14 +27,13 @@ pub trait ServiceTable {
     /// Lets the data path's pre-filter pass packets addressed to this
     /// frontend. Must precede the frontend's entry; never undone while the
     /// daemon runs (flows of a deleted service may still need translating).
+    /// (Backends need no mark: the data path marks a backend itself when it
+    /// translates a flow to it.)
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError>;
-    /// Likewise for packets a backend sends from (address, port, protocol).
-    fn mark_backend(&mut self, backend: &Backend, proto: u8) -> Result<(), TableError>;
 
     /// Many marks at once (a table may write each changed word only once).
-    fn mark_all(&mut self, frontends: &[ServiceKey], backends: &[(Backend, u8)]) -> Result<(), TableError> {
-        frontends.iter().try_for_each(|k| self.mark_frontend(k))?;
-        backends.iter().try_for_each(|(b, proto)| self.mark_backend(b, *proto))
+    fn mark_all(&mut self, frontends: &[ServiceKey]) -> Result<(), TableError> {
+        frontends.iter().try_for_each(|k| self.mark_frontend(k))
     }
 
     /// Writes entries in order; on failure, how many were written first.
@@ -245,10 +244,6 @@ impl Syncer {
             }
         }
         let frontends: Vec<ServiceKey> = staged.iter().map(|s| s.key).collect();
-        let marks: Vec<(Backend, u8)> = staged
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| (*b, s.key.proto)))
-            .collect();
         let slots: Vec<(BackendKey, Backend)> = staged
             .iter()
             .flat_map(|s| {
@@ -264,7 +259,7 @@ impl Syncer {
             })
             .collect();
         // Nothing is written unless every filter bit is set first.
-        let marked = table.mark_all(&frontends, &marks).is_ok();
+        let marked = table.mark_all(&frontends).is_ok();
         let slots_written = if marked {
             table.put_backends(&slots).map_or_else(|(n, _)| n, |()| slots.len())
         } else {
@@ -341,7 +336,6 @@ impl Syncer {
         // slots go, so the data path never picks an empty slot.
         for (slot, b) in target.iter().enumerate() {
             if applied.slots.get(slot).copied().flatten() != Some(*b) {
-                table.mark_backend(b, key.proto)?;
                 table.put_backend(
                     &BackendKey {
                         service_id: value.id,
