@@ -28,7 +28,10 @@ fn the_benchmark_runs_end_to_end_with_tiny_sizes() {
         report.datapath.rows.iter().any(|r| r.ns_per_packet.is_some()),
         "kernel run-time accounting"
     );
-    assert_eq!(report.packets.len(), cfg.packet_services.len() * 6);
+    assert_eq!(
+        report.packets.len(),
+        cfg.packet_services.len() * bench::packets::PATHS.len()
+    );
     assert!(report.packets.iter().all(|r| r.median_ns > 0.0));
     assert!(report.control.cold_start_s > 0.0 && report.control.change_p50_ms > 0.0 && report.control.rss_mb > 0.0);
 }

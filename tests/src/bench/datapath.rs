@@ -1,7 +1,11 @@
-//! Connection rate and latency: four identical namespace clusters (three
-//! nginx pods and a client each), one per dataplane — none (direct to a pod
-//! IP), kpr, kube-proxy's iptables layout, kube-proxy's nftables layout — so
-//! that each keeps its rules loaded while the runs alternate between them.
+//! Connection rate and latency: identical namespace clusters (three nginx
+//! pods and clients each), one per dataplane — none (direct to a pod IP),
+//! kpr, kube-proxy's iptables layout, kube-proxy's nftables layout — so that
+//! each keeps its rules loaded while the runs alternate between them. kpr
+//! has two: one whose pods reach services only through the socket-level
+//! balancer, and one whose backends also serve connections the TC program
+//! translates (clients the socket hooks do not see), since replies from
+//! such a backend are looked up in conntrack.
 use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{Context, Result};
@@ -174,7 +178,8 @@ pub struct Row {
     pub services: usize,
     pub config: String,
     pub requests_per_s: f64,
-    /// Median over rounds of (this run / the mean of that round's two direct runs).
+    /// Median over rounds of (this run / the mean of the direct runs just
+    /// before and just after it).
     pub ratio: f64,
     /// Lowest and highest ratio over the rounds.
     pub ratio_range: (f64, f64),
@@ -209,21 +214,23 @@ impl Results {
 #[derive(Clone)]
 struct Sample {
     ab: ab::AbResult,
-    /// Rate over the mean rate of the round's two direct runs.
+    /// Rate over the mean rate of the direct runs on either side.
     ratio: f64,
     per_packet: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
 enum Config {
+    /// The baseline, run before the first configuration of a round and
+    /// after every configuration: each is compared with the direct runs on
+    /// either side of it, so that the machine's drift over a round (this
+    /// VM's shared cores) cancels out.
     Direct,
-    /// Direct again, last in the round: the baseline is the mean of both,
-    /// and their spread shows the drift within a round.
-    DirectAgain,
     Floor,
     KprSocketOne,
     KprSocketFirst,
     KprSocketLast,
+    KprSocketMixed,
     KprOne,
     KprFirst,
     KprLast,
@@ -248,12 +255,14 @@ enum Target {
 }
 
 impl Config {
-    const COMPARED: [Config; 17] = [
-        Config::Direct,
+    /// What runs between the direct runs, in this order in even rounds and
+    /// reversed in odd ones.
+    const COMPARED: [Config; 16] = [
         Config::Floor,
         Config::KprSocketOne,
         Config::KprSocketFirst,
         Config::KprSocketLast,
+        Config::KprSocketMixed,
         Config::KprOne,
         Config::KprFirst,
         Config::KprLast,
@@ -265,17 +274,16 @@ impl Config {
         Config::NftOne,
         Config::NftFirst,
         Config::NftLast,
-        Config::DirectAgain,
     ];
 
     fn label(self) -> &'static str {
         match self {
             Config::Direct => "direct to pod IP (no proxy)",
-            Config::DirectAgain => "direct to pod IP, again at the end of the round",
             Config::Floor => "direct, empty TC program attached",
             Config::KprSocketOne => "kpr, one-endpoint service",
             Config::KprSocketFirst => "kpr, first service",
             Config::KprSocketLast => "kpr, last service",
+            Config::KprSocketMixed => "kpr mixed node, one-endpoint service (its backend also serves TC-path flows)",
             Config::KprOne => "kpr TC path only, one-endpoint service",
             Config::KprFirst => "kpr TC path only, first service",
             Config::KprLast => "kpr TC path only, last service",
@@ -292,10 +300,12 @@ impl Config {
 
     fn target(self) -> Target {
         match self {
-            Config::KprSocketOne | Config::KprOne | Config::IptOne | Config::NftOne => Target::OneEndpoint,
+            Config::KprSocketOne | Config::KprSocketMixed | Config::KprOne | Config::IptOne | Config::NftOne => {
+                Target::OneEndpoint
+            }
             Config::KprSocketFirst | Config::KprFirst | Config::IptFirst | Config::NftFirst => Target::First,
             Config::KprSocketLast | Config::KprLast | Config::IptLast | Config::NftLast => Target::Last,
-            Config::Direct | Config::DirectAgain | Config::Floor | Config::KprPodIp | Config::IptPodIp => Target::PodIp,
+            Config::Direct | Config::Floor | Config::KprPodIp | Config::IptPodIp => Target::PodIp,
         }
     }
 
@@ -307,7 +317,16 @@ impl Config {
     fn socket_lb(self) -> bool {
         matches!(
             self,
-            Config::KprSocketOne | Config::KprSocketFirst | Config::KprSocketLast
+            Config::KprSocketOne | Config::KprSocketFirst | Config::KprSocketLast | Config::KprSocketMixed
+        )
+    }
+
+    /// Whether it runs on the kpr cluster whose backends also serve flows
+    /// the TC program translates.
+    fn on_tc_cluster(self) -> bool {
+        matches!(
+            self,
+            Config::KprOne | Config::KprFirst | Config::KprLast | Config::KprSocketMixed
         )
     }
 
@@ -329,12 +348,14 @@ impl Config {
 }
 
 pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
-    progress("connection rate: building four namespace clusters with nginx pods");
+    progress("connection rate: building five namespace clusters with nginx pods");
     let direct = Node::start()?;
     let kpr_node = Node::start()?;
+    let kpr_tc_node = Node::start()?;
     let ipt = Node::start()?;
     let nft = Node::start()?;
     let mut kpr = Kpr::attach(&kpr_node)?;
+    let mut kpr_tc = Kpr::attach(&kpr_tc_node)?;
     let scratch = kpr_node
         .cluster
         .pin_dir
@@ -354,6 +375,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
         let compared = cfg.compared_services.contains(&n);
         progress(&format!("connection rate: programming {n} services"));
         kpr.program(n, &kpr_node.backends())?;
+        kpr_tc.program(n, &kpr_tc_node.backends())?;
         if compared {
             let ipt_s = load_rules(
                 &ipt.cluster.node().name,
@@ -375,9 +397,8 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
             )?;
             results.rule_loads.push((n, ipt_s, nft_s));
         }
-        let configs: Vec<Config> = Config::COMPARED
-            .into_iter()
-            .filter(|c| compared || c.is_kpr() || matches!(c, Config::Direct | Config::DirectAgain))
+        let configs: Vec<Config> = std::iter::once(Config::Direct)
+            .chain(Config::COMPARED.into_iter().filter(|c| compared || c.is_kpr()))
             .collect();
         let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
         for round in 0..cfg.rounds {
@@ -386,10 +407,14 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 round + 1,
                 cfg.rounds
             ));
-            let mut round_runs = Vec::with_capacity(configs.len());
-            for &config in &configs {
+            let mut order: Vec<usize> = (1..configs.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut measure = |config: Config| -> Result<(ab::AbResult, Option<f64>)> {
                 let node = match config {
-                    Config::Direct | Config::DirectAgain | Config::Floor => &direct,
+                    Config::Direct | Config::Floor => &direct,
+                    c if c.on_tc_cluster() => &kpr_tc_node,
                     c if c.is_kpr() => &kpr_node,
                     Config::IptOne | Config::IptFirst | Config::IptLast | Config::IptPodIp => &ipt,
                     _ => &nft,
@@ -415,11 +440,12 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                     c if c.is_kpr() => Some(TC_PROGRAM),
                     _ => None,
                 };
-                let before = program.map(|p| kpr.kernel_stats(p)).transpose()?;
+                let accounted = if config.on_tc_cluster() { &kpr_tc } else { &kpr };
+                let before = program.map(|p| accounted.kernel_stats(p)).transpose()?;
                 let result = node.ab(config.client(), config.socket_lb(), target, cfg)?;
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {
-                        let (t1, c1) = kpr.kernel_stats(p)?;
+                        let (t1, c1) = accounted.kernel_stats(p)?;
                         (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64)
                     }
                     _ => None,
@@ -427,20 +453,29 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 for link in links {
                     kpr.noop()?.detach(link)?;
                 }
-                round_runs.push((result, per_packet));
+                Ok((result, per_packet))
+            };
+            let mut directs = vec![measure(Config::Direct)?.0];
+            let mut measured = Vec::with_capacity(order.len());
+            for &c in &order {
+                measured.push((c, measure(configs[c])?));
+                directs.push(measure(Config::Direct)?.0);
             }
-            let baseline = round_runs
-                .iter()
-                .zip(&configs)
-                .filter(|(_, c)| matches!(c, Config::Direct | Config::DirectAgain))
-                .map(|((r, _), _)| r.requests_per_s)
-                .sum::<f64>()
-                / 2.0;
-            for (c, (result, per_packet)) in round_runs.into_iter().enumerate() {
+            let around = |i: usize| (directs[i].requests_per_s + directs[i + 1].requests_per_s) / 2.0;
+            for (i, (c, (result, per_packet))) in measured.into_iter().enumerate() {
                 runs[c].push(Sample {
-                    ratio: result.requests_per_s / baseline,
+                    ratio: result.requests_per_s / around(i),
                     ab: result,
                     per_packet,
+                });
+            }
+            // The baseline against its own neighbours: the noise floor.
+            for i in 1..directs.len() - 1 {
+                runs[0].push(Sample {
+                    ratio: directs[i].requests_per_s
+                        / ((directs[i - 1].requests_per_s + directs[i + 1].requests_per_s) / 2.0),
+                    ab: directs[i],
+                    per_packet: None,
                 });
             }
         }

@@ -2,6 +2,12 @@
 //! rewrites its input, so `repeat` over one buffer would measure the path
 //! only once: every sample is one run (repeat = 1) on its own packet, and
 //! the kernel-measured durations are summarized.
+//!
+//! Every size has its own loaded dataplane, programmed up front; the
+//! samples are taken in rounds that visit every size in turn (after a
+//! warm-up round that is thrown away), so that the machine's drift over the
+//! run is shared by all sizes instead of showing up as a difference between
+//! them.
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
@@ -21,12 +27,31 @@ pub struct Row {
     pub p90_ns: f64,
 }
 
-pub const NO_MATCH: &str = "no match (packet of a connection)";
-pub const NO_MATCH_SYN: &str = "no match, new connection (clears stale reply state)";
+pub const NO_MATCH: &str = "no match (later packet of a connection)";
+pub const NO_MATCH_SYN: &str = "no match, first packet of a connection (clears stale reply state)";
 pub const FLOOR: &str = "empty program (floor)";
+/// From a /24 where a backend serves translated flows: the small prefix
+/// filter cannot rule it out, so the whole-tuple filter is read too.
+pub const NO_MATCH_NEAR_BACKEND: &str = "no match, first packet, from a backend's /24";
+pub const NEW_FLOW: &str = "new flow (SYN: select, track, DNAT)";
+pub const ESTABLISHED: &str = "established flow (tracked, DNAT)";
+pub const REPLY: &str = "reply (reverse NAT)";
+pub const PATHS: [&str; 7] = [
+    FLOOR,
+    NO_MATCH,
+    NO_MATCH_SYN,
+    NO_MATCH_NEAR_BACKEND,
+    NEW_FLOW,
+    ESTABLISHED,
+    REPLY,
+];
+
+/// Rounds the samples of each size and path are split into.
+pub const ROUNDS: usize = 5;
 
 const CLIENT_BASE: u32 = u32::from_be_bytes([10, 244, 128, 0]);
 
+/// The `i`th client tuple: distinct for every sample of the whole run.
 fn client(i: usize) -> (Ipv4Addr, u16) {
     (
         Ipv4Addr::from(CLIENT_BASE + (i / 50_000) as u32),
@@ -34,24 +59,27 @@ fn client(i: usize) -> (Ipv4Addr, u16) {
     )
 }
 
-pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
-    let mut dp = Loaded::new()?;
-    dp.load_extra(NOOP_PROGRAM)?;
-    let backends: Vec<(Ipv4Addr, u16)> = (0..3).map(|i| (Ipv4Addr::new(10, 244, 0, 10 + i), 80)).collect();
-    let k = cfg.packet_samples;
-    let mut rows = Vec::new();
-    for &n in &cfg.packet_services {
-        progress(&format!("per-packet cost: {n} services"));
-        dp.program(&services_desired(n, &backends))?;
-        let target = service_vip(n - 1);
-        let mut summarize = |path: &'static str, ns: Vec<f64>| {
-            rows.push(Row {
-                services: n,
-                path,
-                median_ns: median(ns.clone()),
-                p90_ns: percentile(ns, 0.9),
-            });
-        };
+/// Somewhere no service is, for the no-match paths.
+fn elsewhere(i: usize) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, 200, (i / 250 % 250) as u8, (i % 250) as u8 + 1), 80)
+}
+
+/// One size's dataplane and where its next fresh tuples start.
+struct Sized {
+    services: usize,
+    dp: Loaded,
+    target: Ipv4Addr,
+    next_client: usize,
+    samples: Vec<Vec<f64>>,
+}
+
+impl Sized {
+    /// `count` samples of every path, each on tuples never used before.
+    fn measure(&mut self, count: usize, keep: bool) -> Result<()> {
+        let base = self.next_client;
+        self.next_client += count;
+        let dp = &self.dp;
+        let target = self.target;
         let one = |frame: &[u8], program: Option<&str>| -> Result<f64> {
             let r = match program {
                 Some(p) => dp.run_program(p, frame, 1)?,
@@ -59,41 +87,102 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
             };
             Ok(r.duration.as_nanos() as f64)
         };
-        let base = n * k; // fresh tuples for every size
         let syn = |i: usize| packet::tcp(client(base + i), (target, 80), TCP_SYN).frame();
-        let floor = (0..k)
-            .map(|i| one(&syn(i), Some(NOOP_PROGRAM)))
-            .collect::<Result<Vec<_>>>()?;
-        summarize(FLOOR, floor);
-        let elsewhere = |i: usize| (Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + 1), 80);
-        let no_match = (0..k)
-            .map(|i| one(&packet::tcp(client(base + i), elsewhere(i), TCP_ACK).frame(), None))
-            .collect::<Result<Vec<_>>>()?;
-        summarize(NO_MATCH, no_match);
-        let no_match_syn = (0..k)
-            .map(|i| one(&packet::tcp(client(base + i), elsewhere(i), TCP_SYN).frame(), None))
-            .collect::<Result<Vec<_>>>()?;
-        summarize(NO_MATCH_SYN, no_match_syn);
-        let mut chosen = Vec::with_capacity(k);
-        let mut new_flow = Vec::with_capacity(k);
-        for i in 0..k {
+        let mut ns: Vec<Vec<f64>> = vec![Vec::with_capacity(count); PATHS.len()];
+        for i in 0..count {
+            ns[0].push(one(&syn(i), Some(NOOP_PROGRAM))?);
+        }
+        // A connection's first packet finds the filter words for its tuples
+        // out of cache; its later packets find them where the first left
+        // them.
+        for i in 0..count {
+            ns[2].push(one(
+                &packet::tcp(client(base + i), elsewhere(base + i), TCP_SYN).frame(),
+                None,
+            )?);
+        }
+        for i in 0..count {
+            ns[1].push(one(
+                &packet::tcp(client(base + i), elsewhere(base + i), TCP_ACK).frame(),
+                None,
+            )?);
+        }
+        for i in 0..count {
+            let neighbour = (Ipv4Addr::new(10, 244, 0, 100 + (i % 100) as u8), client(base + i).1);
+            ns[3].push(one(
+                &packet::tcp(neighbour, elsewhere(base + i), TCP_SYN).frame(),
+                None,
+            )?);
+        }
+        let mut chosen = Vec::with_capacity(count);
+        for i in 0..count {
             let r = dp.run(&syn(i))?;
-            new_flow.push(r.duration.as_nanos() as f64);
+            ns[4].push(r.duration.as_nanos() as f64);
             let f = &r.frame;
             chosen.push((
                 Ipv4Addr::new(f[30], f[31], f[32], f[33]),
                 u16::from_be_bytes([f[36], f[37]]),
             ));
         }
-        summarize("new flow (SYN: select, track, DNAT)", new_flow);
-        let established = (0..k)
-            .map(|i| one(&packet::tcp(client(base + i), (target, 80), TCP_ACK).frame(), None))
-            .collect::<Result<Vec<_>>>()?;
-        summarize("established flow (tracked, DNAT)", established);
-        let reply = (0..k)
-            .map(|i| one(&packet::tcp(chosen[i], client(base + i), TCP_ACK).frame(), None))
-            .collect::<Result<Vec<_>>>()?;
-        summarize("reply (reverse NAT)", reply);
+        for i in 0..count {
+            ns[5].push(one(
+                &packet::tcp(client(base + i), (target, 80), TCP_ACK).frame(),
+                None,
+            )?);
+        }
+        for (i, &backend) in chosen.iter().enumerate() {
+            ns[6].push(one(&packet::tcp(backend, client(base + i), TCP_ACK).frame(), None)?);
+        }
+        if keep {
+            for (all, new) in self.samples.iter_mut().zip(ns) {
+                all.extend(new);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
+    // In 10.244.0.0/24, clients elsewhere: see `NO_MATCH_NEAR_BACKEND`.
+    let backends: Vec<(Ipv4Addr, u16)> = (0..3).map(|i| (Ipv4Addr::new(10, 244, 0, 10 + i), 80)).collect();
+    let mut sized = Vec::new();
+    for &n in &cfg.packet_services {
+        progress(&format!("per-packet cost: programming {n} services"));
+        let mut dp = Loaded::new()?;
+        dp.load_extra(NOOP_PROGRAM)?;
+        dp.program(&services_desired(n, &backends))?;
+        sized.push(Sized {
+            services: n,
+            dp,
+            target: service_vip(n - 1),
+            next_client: 0,
+            samples: vec![Vec::new(); PATHS.len()],
+        });
+    }
+    let per_round = cfg.packet_samples.div_ceil(ROUNDS);
+    for round in 0..=ROUNDS {
+        progress(&format!(
+            "per-packet cost: {}",
+            if round == 0 {
+                "warm-up round".to_string()
+            } else {
+                format!("round {round}/{ROUNDS}")
+            }
+        ));
+        for s in &mut sized {
+            s.measure(per_round, round > 0)?;
+        }
+    }
+    let mut rows = Vec::new();
+    for s in sized {
+        for (path, ns) in PATHS.iter().zip(s.samples) {
+            rows.push(Row {
+                services: s.services,
+                path,
+                median_ns: median(ns.clone()),
+                p90_ns: percentile(ns, 0.9),
+            });
+        }
     }
     Ok(rows)
 }
