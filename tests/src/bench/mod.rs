@@ -232,7 +232,7 @@ impl Report {
                 self.packets
                     .iter()
                     .find(|r| r.services == n && r.path == path)
-                    .map(|r| r.median_ns)
+                    .map(|r| r.trimmed_mean_ns)
             };
             let mut worst: Option<(f64, &str)> = None;
             for path in packets::PATHS.into_iter().filter(|&p| p != packets::FLOOR) {
@@ -319,7 +319,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included; that accounting costs two clock reads per program run, so it is on in the last round only, and only that round gives this column.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
             cfg.requests, cfg.concurrency, cfg.rounds
         );
         let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -347,10 +347,10 @@ impl Report {
             let _ = writeln!(md, "| {n} | {ipt:.2} s | {nft:.2} s |");
         }
 
-        let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. Tuples are fresh for every sample, so *new flow* really creates a flow and *established* really finds one. Each size has its own dataplane, programmed before any sample is taken; samples are taken in {} rounds that visit every size in turn, after a warm-up round that is not counted, so that drift of the machine over the run is shared by all sizes.\n", cfg.packet_samples, packets::ROUNDS);
+        let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. The clock advances in steps of about 10 ns here, so the ratios compare trimmed means (the middle 80% of samples), which resolve below a step; medians are shown too. Tuples are fresh for every sample, so *new flow* really creates a flow and *established* really finds one. Each size has its own dataplane, programmed before any sample is taken; samples are taken in {} rounds that visit every size in turn, after a warm-up round that is not counted, so that drift of the machine over the run is shared by all sizes.\n", cfg.packet_samples, packets::ROUNDS);
         let _ = writeln!(
             md,
-            "| services | path | median ns | p90 ns | vs same path at {} |\n|---:|---|---:|---:|---:|",
+            "| services | path | median ns | trimmed mean ns | p90 ns | vs same path at {} |\n|---:|---|---:|---:|---:|---:|",
             self.packets.first().map_or(0, |r| r.services)
         );
         for r in &self.packets {
@@ -358,15 +358,16 @@ impl Report {
                 .packets
                 .iter()
                 .find(|b| b.path == r.path)
-                .map_or(r.median_ns, |b| b.median_ns);
+                .map_or(r.trimmed_mean_ns, |b| b.trimmed_mean_ns);
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.2}x |",
+                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.2}x |",
                 r.services,
                 r.path,
                 r.median_ns,
+                r.trimmed_mean_ns,
                 r.p90_ns,
-                r.median_ns / base
+                r.trimmed_mean_ns / base
             );
         }
 
