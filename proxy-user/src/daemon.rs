@@ -86,6 +86,13 @@ impl Attacher {
 
 pub async fn run(config: Config) -> Result<()> {
     let mut ebpf = loader::load(&config.pin_dir)?;
+    // The pre-filter before any program is attached: one the load had to
+    // create anew (an older layout) must already pass every programmed
+    // service and tracked flow when the new programs see their first packet.
+    let mut maps = ServiceMaps::open(&config.pin_dir)?;
+    let flows = FlowMaps::open(&config.pin_dir)?;
+    maps.rebuild_filter(&flows)
+        .context("rebuilding the data path's pre-filter")?;
     // Links pinned by a previous run on interfaces that still exist are
     // taken over by `attach`; the others are stale.
     let existing: BTreeSet<String> = loader::interfaces().into_iter().collect();
@@ -106,8 +113,10 @@ pub async fn run(config: Config) -> Result<()> {
         }
         None => socket_lb::detach(&config.pin_dir)?,
     }
+    // Flows the programs replaced just now created since the rebuild.
+    maps.mark_tracked_backends(&flows)
+        .context("marking the backends of tracked flows")?;
 
-    let mut maps = ServiceMaps::open(&config.pin_dir)?;
     let syncer = Syncer::recover(&mut maps).context("reading the maps left by a previous run")?;
     tracing::info!(
         frontends = syncer.frontend_count(),
@@ -139,9 +148,6 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
 
-    let flows = FlowMaps::open(&config.pin_dir)?;
-    maps.rebuild_filter(&flows)
-        .context("rebuilding the data path's pre-filter")?;
     let mut sync = SyncLoop {
         maps,
         flows,

@@ -477,3 +477,78 @@ fn a_restart_keeps_the_marks_flows_need_and_drops_the_rest() {
     rebuild_filter(&dp);
     assert!(!backend_marked(&dp, chosen), "mark of a backend nothing reaches");
 }
+
+#[test]
+fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
+    let mut dp = loaded();
+    let syn = packet::tcp((CLIENT, 49000), (VIP, 80), TCP_SYN);
+    let chosen = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    // A load by the same build takes every pinned map as it is.
+    let inode = |name: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dp.pin_dir.join(name)).unwrap());
+    let names = [
+        proxy_common::map_name::FILTER,
+        proxy_common::map_name::CONNTRACK,
+        proxy_common::map_name::SERVICES,
+    ];
+    let before: Vec<u64> = names.iter().map(|n| inode(n)).collect();
+    let again = proxy_user::dataplane::loader::load(&dp.pin_dir).unwrap();
+    drop(again);
+    assert_eq!(
+        names.iter().map(|n| inode(n)).collect::<Vec<_>>(),
+        before,
+        "no map replaced"
+    );
+    // What an earlier build pinned: a smaller filter, not mappable.
+    let filter = dp.pin_dir.join(proxy_common::map_name::FILTER);
+    std::fs::remove_file(&filter).unwrap();
+    kpr_testbed::sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            filter.to_str().unwrap(),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "32768",
+            "name",
+            "FILTER",
+        ],
+    )
+    .unwrap();
+    assert!(ServiceMaps::open(&dp.pin_dir).is_err(), "the old layout cannot be used");
+    // The next daemon's load replaces it; its rebuild refills it from what
+    // is programmed and tracked.
+    dp.ebpf = proxy_user::dataplane::loader::load(&dp.pin_dir).unwrap();
+    rebuild_filter(&dp);
+    assert!(backend_marked(&dp, chosen), "the tracked flow's backend");
+    let reply = packet::tcp(chosen, (CLIENT, 49000), TCP_ACK);
+    expect_reverse_nat(&dp, "reply of a flow from before the upgrade", reply, (VIP, 80));
+    let ack = packet::tcp((CLIENT, 49000), (VIP, 80), TCP_ACK);
+    let expected = with_dst(
+        ack.clone(),
+        BackendAddr {
+            ip: chosen.0,
+            port: chosen.1,
+        },
+    )
+    .frame();
+    expect(
+        &dp,
+        "request of that flow",
+        &ack.frame(),
+        TC_ACT_OK,
+        &expected,
+        Stat::Established,
+    );
+    let new = packet::tcp((CLIENT, 49001), (VIP, 80), TCP_SYN);
+    assert_eq!(
+        dp.run(&new.frame()).unwrap().verdict,
+        TC_ACT_OK,
+        "a new flow to the service"
+    );
+}

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
+    maps::MapData,
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -23,6 +24,9 @@ use proxy_common::TC_PROGRAM;
 
 use super::{bpffs, EBPF_OBJECT};
 
+/// `BPF_F_MMAPABLE`: whether userspace may map the values.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 pub(crate) const LINK_DIR: &str = "links";
 const PROGRAM_PIN: &str = "prog_kpr_tc";
 
@@ -30,6 +34,7 @@ const PROGRAM_PIN: &str = "prog_kpr_tc";
 /// from an earlier run) and the classifier loaded and pinned.
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_dir)?;
+    unpin_incompatible_maps(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
@@ -44,6 +49,35 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .pin(&pin)
         .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
     Ok(ebpf)
+}
+
+/// Unpins every map an earlier build pinned with another layout (size,
+/// key, value or mappability), so that the load creates it anew instead of
+/// handing this build's programs a map they cannot use. The programs still
+/// running keep theirs until they are replaced. Returns the maps replaced.
+fn unpin_incompatible_maps(pin_dir: &Path) -> Result<Vec<String>> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    let mut replaced = Vec::new();
+    for (name, wanted) in &object.maps {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path).and_then(|m| m.info());
+        let compatible = pinned.is_ok_and(|p| {
+            p.map_type().is_ok_and(|t| t as u32 == wanted.map_type())
+                && p.key_size() == wanted.key_size()
+                && p.value_size() == wanted.value_size()
+                && p.max_entries() == wanted.max_entries()
+                && p.map_flags() & BPF_F_MMAPABLE == wanted.map_flags() & BPF_F_MMAPABLE
+        });
+        if !compatible {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            tracing::warn!(map = %name, "the pinned map has another layout (an older kpr?): created anew");
+            replaced.push(name.clone());
+        }
+    }
+    Ok(replaced)
 }
 
 fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

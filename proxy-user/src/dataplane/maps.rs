@@ -126,6 +126,26 @@ impl ServiceMaps {
         self.store_frontend_words(&frontends).context("writing FILTER")
     }
 
+    /// Marks the backend of every flow conntrack tracks. Only ORs, so it may
+    /// run beside the data path: after new programs took over from ones
+    /// that marked another filter (one of an older layout, replaced), for
+    /// the flows those created meanwhile.
+    pub fn mark_tracked_backends(&mut self, flows: &FlowMaps) -> Result<()> {
+        let mut replies = vec![0u64; FILTER_HALF_WORDS as usize];
+        for (key, entry) in flows.entries()? {
+            if entry.flags & NAT_REPLY != 0 {
+                add_tuple(&mut replies, key.src_addr, key.src_port, key.proto);
+            }
+        }
+        let backend_half = &self.shared.words()[BACKEND_HALF as usize..];
+        for (word, replies) in backend_half.iter().zip(&replies) {
+            if *replies != 0 {
+                word.fetch_or(*replies, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the data path looks up replies from this tuple (it has
     /// translated a flow to it, or a bit it shares).
     pub fn backend_marked(&self, addr: u32, port: u16, proto: u8) -> bool {
