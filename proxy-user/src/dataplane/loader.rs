@@ -54,10 +54,9 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
 /// Unpins every map an earlier build pinned with another layout (size,
 /// key, value or mappability), so that the load creates it anew instead of
 /// handing this build's programs a map they cannot use. The programs still
-/// running keep theirs until they are replaced. Returns the maps replaced.
-fn unpin_incompatible_maps(pin_dir: &Path) -> Result<Vec<String>> {
+/// running keep theirs until they are replaced.
+fn unpin_incompatible_maps(pin_dir: &Path) -> Result<()> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
-    let mut replaced = Vec::new();
     for (name, wanted) in &object.maps {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -74,10 +73,9 @@ fn unpin_incompatible_maps(pin_dir: &Path) -> Result<Vec<String>> {
         if !compatible {
             std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             tracing::warn!(map = %name, "the pinned map has another layout (an older kpr?): created anew");
-            replaced.push(name.clone());
         }
     }
-    Ok(replaced)
+    Ok(())
 }
 
 fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
