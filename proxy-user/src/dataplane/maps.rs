@@ -1,5 +1,8 @@
 //! Typed access to the pinned maps, for the daemon's syncer and for the CLI.
-use std::{path::Path, sync::atomic::Ordering};
+use std::{
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
@@ -34,52 +37,30 @@ fn add_tuple(half: &mut [u64], addr: u32, port: u16, proto: u8) {
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
-    filter: Array<MapData, u64>,
-    /// The filter's frontend half as written, so a mark costs a write only
-    /// when it adds a bit.
-    frontend_words: Vec<u64>,
-    /// The whole filter, shared with the data path, which sets backend bits.
-    shared: sys::SharedWords,
+    /// The filter, shared with the data path: the daemon alone writes the
+    /// frontend half, the data path sets backend bits.
+    filter: sys::SharedWords,
 }
 
 impl ServiceMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let filter: Array<MapData, u64> = Array::try_from(Map::Array(open(pin_dir, map_name::FILTER)?))?;
-        let shared = sys::SharedWords::map(filter.map().fd(), 2 * FILTER_HALF_WORDS as usize).with_context(|| {
+        let filter = open(pin_dir, map_name::FILTER)?;
+        let filter = sys::SharedWords::map(filter.fd(), 2 * FILTER_HALF_WORDS as usize).with_context(|| {
             format!(
                 "mapping {} into memory (pinned by an older kpr? `kpr uninstall` removes it)",
                 map_name::FILTER
             )
         })?;
-        let frontend_words = shared.words()[..FILTER_HALF_WORDS as usize]
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed))
-            .collect();
         Ok(Self {
             services: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::SERVICES)?))?,
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
             filter,
-            frontend_words,
-            shared,
         })
     }
 
-    /// Makes the frontend half hold `words`, writing the changed ones in one
-    /// batch. The cache follows what was written, also when only part of it
-    /// was.
-    fn store_frontend_words(&mut self, words: &[u64]) -> std::io::Result<()> {
-        let (indices, values): (Vec<u32>, Vec<u64>) = words
-            .iter()
-            .enumerate()
-            .filter(|(i, w)| **w != self.frontend_words[*i])
-            .map(|(i, w)| (i as u32, *w))
-            .unzip();
-        let result = sys::update_batch(self.filter.map().fd(), &indices, &values);
-        let written = result.as_ref().map_or_else(|(n, _)| *n, |()| indices.len());
-        for (index, word) in indices.iter().zip(&values).take(written) {
-            self.frontend_words[*index as usize] = *word;
-        }
-        result.map_err(|(_, e)| e)
+    /// The words of the half starting at `start`.
+    fn half(&self, start: u32) -> &[AtomicU64] {
+        &self.filter.words()[start as usize..(start + FILTER_HALF_WORDS) as usize]
     }
 
     /// Recomputes the pre-filter from what is programmed and what conntrack
@@ -92,9 +73,8 @@ impl ServiceMaps {
     /// meanwhile (it can only pick current backends) survives; bits of
     /// tracked flows are set, should the filter be newer than conntrack.
     pub fn rebuild_filter(&mut self, flows: &FlowMaps) -> Result<()> {
-        let mut frontends = vec![0u64; FILTER_HALF_WORDS as usize];
+        let (mut frontends, replies) = tracked_tuples(flows)?;
         let mut keep = vec![0u64; FILTER_HALF_WORDS as usize];
-        let mut replies = vec![0u64; FILTER_HALF_WORDS as usize];
         let services = self.services()?;
         let proto_of: std::collections::BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.id, k.proto)).collect();
         for (key, _) in &services {
@@ -111,19 +91,14 @@ impl ServiceMaps {
                 add_tuple(&mut keep, b.addr, b.port, proto);
             }
         }
-        for (key, entry) in flows.entries()? {
-            if entry.flags & NAT_REPLY != 0 {
-                add_tuple(&mut replies, key.src_addr, key.src_port, key.proto);
-            } else {
-                add_tuple(&mut frontends, key.dst_addr, key.dst_port, key.proto);
-            }
+        for (word, new) in self.half(FRONTEND_HALF).iter().zip(&frontends) {
+            word.store(*new, Ordering::SeqCst);
         }
-        let backend_half = &self.shared.words()[BACKEND_HALF as usize..];
-        for ((word, keep), replies) in backend_half.iter().zip(&keep).zip(&replies) {
+        for ((word, keep), replies) in self.half(BACKEND_HALF).iter().zip(&keep).zip(&replies) {
             word.fetch_and(keep | replies, Ordering::SeqCst);
             word.fetch_or(*replies, Ordering::SeqCst);
         }
-        self.store_frontend_words(&frontends).context("writing FILTER")
+        Ok(())
     }
 
     /// Marks the backend of every flow conntrack tracks. Only ORs, so it may
@@ -131,14 +106,8 @@ impl ServiceMaps {
     /// that marked another filter (one of an older layout, replaced), for
     /// the flows those created meanwhile.
     pub fn mark_tracked_backends(&mut self, flows: &FlowMaps) -> Result<()> {
-        let mut replies = vec![0u64; FILTER_HALF_WORDS as usize];
-        for (key, entry) in flows.entries()? {
-            if entry.flags & NAT_REPLY != 0 {
-                add_tuple(&mut replies, key.src_addr, key.src_port, key.proto);
-            }
-        }
-        let backend_half = &self.shared.words()[BACKEND_HALF as usize..];
-        for (word, replies) in backend_half.iter().zip(&replies) {
+        let (_, replies) = tracked_tuples(flows)?;
+        for (word, replies) in self.half(BACKEND_HALF).iter().zip(&replies) {
             if *replies != 0 {
                 word.fetch_or(*replies, Ordering::SeqCst);
             }
@@ -149,10 +118,10 @@ impl ServiceMaps {
     /// Whether the data path looks up replies from this tuple (it has
     /// translated a flow to it, or a bit it shares).
     pub fn backend_marked(&self, addr: u32, port: u16, proto: u8) -> bool {
-        filter_bits(addr, port, proto).into_iter().all(|bit| {
-            let word = &self.shared.words()[(BACKEND_HALF + (bit >> 6)) as usize];
-            word.load(Ordering::SeqCst) & (1u64 << (bit & 63)) != 0
-        })
+        let half = self.half(BACKEND_HALF);
+        filter_bits(addr, port, proto)
+            .into_iter()
+            .all(|bit| half[(bit >> 6) as usize].load(Ordering::SeqCst) & (1u64 << (bit & 63)) != 0)
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
@@ -190,6 +159,21 @@ impl ServiceMaps {
         out.sort_by_key(|(k, _, _)| (k.ip(), k.port(), k.proto));
         Ok(out)
     }
+}
+
+/// One pass over conntrack: the bits of the tuples its flows are addressed
+/// by (frontend half) and answered from (backend half).
+fn tracked_tuples(flows: &FlowMaps) -> Result<(Vec<u64>, Vec<u64>)> {
+    let mut frontends = vec![0u64; FILTER_HALF_WORDS as usize];
+    let mut replies = vec![0u64; FILTER_HALF_WORDS as usize];
+    for (key, entry) in flows.entries()? {
+        if entry.flags & NAT_REPLY != 0 {
+            add_tuple(&mut replies, key.src_addr, key.src_port, key.proto);
+        } else {
+            add_tuple(&mut frontends, key.dst_addr, key.dst_port, key.proto);
+        }
+    }
+    Ok((frontends, replies))
 }
 
 /// A lookup where "no such key" is an answer, not an error.
@@ -245,28 +229,11 @@ impl ServiceTable for ServiceMaps {
     }
 
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
+        let half = self.half(FRONTEND_HALF);
         for bit in filter_bits(key.addr, key.port, key.proto) {
-            let index = (FRONTEND_HALF + (bit >> 6)) as usize;
-            let word = self.frontend_words[index] | (1u64 << (bit & 63));
-            if word != self.frontend_words[index] {
-                self.filter
-                    .set(index as u32, word, 0)
-                    .map_err(table_err("writing FILTER"))?;
-                self.frontend_words[index] = word;
-            }
+            half[(bit >> 6) as usize].fetch_or(1u64 << (bit & 63), Ordering::SeqCst);
         }
         Ok(())
-    }
-
-    fn mark_all(&mut self, frontends: &[ServiceKey]) -> Result<(), TableError> {
-        let mut words = self.frontend_words.clone();
-        for key in frontends {
-            add_tuple(&mut words, key.addr, key.port, key.proto);
-        }
-        self.store_frontend_words(&words).map_err(|e| TableError {
-            op: "writing FILTER".into(),
-            reason: e.to_string(),
-        })
     }
 
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {

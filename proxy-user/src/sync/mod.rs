@@ -31,11 +31,6 @@ pub trait ServiceTable {
     /// translates a flow to it.)
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError>;
 
-    /// Many marks at once (a table may write each changed word only once).
-    fn mark_all(&mut self, frontends: &[ServiceKey]) -> Result<(), TableError> {
-        frontends.iter().try_for_each(|k| self.mark_frontend(k))
-    }
-
     /// Writes entries in order; on failure, how many were written first.
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
         put_each(entries, |k, v| self.put_backend(k, v))
@@ -243,7 +238,6 @@ impl Syncer {
                 )),
             }
         }
-        let frontends: Vec<ServiceKey> = staged.iter().map(|s| s.key).collect();
         let slots: Vec<(BackendKey, Backend)> = staged
             .iter()
             .flat_map(|s| {
@@ -259,7 +253,7 @@ impl Syncer {
             })
             .collect();
         // Nothing is written unless every filter bit is set first.
-        let marked = table.mark_all(&frontends).is_ok();
+        let marked = staged.iter().try_for_each(|s| table.mark_frontend(&s.key)).is_ok();
         let slots_written = if marked {
             table.put_backends(&slots).map_or_else(|(n, _)| n, |()| slots.len())
         } else {
