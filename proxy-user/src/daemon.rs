@@ -85,6 +85,23 @@ impl Attacher {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    // kube-proxy's health timeout: twice the sync period.
+    let telemetry = Telemetry::new(config.pin_dir.clone(), config.sync_period * 2);
+    // The watchers list the cluster (most of a cold start at scale) on the
+    // runtime's workers while the dataplane is loaded here; nothing is
+    // programmed before the sync loop starts below.
+    let state = Arc::new(Mutex::new(ClusterState::new(config.node_name.clone())));
+    let (changed, changes) = unbounded_channel();
+    match &config.source {
+        SourceConfig::Manifests { dir, poll } => {
+            tokio::spawn(watch_manifests(ManifestDir::new(dir), *poll, state.clone(), changed));
+        }
+        SourceConfig::Kube { kubeconfig } => {
+            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            source::kube::spawn_watchers(client, state.clone(), changed, telemetry.clone());
+        }
+    }
+
     let mut ebpf = loader::load(&config.pin_dir)?;
     // The pre-filter before any program is attached: one the load had to
     // create anew (an older layout) must already pass every programmed
@@ -125,8 +142,6 @@ pub async fn run(config: Config) -> Result<()> {
         "dataplane loaded"
     );
 
-    // kube-proxy's health timeout: twice the sync period.
-    let telemetry = Telemetry::new(config.pin_dir.clone(), config.sync_period * 2);
     for addr in [config.healthz_addr, config.metrics_addr].into_iter().flatten() {
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
@@ -134,18 +149,6 @@ pub async fn run(config: Config) -> Result<()> {
                 tracing::error!("{e:#}");
             }
         });
-    }
-
-    let state = Arc::new(Mutex::new(ClusterState::new(config.node_name.clone())));
-    let (changed, changes) = unbounded_channel();
-    match &config.source {
-        SourceConfig::Manifests { dir, poll } => {
-            tokio::spawn(watch_manifests(ManifestDir::new(dir), *poll, state.clone(), changed));
-        }
-        SourceConfig::Kube { kubeconfig } => {
-            let client = source::kube::client(kubeconfig.as_deref()).await?;
-            source::kube::spawn_watchers(client, state.clone(), changed, telemetry.clone());
-        }
     }
 
     let mut sync = SyncLoop {

@@ -209,8 +209,13 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
             Ok(Event::InitDone) => {
                 tracing::info!(resource = K::RESOURCE, objects = listing.len(), "listed");
                 let notices = K::replace(&mut state.lock().expect("state lock"), &listing);
-                listing = Vec::new();
-                release_freed_memory();
+                // Freeing a large listing takes tens of milliseconds that the
+                // first sync need not wait for.
+                let applied = std::mem::take(&mut listing);
+                tokio::task::spawn_blocking(move || {
+                    drop(applied);
+                    release_freed_memory();
+                });
                 if !listed {
                     listed = true;
                     unlisted.fetch_sub(1, Ordering::SeqCst);
