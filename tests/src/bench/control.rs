@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use proxy_common::{BackendKey, ServiceKey, IPPROTO_TCP};
 use serde_json::json;
 
-use super::{datapath::load_rules, median, percentile, rules, service_vip, BenchConfig};
+use super::{datapath::load_rules, median, percentile, quiet, rules, service_vip, BenchConfig};
 use crate::{netns::Netns, unique_id, Cluster, ClusterSpec};
 
 #[derive(Debug, Default)]
@@ -166,6 +166,7 @@ fn cold_start_and_changes(cfg: &BenchConfig, progress: &dyn Fn(&str), mut result
         cluster.api().apply_json(slice_json(i, &eps))?;
     }
     let want = format!("endpoints={}", n * per);
+    quiet::settle(progress);
     let started = Instant::now();
     cluster.start_daemon()?;
     loop {

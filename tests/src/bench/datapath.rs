@@ -20,7 +20,7 @@ use proxy_user::{
     sync::Syncer,
 };
 
-use super::{ab, median, nginx::Nginx, nginx::HTTP_PORT, rules, service_vip, services_desired, BenchConfig};
+use super::{ab, median, nginx::Nginx, nginx::HTTP_PORT, quiet, rules, service_vip, services_desired, BenchConfig};
 use crate::{sh, Cluster, ClusterSpec};
 
 /// A cluster with nginx in its three backend pods.
@@ -399,6 +399,8 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
             .chain(Config::COMPARED.into_iter().filter(|c| compared || c.is_kpr()))
             .collect();
         let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
+        // Loading rules and maps for this size leaves work behind.
+        quiet::settle(progress);
         for round in 0..cfg.rounds {
             progress(&format!(
                 "connection rate: {n} services, round {}/{}",

@@ -6,6 +6,7 @@ pub mod control;
 pub mod datapath;
 pub mod nginx;
 pub mod packets;
+pub mod quiet;
 pub mod rules;
 
 use std::{fmt::Write, net::Ipv4Addr};
@@ -40,11 +41,13 @@ pub struct BenchConfig {
 impl BenchConfig {
     pub fn full() -> Self {
         BenchConfig {
-            requests: 20_000,
+            // Single runs stray by up to ±30% on this kind of shared VM, in
+            // bursts: many short paired runs resolve a few percent where a
+            // few long ones do not (25 x 5,000 requests gave medians within
+            // ±2% of each other where 7 x 20,000 spread over ±4%).
+            requests: 5_000,
             concurrency: 8,
-            // Single runs stray ±10-20% on this kind of shared VM; the
-            // median of seven paired rounds is what resolves a few percent.
-            rounds: 7,
+            rounds: 25,
             compared_services: vec![1, 1_000, 10_000],
             kpr_only_services: vec![100_000],
             packet_services: vec![1, 10_000, 100_000],
