@@ -6,6 +6,8 @@
 //! sit in the packet), so the data path compares them without swapping.
 #![no_std]
 
+pub mod checksum;
+
 use core::net::Ipv4Addr;
 
 /// Names of the maps in the eBPF object; also their file names under the pin
