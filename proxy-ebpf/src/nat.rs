@@ -71,8 +71,11 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_port: u
         new_addr as u64,
         BPF_F_PSEUDO_HDR as u64 | mangled | 4,
     )?;
-    ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled | 2)?;
-    ctx.store(port_off, &new_port, 0)?;
+    // Many services keep their port (80 to 80): two calls fewer.
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled | 2)?;
+        ctx.store(port_off, &new_port, 0)?;
+    }
     Ok(())
 }
 

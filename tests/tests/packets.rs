@@ -148,6 +148,40 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 }
 
 #[test]
+fn a_service_keeping_its_port_translates_only_the_address_with_exact_checksums() {
+    let mut dp = Loaded::new().expect("load the programs");
+    let same_port = BackendAddr {
+        ip: Ipv4Addr::new(10, 244, 0, 20),
+        port: 80,
+    };
+    dp.program(&desired(vec![
+        frontend(VIP, 80, Protocol::Tcp, &[same_port]),
+        frontend(VIP, 80, Protocol::Udp, &[same_port]),
+    ]))
+    .unwrap();
+    for (flags, stat) in [(TCP_SYN, Stat::NewFlow), (TCP_ACK, Stat::Established)] {
+        let request = packet::tcp((CLIENT, 40001), (VIP, 80), flags);
+        let expected = with_dst(request.clone(), same_port).frame();
+        expect(&dp, "TCP request", &request.frame(), TC_ACT_OK, &expected, stat);
+    }
+    let reply = packet::tcp((same_port.ip, 80), (CLIENT, 40001), TCP_SYN | TCP_ACK);
+    expect_reverse_nat(&dp, "TCP reply", reply, (VIP, 80));
+
+    let datagram = packet::udp((CLIENT, 40002), (VIP, 80));
+    let expected = with_dst(datagram.clone(), same_port).frame();
+    expect(
+        &dp,
+        "UDP request",
+        &datagram.frame(),
+        TC_ACT_OK,
+        &expected,
+        Stat::NewFlow,
+    );
+    let answer = packet::udp((same_port.ip, 80), (CLIENT, 40002));
+    expect_reverse_nat(&dp, "UDP reply", answer, (VIP, 80));
+}
+
+#[test]
 fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let dp = loaded();
     let query = packet::udp((CLIENT, 5000), (VIP, 53));
