@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use proxy_common::{checksum, IPPROTO_UDP};
 
-use crate::parse::{ptr_at, Packet};
+use crate::parse::{self, Packet};
 
 /// -EFAULT: the IPv4 header parsed before is no longer in the linear data
 /// (it cannot be; the verifier wants the check).
@@ -52,7 +52,8 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_port: u
     // Direct packet writes would save the rest, but a program that makes
     // any gets an unclone check (a helper call) before every packet, and
     // most packets here come from local TCP sockets, as clones.
-    let check = checksum::replace4(read_ip_check(ctx)?, old_addr, new_addr);
+    let old_check = parse::read(ctx.data(), ctx.data_end(), Packet::IP_CSUM_OFF).map_err(|_| HEADERS_GONE)?;
+    let check = checksum::replace4(old_check, old_addr, new_addr);
     ctx.store(Packet::IP_CSUM_OFF, &ChecksumAndAddresses { check, src, dst }, 0)?;
     // A UDP checksum of zero means "none" and must stay zero.
     let mangled = if pkt.proto == IPPROTO_UDP {
@@ -77,11 +78,4 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_port: u
         ctx.store(port_off, &new_port, 0)?;
     }
     Ok(())
-}
-
-#[inline(always)]
-fn read_ip_check(ctx: &TcContext) -> Result<u16, i64> {
-    let ptr = ptr_at::<u16>(ctx.data(), ctx.data_end(), Packet::IP_CSUM_OFF).ok_or(HEADERS_GONE)?;
-    // SAFETY: in bounds (checked above); packet data has no alignment guarantee.
-    Ok(unsafe { ptr.read_unaligned() })
 }

@@ -84,7 +84,7 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 }
 
 #[inline(always)]
-fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Result<T, ParseError> {
+pub fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Result<T, ParseError> {
     let ptr = ptr_at::<T>(data, data_end, offset).ok_or(ParseError::Truncated)?;
     // SAFETY: in bounds (checked above); packet data has no alignment guarantee.
     Ok(unsafe { ptr.read_unaligned() })

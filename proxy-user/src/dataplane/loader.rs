@@ -20,12 +20,10 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
+use aya_obj::generated::BPF_F_MMAPABLE;
 use proxy_common::TC_PROGRAM;
 
 use super::{bpffs, EBPF_OBJECT};
-
-/// `BPF_F_MMAPABLE`: whether userspace may map the values.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 pub(crate) const LINK_DIR: &str = "links";
 const PROGRAM_PIN: &str = "prog_kpr_tc";

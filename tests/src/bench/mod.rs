@@ -41,10 +41,10 @@ pub struct BenchConfig {
 impl BenchConfig {
     pub fn full() -> Self {
         BenchConfig {
-            // Single runs stray by up to ±30% on this kind of shared VM, in
-            // bursts: many short paired runs resolve a few percent where a
-            // few long ones do not (25 x 5,000 requests gave medians within
-            // ±2% of each other where 7 x 20,000 spread over ±4%).
+            // One direct run strays from the two around it by -36% to +49%
+            // on this kind of shared VM, in bursts: many short paired rounds
+            // resolve a few percent better than a few long ones in the same
+            // time (7 x 20,000 requests put kpr at 0.92-1.00x over runs).
             requests: 5_000,
             concurrency: 8,
             rounds: 25,
