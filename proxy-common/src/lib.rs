@@ -20,10 +20,18 @@ pub mod map_name {
     pub const STATS: &str = "STATS";
     pub const FILTER: &str = "FILTER";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const NODE: &str = "NODE";
 }
 
-/// Name of the TC classifier in the eBPF object.
+/// Name of the TC classifier in the eBPF object, for the ingress of the
+/// node's pod-facing interfaces: traffic from inside the cluster.
 pub const TC_PROGRAM: &str = "kpr_tc";
+/// The same stages at the ingress of the node's external interfaces:
+/// traffic from outside, to which externalTrafficPolicy and
+/// loadBalancerSourceRanges apply, and which is source-NATed when its
+/// backend is on another node.
+pub const TC_EXTERNAL_PROGRAM: &str = "kpr_tc_external";
 /// A classifier that does nothing, for benchmarks' floor.
 pub const NOOP_PROGRAM: &str = "kpr_noop";
 /// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
@@ -39,6 +47,20 @@ pub const MAX_SERVICES: u32 = 262_144;
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Tracked flows; each connection takes two entries (one per direction).
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Source ranges (loadBalancerSourceRanges) over all services.
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+
+/// Source ports of flows NATed to this node's address (externalTrafficPolicy
+/// Cluster with a backend on another node; hairpin). Above Linux's default
+/// ephemeral range (32768-60999) and the NodePort range (30000-32767), so a
+/// NATed flow never takes a port the node's own sockets use. A port is
+/// unique per (backend address, backend port, protocol), so each backend
+/// can have this many NATed flows from one node at once.
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_MAX: u16 = 65_535;
+/// How many ports a new flow tries before it counts as NAT exhaustion.
+pub const NAT_PORT_TRIES: u32 = 16;
+
 /// Sockets connected through the socket-level balancer whose service
 /// address `getpeername` restores (least recently connected evicted first).
 pub const MAX_SOCKET_PEERS: u32 = 262_144;
@@ -134,7 +156,55 @@ impl ServiceKey {
 }
 addr_port_accessors!(ServiceKey);
 
+/// What kind of address a frontend is: `ServiceValue::flags & SVC_KIND_MASK`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp = 0,
+    /// A node address at a `nodePort`.
+    NodePort = 1,
+    /// A `status.loadBalancer.ingress[].ip`.
+    LoadBalancer = 2,
+    /// A `spec.externalIPs[]` address.
+    ExternalIp = 3,
+}
+
+impl FrontendKind {
+    pub fn from_flags(flags: u32) -> Self {
+        match flags & SVC_KIND_MASK {
+            0 => FrontendKind::ClusterIp,
+            1 => FrontendKind::NodePort,
+            2 => FrontendKind::LoadBalancer,
+            _ => FrontendKind::ExternalIp,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "externalIP",
+        }
+    }
+}
+
+pub const SVC_KIND_MASK: u32 = 3;
+/// externalTrafficPolicy Local: traffic from outside the node uses slots
+/// `0..local_count` (this node's endpoints) and keeps its source address;
+/// with none, it is dropped.
+pub const SVC_EXTERNAL_LOCAL: u32 = 1 << 2;
+/// loadBalancerSourceRanges: traffic from outside is served only from the
+/// ranges in `SOURCE_RANGES` under this service's id.
+pub const SVC_SOURCE_RANGES: u32 = 1 << 3;
+
 /// Value of `SERVICES`.
+///
+/// The slots hold up to three groups, so that both endpoint sets of an
+/// externalTrafficPolicy Local frontend are ranges of one array: this
+/// node's endpoints that the cluster set lacks, those in both, then the
+/// cluster set's other ones. Traffic from outside under Local uses
+/// `0..local_count`; everything else `cluster_start..backend_count`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
@@ -145,7 +215,31 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// ClientIP affinity timeout in seconds; 0 means no affinity.
     pub affinity_timeout: u32,
+    /// `FrontendKind` and the `SVC_*` bits.
     pub flags: u32,
+    /// First slot of the cluster endpoint set.
+    pub cluster_start: u32,
+    /// Slots `0..local_count`: the local endpoint set (SVC_EXTERNAL_LOCAL).
+    pub local_count: u32,
+}
+
+impl ServiceValue {
+    pub fn kind(&self) -> FrontendKind {
+        FrontendKind::from_flags(self.flags)
+    }
+
+    /// The slots a new flow may take: `(first, count)`.
+    #[inline(always)]
+    pub fn slots(&self, from_outside: bool) -> (u32, u32) {
+        if from_outside && self.flags & SVC_EXTERNAL_LOCAL != 0 {
+            (0, self.local_count)
+        } else {
+            (
+                self.cluster_start,
+                self.backend_count.saturating_sub(self.cluster_start),
+            )
+        }
+    }
 }
 
 /// Key of `BACKENDS`.
@@ -156,6 +250,10 @@ pub struct BackendKey {
     pub slot: u32,
 }
 
+/// `Backend::flags`: the endpoint runs on this node, so traffic from
+/// outside reaches it without source NAT (the reply passes this node anyway).
+pub const BACKEND_LOCAL: u16 = 1;
+
 /// Value of `BACKENDS`: where a new flow of that service may be sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -164,16 +262,20 @@ pub struct Backend {
     pub addr: u32,
     /// Network order.
     pub port: u16,
-    pub _pad: u16,
+    pub flags: u16,
 }
 
 impl Backend {
-    pub fn new(addr: Ipv4Addr, port: u16) -> Self {
+    pub fn new(addr: Ipv4Addr, port: u16, local: bool) -> Self {
         Self {
             addr: addr_to_map(addr),
             port: port.to_be(),
-            _pad: 0,
+            flags: if local { BACKEND_LOCAL } else { 0 },
         }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.flags & BACKEND_LOCAL != 0
     }
 }
 addr_port_accessors!(Backend);
@@ -193,6 +295,15 @@ pub struct FlowKey {
 /// `NatEntry::flags`: the entry rewrites the source of replies (backend back
 /// to the service address) rather than the destination of requests.
 pub const NAT_REPLY: u8 = 1;
+/// The entry also rewrites the other end: a request's source becomes
+/// `nat_addr:nat_port` (this node, a NAT port), a reply's destination
+/// becomes `nat_addr:nat_port` (the client again).
+pub const NAT_SNAT: u8 = 2;
+/// After the rewrite the packet is sent out by a FIB lookup instead of
+/// through the stack: it carries one of the node's own addresses as its
+/// source (a NodePort's reply, a source-NATed request), which the stack
+/// would drop as martian on input.
+pub const NAT_REDIRECT: u8 = 4;
 
 /// Value of `CONNTRACK`: the address and port to write into the packet.
 #[repr(C)]
@@ -209,6 +320,32 @@ pub struct NatEntry {
     /// stands.
     pub service_id: u32,
     pub slot: u32,
+    /// With `NAT_SNAT`: the other address and port to write. Network order.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub _pad2: u16,
+}
+
+/// Data of a `SOURCE_RANGES` key (an LPM trie): the service id, matched
+/// whole, then the client address, matched by the range's prefix. The
+/// prefix length counts both: 32 + the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub service_id: u32,
+    /// Network order.
+    pub addr: u32,
+}
+
+/// Value of the one-entry `NODE` array: what the data path must know of
+/// the node it runs on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The address source-NATed flows leave with (the node's primary
+    /// address); 0 until the daemon knows it, and then nothing is NATed.
+    pub snat_addr: u32,
+    pub _pad: u32,
 }
 
 /// Value of `SOCKET_PEERS`, keyed by socket cookie: the service a socket
@@ -256,10 +393,17 @@ pub enum Stat {
     /// A TCP socket connecting to a service with no usable backend: left
     /// addressed to the service, whose packets the TC path then drops.
     SocketNoBackend = 10,
+    /// From outside a service's loadBalancerSourceRanges: dropped.
+    SourceDenied = 11,
+    /// externalTrafficPolicy Local and no endpoint on this node: dropped,
+    /// as kube-proxy does, so the load balancer's health check steers away.
+    NoLocalBackend = 12,
+    /// Every NAT port tried for a new source-NATed flow was taken: dropped.
+    NatExhausted = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NewFlow,
         Stat::Established,
@@ -272,6 +416,9 @@ impl Stat {
         Stat::Error,
         Stat::SocketConnect,
         Stat::SocketNoBackend,
+        Stat::SourceDenied,
+        Stat::NoLocalBackend,
+        Stat::NatExhausted,
     ];
 
     /// Whether the stat counts connections made through the socket-level
@@ -293,6 +440,9 @@ impl Stat {
             Stat::Error => "error",
             Stat::SocketConnect => "socket_connect",
             Stat::SocketNoBackend => "socket_no_backend",
+            Stat::SourceDenied => "source_denied",
+            Stat::NoLocalBackend => "no_local_backend",
+            Stat::NatExhausted => "nat_exhausted",
         }
     }
 }
@@ -309,4 +459,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for SocketPeer {}
+    unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for NodeConfig {}
 }

@@ -1,11 +1,18 @@
 //! Connection tracking: both directions of a translated flow, keyed by the
-//! tuple each direction's packets carry on arrival.
-use proxy_common::{Backend, FlowKey, NatEntry, NAT_REPLY};
+//! tuple each direction's packets carry on arrival; and the allocation of
+//! NAT ports for flows whose source is translated too.
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use proxy_common::{FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT};
 
 use crate::{
     maps::{self, CONNTRACK},
+    nat::Endpoint,
     parse::Packet,
 };
+
+/// `NatEntry::flags` of a request entry: its replies leave by the FIB
+/// (kept on the request so that a flow re-created from it keeps it too).
+pub const NAT_REPLY_REDIRECT: u8 = 8;
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
@@ -13,42 +20,151 @@ pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     unsafe { CONNTRACK.get(key).copied() }
 }
 
-/// Records a new flow from `pkt` to `backend` (chosen from `slot` of
-/// `service_id`): requests are sent to the backend, and the backend's replies
-/// are given the service address back.
-#[inline(always)]
-pub fn create(pkt: &Packet, service_id: u32, slot: u32, backend: &Backend) -> Result<(), i32> {
-    let request = pkt.flow_key();
-    let reply = FlowKey {
-        src_addr: backend.addr,
-        dst_addr: pkt.src,
-        src_port: backend.port,
-        dst_port: pkt.sport,
-        proto: pkt.proto,
+/// A flow's translation: where its requests go, with which source, and
+/// where the choice came from.
+pub struct Flow {
+    pub service_id: u32,
+    pub slot: u32,
+    pub backend: Endpoint,
+    /// The source requests leave with: the client's own, or this node's
+    /// address and a NAT port.
+    pub source: Endpoint,
+    /// Replies must leave by the FIB: their new source is one of this
+    /// node's addresses (a NodePort), or the request's was.
+    pub redirect_replies: bool,
+}
+
+impl Flow {
+    /// The flow an existing request entry describes.
+    pub fn of_entry(pkt: &Packet, entry: &NatEntry) -> Self {
+        let source = if entry.flags & NAT_SNAT != 0 {
+            Endpoint {
+                addr: entry.nat_addr,
+                port: entry.nat_port,
+            }
+        } else {
+            pkt.source()
+        };
+        Flow {
+            service_id: entry.service_id,
+            slot: entry.slot,
+            backend: Endpoint {
+                addr: entry.addr,
+                port: entry.port,
+            },
+            source,
+            redirect_replies: entry.flags & NAT_REPLY_REDIRECT != 0,
+        }
+    }
+
+    pub fn source_nated(&self, pkt: &Packet) -> bool {
+        self.source != pkt.source()
+    }
+}
+
+fn flow_key(src: Endpoint, dst: Endpoint, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: src.addr,
+        dst_addr: dst.addr,
+        src_port: src.port,
+        dst_port: dst.port,
+        proto,
         _pad: [0; 3],
-    };
-    let to_backend = NatEntry {
-        addr: backend.addr,
-        port: backend.port,
-        flags: 0,
-        _pad: 0,
-        service_id,
-        slot,
-    };
-    let to_service = NatEntry {
+    }
+}
+
+/// Records the reply direction of `flow` (`flags`: `BPF_NOEXIST` to claim a
+/// NAT port, which fails when another flow holds it).
+#[inline(always)]
+fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
+    let snat = flow.source_nated(pkt);
+    let mut nat_flags = NAT_REPLY;
+    if snat {
+        nat_flags |= NAT_SNAT;
+    }
+    if flow.redirect_replies {
+        nat_flags |= NAT_REDIRECT;
+    }
+    let to_client = NatEntry {
         addr: pkt.dst,
         port: pkt.dport,
-        flags: NAT_REPLY,
+        flags: nat_flags,
         _pad: 0,
-        service_id,
-        slot,
+        service_id: flow.service_id,
+        slot: flow.slot,
+        nat_addr: pkt.src,
+        nat_port: pkt.sport,
+        _pad2: 0,
     };
-    // Reply entry and its filter bit first: a reply can never arrive before
-    // the request it answers, so this order leaves no window in which it is
-    // missed.
-    CONNTRACK.insert(&reply, &to_service, 0)?;
-    maps::mark_backend(backend.addr, backend.port, pkt.proto);
-    CONNTRACK.insert(&request, &to_backend, 0)
+    CONNTRACK.insert(&flow_key(flow.backend, flow.source, pkt.proto), &to_client, flags)?;
+    maps::mark_backend(flow.backend.addr, flow.backend.port, pkt.proto);
+    Ok(())
+}
+
+#[inline(always)]
+fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
+    let mut flags = 0;
+    if flow.source_nated(pkt) {
+        flags |= NAT_SNAT | NAT_REDIRECT;
+    }
+    if flow.redirect_replies {
+        flags |= NAT_REPLY_REDIRECT;
+    }
+    let to_backend = NatEntry {
+        addr: flow.backend.addr,
+        port: flow.backend.port,
+        flags,
+        _pad: 0,
+        service_id: flow.service_id,
+        slot: flow.slot,
+        nat_addr: flow.source.addr,
+        nat_port: flow.source.port,
+        _pad2: 0,
+    };
+    CONNTRACK.insert(&pkt.flow_key(), &to_backend, BPF_ANY as u64)
+}
+
+/// Records both directions of `flow`, which keeps the source it has.
+/// Reply entry and its filter bit first: a reply can never arrive before
+/// the request it answers, so this order leaves no window in which it is
+/// missed.
+#[inline(always)]
+pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
+    insert_reply(pkt, flow, BPF_ANY as u64)?;
+    insert_request(pkt, flow)
+}
+
+/// Why a source-NATed flow could not be recorded.
+pub enum NatError {
+    /// Every port tried is held by another flow to the same backend.
+    Exhausted,
+    Map,
+}
+
+/// Records `flow` with its source translated to `node_addr` and a free NAT
+/// port: one whose reply tuple (backend -> node:port) no other flow holds,
+/// claimed atomically by the reply entry's insert. The search starts at a
+/// hash of the client's tuple, so clients spread over the range.
+#[inline(always)]
+pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
+    let range = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
+    let seed = (pkt.src ^ ((pkt.sport as u32) << 16) ^ pkt.dst ^ pkt.dport as u32).wrapping_mul(0x9E37_79B1);
+    let mut claimed = false;
+    for i in 0..NAT_PORT_TRIES {
+        let port = NAT_PORT_MIN + ((seed >> 16).wrapping_add(i.wrapping_mul(7919)) % range) as u16;
+        flow.source = Endpoint {
+            addr: node_addr,
+            port: port.to_be(),
+        };
+        if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        return Err(NatError::Exhausted);
+    }
+    insert_request(pkt, flow).map_err(|_| NatError::Map)
 }
 
 /// A new connection straight to an address that once answered for a
@@ -57,26 +173,24 @@ pub fn create(pkt: &Packet, service_id: u32, slot: u32, backend: &Backend) -> Re
 /// directions, so a later connection to the service starts afresh.
 #[inline(always)]
 pub fn forget_stale_flow(pkt: &Packet) {
-    let reply = FlowKey {
-        src_addr: pkt.dst,
-        dst_addr: pkt.src,
-        src_port: pkt.dport,
-        dst_port: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let reply = flow_key(pkt.destination(), pkt.source(), pkt.proto);
     let Some(stale) = lookup(&reply) else { return };
     if stale.flags & NAT_REPLY == 0 {
         return;
     }
     let _ = CONNTRACK.remove(&reply);
-    let request = FlowKey {
-        src_addr: pkt.src,
-        dst_addr: stale.addr,
-        src_port: pkt.sport,
-        dst_port: stale.port,
-        proto: pkt.proto,
-        _pad: [0; 3],
+    // The request as the client sent it.
+    let client = if stale.flags & NAT_SNAT != 0 {
+        Endpoint {
+            addr: stale.nat_addr,
+            port: stale.nat_port,
+        }
+    } else {
+        pkt.source()
     };
-    let _ = CONNTRACK.remove(&request);
+    let service = Endpoint {
+        addr: stale.addr,
+        port: stale.port,
+    };
+    let _ = CONNTRACK.remove(&flow_key(client, service, pkt.proto));
 }

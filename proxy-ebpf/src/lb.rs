@@ -1,9 +1,10 @@
 //! Service lookup and backend selection.
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use proxy_common::{Backend, BackendKey, NatEntry, ServiceKey, ServiceValue};
+use aya_ebpf::maps::lpm_trie::Key;
+use proxy_common::{Backend, BackendKey, NatEntry, ServiceKey, ServiceValue, SourceRange};
 
-use crate::maps::{BACKENDS, RR_CURSORS, SERVICES};
+use crate::maps::{BACKENDS, RR_CURSORS, SERVICES, SOURCE_RANGES};
 
 /// The service addressed by (address, port, protocol), all as the packet
 /// or socket holds them (network order).
@@ -19,10 +20,26 @@ pub fn lookup_service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     unsafe { SERVICES.get(&key).copied() }
 }
 
-/// Exact round-robin: every new flow of the service takes the next slot.
+/// Whether a client may reach a service with loadBalancerSourceRanges: an
+/// LPM lookup under the service's id, not a scan of its ranges.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue) -> Option<(u32, Backend)> {
-    if svc.backend_count == 0 {
+pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id,
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Exact round-robin: every new flow of the service takes the next slot of
+/// the endpoint set its origin uses (see `ServiceValue::slots`).
+#[inline(always)]
+pub fn select_backend(svc: &ServiceValue, from_outside: bool) -> Option<(u32, Backend)> {
+    let (first, count) = svc.slots(from_outside);
+    if count == 0 {
         return None;
     }
     let cursor = RR_CURSORS.get_ptr_mut(svc.id)?;
@@ -31,7 +48,7 @@ pub fn select_backend(svc: &ServiceValue) -> Option<(u32, Backend)> {
     // to one slot.
     // SAFETY: the pointer is a live array element; the add is atomic.
     let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-    let slot = (turn % svc.backend_count as u64) as u32;
+    let slot = first + (turn % count as u64) as u32;
     backend_at(svc.id, slot).map(|backend| (slot, backend))
 }
 

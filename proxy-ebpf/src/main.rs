@@ -19,24 +19,45 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{Backend, Stat, NAT_REPLY};
+use proxy_common::{
+    FrontendKind, NatEntry, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_SOURCE_RANGES,
+};
 
-use crate::parse::{Packet, ParseError, MAX_HEADERS};
+use crate::{
+    conntrack::{Flow, NatError},
+    nat::Endpoint,
+    parse::{Packet, ParseError, MAX_HEADERS},
+};
 
 /// What became of a packet: every packet is counted under exactly one stat.
 enum Verdict {
-    /// Translated; accepted.
+    /// Translated; accepted, for the stack to route.
     Translated(Stat),
+    /// Translated, to be sent out by the FIB (new source `src`, new
+    /// destination `dst`), bypassing the stack.
+    Redirected(Stat, u32, u32),
     /// Not ours: left untouched for whatever comes next on the hook.
     Untouched(Stat),
     Drop(Stat),
 }
 
+/// Ingress of the node's pod-facing interfaces: traffic from inside.
 #[classifier]
 pub fn kpr_tc(ctx: TcContext) -> i32 {
-    let verdict = process(&ctx);
-    let (stat, action) = match verdict {
+    run::<false>(&ctx)
+}
+
+/// Ingress of the node's external interfaces: traffic from outside.
+#[classifier]
+pub fn kpr_tc_external(ctx: TcContext) -> i32 {
+    run::<true>(&ctx)
+}
+
+#[inline(always)]
+fn run<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> i32 {
+    let (stat, action) = match process::<FROM_OUTSIDE>(ctx) {
         Verdict::Translated(s) => (s, TC_ACT_OK as i32),
+        Verdict::Redirected(s, src, dst) => (s, nat::forward_by_fib(ctx, src, dst)),
         Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),
         Verdict::Drop(s) => (s, TC_ACT_SHOT as i32),
     };
@@ -52,7 +73,7 @@ pub fn kpr_noop(_ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn process(ctx: &TcContext) -> Verdict {
+fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
     let pkt = match parse_packet(ctx) {
         Ok(pkt) => pkt,
         Err(ParseError::NotIpv4) => return Verdict::Untouched(Stat::NotIpv4),
@@ -72,20 +93,16 @@ fn process(ctx: &TcContext) -> Verdict {
 
     if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
         if entry.flags & NAT_REPLY != 0 {
-            return applied(nat::translate_src(ctx, &pkt, entry.addr, entry.port), Stat::Reply);
+            return reverse_translate(ctx, &pkt, &entry);
         }
         if !pkt.may_open_flow() || lb::still_selected(&entry) {
+            let flow = Flow::of_entry(&pkt, &entry);
             if pkt.is_syn() {
                 // A new connection keeping the tracked backend: record both
                 // directions again, in case one was evicted or forgotten.
-                let backend = Backend {
-                    addr: entry.addr,
-                    port: entry.port,
-                    _pad: 0,
-                };
-                let _ = conntrack::create(&pkt, entry.service_id, entry.slot, &backend);
+                let _ = conntrack::create(&pkt, &flow);
             }
-            return applied(nat::translate_dst(ctx, &pkt, entry.addr, entry.port), Stat::Established);
+            return translate(ctx, &pkt, &flow, Stat::Established);
         }
         // A new connection on a reused tuple whose backend has gone: choose
         // again below.
@@ -104,13 +121,83 @@ fn process(ctx: &TcContext) -> Verdict {
         }
         return Verdict::Untouched(Stat::NoMatch);
     };
-    let Some((slot, backend)) = lb::select_backend(&svc) else {
+    if FROM_OUTSIDE && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
+        return Verdict::Drop(Stat::SourceDenied);
+    }
+    let Some((slot, backend)) = lb::select_backend(&svc, FROM_OUTSIDE) else {
+        if FROM_OUTSIDE && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
+            return Verdict::Drop(Stat::NoLocalBackend);
+        }
         return Verdict::Drop(Stat::NoBackend);
     };
-    if conntrack::create(&pkt, svc.id, slot, &backend).is_err() {
+    let mut flow = Flow {
+        service_id: svc.id,
+        slot,
+        backend: Endpoint {
+            addr: backend.addr,
+            port: backend.port,
+        },
+        source: pkt.source(),
+        redirect_replies: svc.kind() == FrontendKind::NodePort,
+    };
+    // From outside to a backend on another node, the reply would go
+    // straight back to the client from there, with the wrong source: send
+    // it from this node instead (kube-proxy masquerades all such traffic;
+    // a local backend keeps the client's address). A pod reaching itself
+    // through its service would answer itself without ever leaving: send
+    // it from this node too (hairpin).
+    let needs_snat = (FROM_OUTSIDE && !backend.is_local()) || backend.addr == pkt.src;
+    if needs_snat {
+        flow.redirect_replies = true;
+        let Some(node) = maps::snat_addr() else {
+            return Verdict::Drop(Stat::Error);
+        };
+        match conntrack::create_nated(&pkt, &mut flow, node) {
+            Ok(()) => {}
+            Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
+            Err(NatError::Map) => return Verdict::Drop(Stat::Error),
+        }
+    } else if conntrack::create(&pkt, &flow).is_err() {
         return Verdict::Drop(Stat::Error);
     }
-    applied(nat::translate_dst(ctx, &pkt, backend.addr, backend.port), Stat::NewFlow)
+    translate(ctx, &pkt, &flow, Stat::NewFlow)
+}
+
+/// A request of a tracked (or just created) flow: to its backend, from the
+/// source the flow leaves with.
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
+    if nat::rewrite(ctx, pkt, flow.source, flow.backend).is_err() {
+        return Verdict::Drop(Stat::Error);
+    }
+    if flow.source_nated(pkt) {
+        return Verdict::Redirected(stat, flow.source.addr, flow.backend.addr);
+    }
+    Verdict::Translated(stat)
+}
+
+/// A backend's reply: from the address the client dialled, to the client.
+#[inline(always)]
+fn reverse_translate(ctx: &TcContext, pkt: &Packet, entry: &NatEntry) -> Verdict {
+    let service = Endpoint {
+        addr: entry.addr,
+        port: entry.port,
+    };
+    let client = if entry.flags & NAT_SNAT != 0 {
+        Endpoint {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+        }
+    } else {
+        pkt.destination()
+    };
+    if nat::rewrite(ctx, pkt, service, client).is_err() {
+        return Verdict::Drop(Stat::Error);
+    }
+    if entry.flags & NAT_REDIRECT != 0 {
+        return Verdict::Redirected(Stat::Reply, service.addr, client.addr);
+    }
+    Verdict::Translated(Stat::Reply)
 }
 
 /// Parses the headers from the linear part of the skb; only when they run
@@ -127,14 +214,6 @@ fn parse_packet(ctx: &TcContext) -> Result<Packet, ParseError> {
             parse::parse(ctx.data(), ctx.data_end())
         }
         parsed => parsed,
-    }
-}
-
-#[inline(always)]
-fn applied(result: Result<(), i64>, stat: Stat) -> Verdict {
-    match result {
-        Ok(()) => Verdict::Translated(stat),
-        Err(_) => Verdict::Drop(Stat::Error),
     }
 }
 

@@ -5,11 +5,12 @@ use core::intrinsics::{atomic_or, AtomicOrdering};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    filter_bits, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, SocketPeer, Stat, BACKEND_HALF,
-    FILTER_HALF_WORDS, FRONTEND_HALF, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS,
+    filter_bits, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey, ServiceValue, SocketPeer, SourceRange,
+    Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SOCKET_PEERS, MAX_SOURCE_RANGES,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -35,6 +36,20 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CON
 /// `CONNTRACK`.
 #[map]
 pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
+
+/// loadBalancerSourceRanges of every service that has them, by service id.
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// One entry: this node's configuration, written by the daemon.
+#[map]
+pub static NODE: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// The address source-NATed flows leave with; none until the daemon knows.
+#[inline(always)]
+pub fn snat_addr() -> Option<u32> {
+    NODE.get(0).map(|n| n.snat_addr).filter(|&a| a != 0)
+}
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

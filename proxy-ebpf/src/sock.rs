@@ -44,7 +44,7 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         return None;
     }
     let svc = lb::lookup_service(addr, port, IPPROTO_TCP)?;
-    let Some((_, backend)) = lb::select_backend(&svc) else {
+    let Some((_, backend)) = lb::select_backend(&svc, false) else {
         return Some(Stat::SocketNoBackend);
     };
     let peer = SocketPeer {

@@ -1,8 +1,8 @@
 //! The daemon: a source keeps the cluster state; the sync loop turns it into
 //! map contents; the attacher keeps the programs on the node's interfaces.
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,10 +14,12 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::{
     dataplane::{
-        loader,
+        loader::{self, Role},
         maps::{FlowMaps, ServiceMaps},
         socket_lb,
     },
+    healthcheck::HealthCheckServers,
+    model::topology::NodePortAddresses,
     source::{self, manifests::ManifestDir, state::ClusterState},
     sync::Syncer,
     telemetry::{self, labels, Telemetry},
@@ -36,6 +38,11 @@ pub struct Config {
     pub node_name: String,
     /// Interface names to attach to; a trailing `*` matches a prefix.
     pub interfaces: Vec<String>,
+    /// Of those, the ones traffic from outside arrives on, besides the ones
+    /// that hold one of the node's addresses.
+    pub external_interfaces: Vec<String>,
+    pub nodeport_addresses: NodePortAddresses,
+    pub node_port_range: std::ops::RangeInclusive<u16>,
     /// Syncs are at least this far apart; a burst of changes within it
     /// becomes one sync, and no change waits longer than this.
     pub min_sync_interval: Duration,
@@ -54,29 +61,62 @@ fn matches(patterns: &[String], iface: &str) -> bool {
     })
 }
 
-/// Keeps the classifier attached to every matching interface, including
-/// pods' veths that appear after start.
+/// Keeps the classifiers attached to every matching interface, including
+/// pods' veths that appear after start: the external one where traffic
+/// from outside arrives (an interface holding one of the node's addresses,
+/// or named by `--external-interfaces`), the pod one everywhere else.
 struct Attacher {
     patterns: Vec<String>,
-    attached: BTreeSet<String>,
+    external: Vec<String>,
+    attached: BTreeMap<String, Role>,
+    /// Interfaces left alone because they carry no Ethernet header (the
+    /// programs parse one), reported once.
+    not_ethernet: BTreeSet<String>,
 }
 
 impl Attacher {
-    fn refresh(&mut self, ebpf: &mut Ebpf, pin_dir: &Path) {
+    /// `addresses`: the interfaces' IPv4 addresses; `node_addrs`: the node's own.
+    fn refresh(&mut self, ebpf: &mut Ebpf, pin_dir: &Path, addresses: &[(String, Ipv4Addr)], node_addrs: &[Ipv4Addr]) {
         let present: BTreeSet<String> = loader::interfaces()
             .into_iter()
             .filter(|i| matches(&self.patterns, i))
             .collect();
-        for iface in present.difference(&self.attached.clone()) {
-            match loader::attach(ebpf, pin_dir, iface) {
+        for iface in &present {
+            if loader::link_type(iface) != Some(loader::ARPHRD_ETHER) {
+                if self.not_ethernet.insert(iface.clone()) {
+                    tracing::info!(
+                        %iface,
+                        link_type = ?loader::link_type(iface),
+                        "not attached: no Ethernet header (tun, WireGuard, IPIP); its traffic is handled where it enters or leaves as Ethernet"
+                    );
+                }
+                continue;
+            }
+            let holds_node_addr = addresses.iter().any(|(i, a)| i == iface && node_addrs.contains(a));
+            let role = if holds_node_addr || matches(&self.external, iface) {
+                Role::External
+            } else {
+                Role::Pods
+            };
+            if self.attached.get(iface) == Some(&role) {
+                continue;
+            }
+            match loader::attach(ebpf, pin_dir, iface, role) {
                 Ok(()) => {
-                    tracing::info!(%iface, "attached");
-                    self.attached.insert(iface.clone());
+                    tracing::info!(%iface, ?role, "attached");
+                    self.attached.insert(iface.clone(), role);
                 }
                 Err(e) => tracing::warn!(%iface, error = format!("{e:#}"), "cannot attach; will retry"),
             }
         }
-        for gone in self.attached.difference(&present).cloned().collect::<Vec<_>>() {
+        self.not_ethernet.retain(|i| present.contains(i));
+        for gone in self
+            .attached
+            .keys()
+            .filter(|i| !present.contains(*i))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             loader::forget(pin_dir, &gone);
             self.attached.remove(&gone);
             tracing::info!(iface = %gone, "interface gone");
@@ -90,7 +130,14 @@ pub async fn run(config: Config) -> Result<()> {
     // The watchers list the cluster (most of a cold start at scale) on the
     // runtime's workers while the dataplane is loaded here; nothing is
     // programmed before the sync loop starts below.
-    let state = Arc::new(Mutex::new(ClusterState::new(config.node_name.clone())));
+    let mut initial = ClusterState::with_node_settings(
+        config.node_name.clone(),
+        config.nodeport_addresses.clone(),
+        config.node_port_range.clone(),
+    );
+    let addresses = loader::interface_addresses();
+    initial.set_interface_addresses(addresses.iter().map(|(_, a)| *a).collect());
+    let state = Arc::new(Mutex::new(initial));
     let (changed, changes) = unbounded_channel();
     match &config.source {
         SourceConfig::Manifests { dir, poll } => {
@@ -120,9 +167,12 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let mut attacher = Attacher {
         patterns: config.interfaces.clone(),
-        attached: BTreeSet::new(),
+        external: config.external_interfaces.clone(),
+        attached: BTreeMap::new(),
+        not_ethernet: BTreeSet::new(),
     };
-    attacher.refresh(&mut ebpf, &config.pin_dir);
+    let node_addrs = state.lock().expect("state lock").node_addresses();
+    attacher.refresh(&mut ebpf, &config.pin_dir, &addresses, &node_addrs);
     match &config.socket_lb {
         Some(cgroup) => {
             socket_lb::attach(&mut ebpf, &config.pin_dir, cgroup)?;
@@ -156,7 +206,9 @@ pub async fn run(config: Config) -> Result<()> {
         flows,
         syncer,
         state,
+        health_checks: HealthCheckServers::new(telemetry.clone()),
         telemetry,
+        snat_addr: None,
     };
     sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
@@ -198,6 +250,9 @@ struct SyncLoop {
     syncer: Syncer,
     state: Arc<Mutex<ClusterState>>,
     telemetry: Arc<Telemetry>,
+    health_checks: HealthCheckServers,
+    /// What the data path was last told to source-NAT to.
+    snat_addr: Option<Option<Ipv4Addr>>,
 }
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -222,8 +277,21 @@ impl SyncLoop {
                 Some(at) = changes.recv() => pending.push(at),
                 _ = resync.tick() => full = true,
                 _ = attach.tick() => {
-                    attacher.refresh(ebpf, &config.pin_dir);
-                    continue;
+                    // The node's addresses decide the NodePorts' addresses
+                    // and which interfaces are external.
+                    let addresses = loader::interface_addresses();
+                    let (moved, node_addrs) = {
+                        let mut state = self.state.lock().expect("state lock");
+                        let before = state.nodeport_addresses().to_vec();
+                        state.set_interface_addresses(addresses.iter().map(|(_, a)| *a).collect());
+                        (state.nodeport_addresses() != before, state.node_addresses())
+                    };
+                    attacher.refresh(ebpf, &config.pin_dir, &addresses, &node_addrs);
+                    if !moved {
+                        continue;
+                    }
+                    tracing::info!(addresses = ?node_addrs, "the node's addresses changed");
+                    pending.push(Instant::now());
                 }
                 _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => retry = None,
                 _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -282,6 +350,9 @@ impl SyncLoop {
         for conflict in &changes.conflicts {
             tracing::warn!("rejected: {conflict}");
         }
+        for note in &changes.notes {
+            tracing::warn!("not served: {note}");
+        }
         let report = if full {
             self.syncer.sync(&state.desired(), &mut self.maps)
         } else {
@@ -294,7 +365,22 @@ impl SyncLoop {
             state.ignored_slices(),
             state.unsupported_ports(),
         );
+        let (snat_addr, health_checks) = (state.snat_addr(), state.health_checks());
         drop(state);
+        self.health_checks.update(health_checks);
+        if self.snat_addr != Some(snat_addr) {
+            match self.maps.set_snat_addr(snat_addr) {
+                Ok(()) => {
+                    tracing::info!(address = ?snat_addr, "source NAT address");
+                    self.snat_addr = Some(snat_addr);
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "cannot set the source NAT address");
+                    metrics.sync_errors.inc();
+                    return false;
+                }
+            }
+        }
         let removed_ids = report.removed_ids.iter().copied().collect();
         if let Err(e) = self.flows.forget_services(&removed_ids) {
             tracing::warn!(error = %e, "cannot clear the flows of removed services");

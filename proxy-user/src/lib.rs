@@ -6,6 +6,7 @@
 //! BPF maps; the programs in `proxy-ebpf` read them per packet.
 pub mod daemon;
 pub mod dataplane;
+pub mod healthcheck;
 pub mod model;
 pub mod source;
 pub mod sync;

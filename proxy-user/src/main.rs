@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use proxy_user::{
     daemon,
     dataplane::{loader, maps, socket_lb},
+    model::topology::NodePortAddresses,
     sync,
 };
 
@@ -23,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy daemon: against the Kubernetes API, or standalone with `--manifests`.
@@ -37,8 +40,23 @@ enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Interfaces to attach to (comma separated; `veth*` matches a prefix). Default: all but lo.
+        /// Interfaces without an Ethernet header (tun, WireGuard, IPIP) are left alone.
         #[arg(long, value_delimiter = ',', default_value = "*")]
         interfaces: Vec<String>,
+        /// Of those, the ones traffic from outside the cluster arrives on (comma
+        /// separated, `*` prefix patterns), besides those holding one of the
+        /// node's addresses, which always are. Every other one is pod-facing.
+        #[arg(long, value_delimiter = ',')]
+        external_interfaces: Vec<String>,
+        /// Which addresses NodePorts answer on: `primary` (the Node's
+        /// InternalIPs; kube-proxy's recommended setting) or comma-separated
+        /// CIDRs (the node's interface addresses within them).
+        #[arg(long, default_value = "primary")]
+        nodeport_addresses: String,
+        /// The API server's --service-node-port-range: a nodePort outside it
+        /// is reported and not served.
+        #[arg(long, default_value = "30000-32767")]
+        service_node_port_range: String,
         /// How often the manifest directory is checked, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
@@ -101,8 +119,20 @@ fn bind_address(value: &str, flag: &str) -> Result<Option<SocketAddr>> {
         .with_context(|| format!("{flag} {value:?} is not an address:port"))
 }
 
+/// kube-proxy's fallback node name: the hostname, lowercased.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_lowercase())
+}
+
+/// `30000-32767`
+fn port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
+    let parse = || -> Option<std::ops::RangeInclusive<u16>> {
+        let (low, high) = text.split_once('-')?;
+        let (low, high): (u16, u16) = (low.trim().parse().ok()?, high.trim().parse().ok()?);
+        (low >= 1 && low <= high).then_some(low..=high)
+    };
+    parse().with_context(|| format!("--service-node-port-range {text:?}: expected LOW-HIGH within 1-65535"))
 }
 
 fn main() -> Result<()> {
@@ -121,6 +151,9 @@ fn main() -> Result<()> {
             metrics_bind_address,
             socket_lb_cgroup,
             no_socket_lb,
+            external_interfaces,
+            nodeport_addresses,
+            service_node_port_range,
         } => {
             let source = match manifests {
                 Some(dir) => daemon::SourceConfig::Manifests {
@@ -134,6 +167,10 @@ fn main() -> Result<()> {
                 source,
                 node_name: node_name.unwrap_or_else(hostname),
                 interfaces,
+                external_interfaces,
+                nodeport_addresses: NodePortAddresses::parse(&nodeport_addresses)
+                    .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
+                node_port_range: port_range(&service_node_port_range)?,
                 min_sync_interval: Duration::from_millis(min_sync_interval_ms),
                 sync_period: Duration::from_secs(sync_period_s.max(1)),
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
@@ -153,12 +190,33 @@ fn main() -> Result<()> {
         Command::Services => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
             println!(
-                "{:<24} {:<5} {:>4} {:>8}  BACKENDS",
-                "FRONTEND", "PROTO", "ID", "AFFINITY"
+                "{:<24} {:<5} {:<12} {:>4} {:>8}  BACKENDS",
+                "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
             );
             for (key, value, backends) in maps.frontends()? {
                 let proto = sync::frontend(&key).map_or_else(|| key.proto.to_string(), |f| f.protocol.to_string());
-                let backends: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.ip(), b.port())).collect();
+                let local_only = value.flags & proxy_common::SVC_EXTERNAL_LOCAL != 0;
+                let backends: Vec<String> = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, b)| {
+                        // Under externalTrafficPolicy Local: which set each is in.
+                        let set = match (local_only, slot as u32) {
+                            (false, _) => "",
+                            (true, s) if s < value.cluster_start => " (outside only)",
+                            (true, s) if s < value.local_count => " (local)",
+                            (true, _) => " (inside only)",
+                        };
+                        format!("{}:{}{set}", b.ip(), b.port())
+                    })
+                    .collect();
+                let mut kind = value.kind().name().to_string();
+                if local_only {
+                    kind.push_str(",eTP=Local");
+                }
+                if value.flags & proxy_common::SVC_SOURCE_RANGES != 0 {
+                    kind.push_str(",ranges");
+                }
                 let affinity = match value.affinity_timeout {
                     0 => "-".to_string(),
                     t => format!("{t}s"),
@@ -169,9 +227,10 @@ fn main() -> Result<()> {
                     backends.join(", ")
                 };
                 println!(
-                    "{:<24} {:<5} {:>4} {:>8}  {}",
+                    "{:<24} {:<5} {:<12} {:>4} {:>8}  {}",
                     format!("{}:{}", key.ip(), key.port()),
                     proto,
+                    kind,
                     value.id,
                     affinity,
                     backends

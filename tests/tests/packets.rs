@@ -15,7 +15,7 @@ use proxy_user::{
     dataplane::maps::{FlowMaps, ServiceMaps},
     model::{
         objects::{ObjectName, Protocol},
-        BackendAddr, DesiredState, Frontend, FrontendState,
+        BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
     },
 };
 
@@ -28,6 +28,7 @@ fn backend(i: u8) -> BackendAddr {
     BackendAddr {
         ip: Ipv4Addr::new(10, 244, 0, 10 + i),
         port: 8080,
+        local: false,
     }
 }
 
@@ -39,8 +40,11 @@ fn frontend(ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[BackendAddr
                 namespace: "default".into(),
                 name: "web".into(),
             },
+            kind: FrontendKind::ClusterIp,
             backends: backends.iter().copied().collect(),
+            external_local: None,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         },
     )
 }
@@ -126,7 +130,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
     let syn = packet::tcp((CLIENT, 40000), (VIP, 80), TCP_SYN);
     let first = dp.run(&syn.frame()).unwrap();
     let (ip, port) = backend_of(&first.frame);
-    let chosen = BackendAddr { ip, port };
+    let chosen = BackendAddr { ip, port, local: false };
     assert!([backend(0), backend(1), backend(2)].contains(&chosen));
     assert_eq!(first.verdict, TC_ACT_OK);
     assert_eq!(hex(&first.frame), hex(&with_dst(syn, chosen).frame()), "SYN after DNAT");
@@ -153,6 +157,7 @@ fn a_service_keeping_its_port_translates_only_the_address_with_exact_checksums()
     let same_port = BackendAddr {
         ip: Ipv4Addr::new(10, 244, 0, 20),
         port: 80,
+        local: false,
     };
     dp.program(&desired(vec![
         frontend(VIP, 80, Protocol::Tcp, &[same_port]),
@@ -187,7 +192,7 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let query = packet::udp((CLIENT, 5000), (VIP, 53));
     let out = dp.run(&query.frame()).unwrap();
     let (ip, port) = backend_of(&out.frame);
-    let chosen = BackendAddr { ip, port };
+    let chosen = BackendAddr { ip, port, local: false };
     assert_eq!(hex(&out.frame), hex(&with_dst(query, chosen).frame()));
 
     let mut bare = packet::udp((CLIENT, 5001), (VIP, 53));
@@ -197,7 +202,7 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let out = dp.run(&bare.frame()).unwrap();
     let chosen = {
         let (ip, port) = backend_of(&out.frame);
-        BackendAddr { ip, port }
+        BackendAddr { ip, port, local: false }
     };
     let expected = with_dst(bare, chosen).frame();
     assert_eq!(
@@ -220,7 +225,10 @@ fn ip_options_are_skipped_and_kept() {
     let out = dp.run(&syn.frame()).unwrap();
     assert_eq!(out.verdict, TC_ACT_OK);
     let (ip, port) = backend_of(&out.frame);
-    assert_eq!(hex(&out.frame), hex(&with_dst(syn, BackendAddr { ip, port }).frame()));
+    assert_eq!(
+        hex(&out.frame),
+        hex(&with_dst(syn, BackendAddr { ip, port, local: false }).frame())
+    );
 }
 
 #[test]
@@ -438,7 +446,7 @@ fn established_connections_of_a_deleted_service_keep_working() {
         "request",
         &ack.frame(),
         TC_ACT_OK,
-        &with_dst(ack.clone(), BackendAddr { ip, port }).frame(),
+        &with_dst(ack.clone(), BackendAddr { ip, port, local: false }).frame(),
         Stat::Established,
     );
     let reply = packet::tcp((ip, port), (CLIENT, 46000), TCP_ACK);
@@ -568,6 +576,7 @@ fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
         BackendAddr {
             ip: chosen.0,
             port: chosen.1,
+            local: false,
         },
     )
     .frame();

@@ -21,15 +21,32 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::BPF_F_MMAPABLE;
-use proxy_common::TC_PROGRAM;
+use proxy_common::{TC_EXTERNAL_PROGRAM, TC_PROGRAM};
 
 use super::{bpffs, EBPF_OBJECT};
 
 pub(crate) const LINK_DIR: &str = "links";
-const PROGRAM_PIN: &str = "prog_kpr_tc";
+/// Which classifier an interface gets: where its traffic comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Pod-facing: traffic from inside the cluster (`kpr_tc`).
+    Pods,
+    /// External: traffic from outside (`kpr_tc_external`), to which
+    /// externalTrafficPolicy and loadBalancerSourceRanges apply.
+    External,
+}
+
+impl Role {
+    fn program(self) -> &'static str {
+        match self {
+            Role::Pods => TC_PROGRAM,
+            Role::External => TC_EXTERNAL_PROGRAM,
+        }
+    }
+}
 
 /// Loads the object with its maps at `pin_dir/<MAP>` (created, or reused
-/// from an earlier run) and the classifier loaded and pinned.
+/// from an earlier run) and both classifiers loaded and pinned.
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_dir)?;
     unpin_incompatible_maps(pin_dir)?;
@@ -37,15 +54,20 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
-    let program = classifier(&mut ebpf)?;
-    program
-        .load()
-        .context("loading the TC classifier (the verifier rejected it?)")?;
-    let pin = pin_dir.join(PROGRAM_PIN);
-    let _ = std::fs::remove_file(&pin);
-    program
-        .pin(&pin)
-        .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
+    for role in [Role::Pods, Role::External] {
+        let program = classifier(&mut ebpf, role)?;
+        program.load().with_context(|| {
+            format!(
+                "loading the TC classifier {} (the verifier rejected it?)",
+                role.program()
+            )
+        })?;
+        let pin = pin_dir.join(format!("prog_{}", role.program()));
+        let _ = std::fs::remove_file(&pin);
+        program
+            .pin(&pin)
+            .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
+    }
     Ok(ebpf)
 }
 
@@ -76,10 +98,11 @@ fn unpin_incompatible_maps(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+fn classifier(ebpf: &mut Ebpf, role: Role) -> Result<&mut SchedClassifier> {
+    let name = role.program();
     let program = ebpf
-        .program_mut(TC_PROGRAM)
-        .with_context(|| format!("the eBPF object has no program {TC_PROGRAM}"))?;
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?;
     Ok(program.try_into()?)
 }
 
@@ -87,13 +110,14 @@ fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join(LINK_DIR).join(format!("tc_ingress_{iface}"))
 }
 
-/// Attaches the classifier at the ingress of `iface`. A link pinned by an
-/// earlier run is updated in place (no moment without a program); otherwise
-/// a new TCX link is created and pinned.
-pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
+/// Attaches the classifier of `role` at the ingress of `iface`. A link
+/// pinned by an earlier run is updated in place (no moment without a
+/// program, also when the interface changes role); otherwise a new TCX link
+/// is created and pinned.
+pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, role: Role) -> Result<()> {
     let path = link_path(pin_dir, iface);
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let program = classifier(ebpf)?;
+    let program = classifier(ebpf, role)?;
     let link_id = match PinnedLink::from_pin(&path) {
         Ok(old) => {
             let link = SchedClassifierLink::try_from(FdLink::from(old))?;
@@ -104,7 +128,7 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
                     // pod's veth recreated under the same name): start over.
                     tracing::debug!(%iface, error = %e, "stale link pin, attaching anew");
                     std::fs::remove_file(&path)?;
-                    return attach(ebpf, pin_dir, iface);
+                    return attach(ebpf, pin_dir, iface, role);
                 }
             }
         }
@@ -164,6 +188,48 @@ pub fn interfaces() -> Vec<String> {
     }
     names
 }
+
+/// The IPv4 addresses of the current network namespace's interfaces,
+/// loopback excepted.
+pub fn interface_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list that freeifaddrs releases below; each
+    // entry's address, when present, is a sockaddr of its family.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let name = CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned();
+                if !ip.is_loopback() {
+                    out.push((name, ip));
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// The link type of an interface (`/sys/class/net/<iface>/type`):
+/// `ARPHRD_ETHER` (1) for Ethernet and veth; tun, WireGuard and IPIP
+/// devices carry no Ethernet header.
+pub fn link_type(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/type"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub const ARPHRD_ETHER: u32 = 1;
 
 /// Removes every pin (links first, which detaches the programs); the maps
 /// and programs go away with their last reference.

@@ -7,14 +7,21 @@ use std::{
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
+};
 use proxy_common::{
-    filter_bits, map_name, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue, Stat, BACKEND_HALF,
-    FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
+    addr_from_map, addr_to_map, filter_bits, map_name, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey,
+    ServiceValue, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP,
+    NAT_REPLY,
 };
 
 use super::sys;
-use crate::sync::{ServiceTable, TableError};
+use crate::{
+    model::objects::Cidr,
+    sync::{ServiceTable, TableError},
+};
 
 fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     let path = pin_dir.join(name);
@@ -40,6 +47,18 @@ pub struct ServiceMaps {
     /// The filter, shared with the data path: the daemon alone writes the
     /// frontend half, the data path sets backend bits.
     filter: sys::SharedWords,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    node: Array<MapData, NodeConfig>,
+}
+
+fn range_key(service_id: u32, range: &Cidr) -> Key<SourceRange> {
+    Key::new(
+        32 + range.prefix as u32,
+        SourceRange {
+            service_id,
+            addr: addr_to_map(range.network()),
+        },
+    )
 }
 
 impl ServiceMaps {
@@ -55,7 +74,23 @@ impl ServiceMaps {
             services: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::SERVICES)?))?,
             backends: HashMap::try_from(Map::HashMap(open(pin_dir, map_name::BACKENDS)?))?,
             filter,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin_dir, map_name::SOURCE_RANGES)?))?,
+            node: Array::try_from(Map::Array(open(pin_dir, map_name::NODE)?))?,
         })
+    }
+
+    /// The address flows are source-NATed to (none: nothing is NATed).
+    pub fn set_snat_addr(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
+        let config = NodeConfig {
+            snat_addr: addr.map_or(0, addr_to_map),
+            _pad: 0,
+        };
+        Ok(self.node.set(0, config, 0)?)
+    }
+
+    pub fn snat_addr(&self) -> Result<Option<std::net::Ipv4Addr>> {
+        let config = self.node.get(&0, 0)?;
+        Ok((config.snat_addr != 0).then(|| addr_from_map(config.snat_addr)))
     }
 
     /// The words of the half starting at `start`.
@@ -234,6 +269,35 @@ impl ServiceTable for ServiceMaps {
             half[(bit >> 6) as usize].fetch_or(1u64 << (bit & 63), Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, Cidr)>, TableError> {
+        let mut out = Vec::new();
+        for entry in self.source_ranges.iter() {
+            let (key, _) = entry.map_err(table_err("reading SOURCE_RANGES"))?;
+            let data = key.data();
+            out.push((
+                data.service_id,
+                Cidr {
+                    addr: addr_from_map(data.addr),
+                    prefix: key.prefix_len().saturating_sub(32) as u8,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError> {
+        self.source_ranges
+            .insert(&range_key(service_id, range), 1, 0)
+            .map_err(table_err("writing SOURCE_RANGES"))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError> {
+        match self.source_ranges.remove(&range_key(service_id, range)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(table_err("deleting from SOURCE_RANGES")(e)),
+        }
     }
 
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {

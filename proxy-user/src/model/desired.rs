@@ -11,7 +11,7 @@ use super::{objects::ObjectName, objects::Rejection, Claim, DesiredState, Fronte
 /// incremental result always equals a from-scratch one.
 #[derive(Default)]
 pub struct DesiredTracker {
-    claims: BTreeMap<Frontend, BTreeMap<ObjectName, (usize, FrontendState)>>,
+    claims: BTreeMap<Frontend, BTreeMap<ObjectName, (String, FrontendState)>>,
     by_service: BTreeMap<ObjectName, Vec<Frontend>>,
     endpoints: usize,
 }
@@ -39,7 +39,7 @@ impl DesiredTracker {
             self.claims
                 .entry(claim.frontend)
                 .or_default()
-                .insert(service.clone(), (claim.port_index, claim.state));
+                .insert(service.clone(), (claim.field, claim.state));
             self.endpoints -= before;
             self.endpoints += self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
             changed.insert(claim.frontend);
@@ -67,10 +67,10 @@ impl DesiredTracker {
         let Some((owner, _)) = iter.next() else {
             return Vec::new();
         };
-        iter.map(|(loser, (port_index, _))| Rejection {
+        iter.map(|(loser, (field, _))| Rejection {
             kind: "Service",
             object: loser.clone(),
-            field: format!("spec.ports[{port_index}]"),
+            field: field.clone(),
             reason: format!("{frontend} is already served for Service {owner}"),
         })
         .collect()

@@ -13,7 +13,7 @@ use std::{
 use super::topology::Policy;
 use k8s_openapi::{
     api::{
-        core::v1::Service,
+        core::v1::{Node, Service},
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -106,6 +106,21 @@ pub struct ServiceInfo {
     /// ClientIP affinity timeout in seconds, when affinity is on.
     pub affinity_timeout: Option<u32>,
     pub policy: Policy,
+    /// Whether `ports[].nodePort` are served (type NodePort or LoadBalancer).
+    pub node_ports: bool,
+    /// `spec.externalIPs`, IPv4 ones.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, IPv4 ones, without those whose
+    /// `ipMode` is `Proxy` (the load balancer delivers to the node itself).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges`, IPv4 ones; empty: every source.
+    pub source_ranges: Vec<Cidr>,
+    /// `spec.healthCheckNodePort`, for an externalTrafficPolicy Local
+    /// LoadBalancer.
+    pub health_check_node_port: Option<u16>,
+    /// Parts of a usable object that are not programmed, each once per
+    /// report: `(field, why)`.
+    pub notes: Vec<(String, String)>,
 }
 
 /// A named port, of a Service or of an EndpointSlice.
@@ -115,6 +130,78 @@ pub struct PortInfo {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// A Service port's `nodePort`, when it has one.
+    pub node_port: Option<u16>,
+}
+
+/// An IPv4 range, as `loadBalancerSourceRanges` and `--nodeport-addresses`
+/// give them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+
+    /// The network's first address: what an LPM key holds.
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) & mask)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A CIDR as Kubernetes writes one (surrounding spaces tolerated, as
+/// kube-proxy does), as its network (`10.0.0.1/8` is `10.0.0.0/8`);
+/// `Ok(None)` for a valid IPv6 one.
+pub fn parse_cidr(text: &str) -> Result<Option<Cidr>, String> {
+    let text = text.trim();
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|_| format!("{text:?}: the prefix length is not a number"))?;
+    match parse_ip(addr) {
+        Some(IpAddr::V4(addr)) if prefix <= 32 => Ok(Some(Cidr {
+            addr: Cidr { addr, prefix }.network(),
+            prefix,
+        })),
+        Some(IpAddr::V4(_)) => Err(format!("{text:?}: prefix length {prefix} is over 32")),
+        Some(IpAddr::V6(_)) if prefix <= 128 => Ok(None),
+        _ => Err(format!("{text:?} is not a CIDR (address/prefix)")),
+    }
+}
+
+/// An IP address as kube-proxy reads one: leniently, so an IPv4 address
+/// with leading zeros in a part (`010.0.0.1`, which the API server's legacy
+/// validation lets through) is read as decimal, as Go's old parser did.
+pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = IpAddr::from_str(text) {
+        return Some(ip);
+    }
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() != 4 {
+        return None;
+    }
+    let mut octets = [0u8; 4];
+    for (octet, part) in octets.iter_mut().zip(&parts) {
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    Some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +224,38 @@ pub struct EndpointInfo {
     /// Topology hints: the zones and nodes this endpoint is meant for.
     pub zone_hints: Vec<String>,
     pub node_hints: Vec<String>,
+}
+
+/// What the proxy reads of a Node: its zone (topology hints) and its
+/// InternalIPs (`--nodeport-addresses primary`, the SNAT address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub zone: Option<String>,
+    pub internal_ips: Vec<Ipv4Addr>,
+}
+
+/// The node label topology hints refer to.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+impl NodeInfo {
+    /// Addresses that do not parse are skipped: a Node is never rejected.
+    pub fn from_k8s(node: &Node) -> Self {
+        NodeInfo {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            zone: label(&node.metadata, ZONE_LABEL).cloned(),
+            internal_ips: node
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| match parse_ip(&a.address) {
+                    Some(IpAddr::V4(v4)) => Some(v4),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What became of a Service that is valid but not ours to program.
@@ -184,6 +303,7 @@ fn port_info(
         name: name.cloned().unwrap_or_default(),
         port,
         protocol,
+        node_port: None,
     }))
 }
 
@@ -192,7 +312,7 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
 }
 
 impl ServiceInfo {
-    /// One line per port this dataplane does not serve.
+    /// One line per part of the Service this dataplane does not program.
     pub fn unsupported_notes(&self) -> Vec<String> {
         self.unsupported_ports
             .iter()
@@ -202,6 +322,11 @@ impl ServiceInfo {
                     self.name
                 )
             })
+            .chain(
+                self.notes
+                    .iter()
+                    .map(|(field, why)| format!("Service {}: {field}: {why}", self.name)),
+            )
             .collect()
     }
 
@@ -231,10 +356,10 @@ impl ServiceInfo {
         }
         let mut cluster_ips = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
-            match IpAddr::from_str(ip) {
-                Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => {
+            match parse_ip(ip) {
+                Some(IpAddr::V4(v4)) => cluster_ips.push(v4),
+                Some(IpAddr::V6(_)) => {}
+                None => {
                     let at = if ips.len() > 1 || field == "spec.clusterIPs" {
                         format!("{field}[{i}]")
                     } else {
@@ -247,15 +372,78 @@ impl ServiceInfo {
         if cluster_ips.is_empty() {
             return Ok(Err(Skipped::NoIpv4ClusterIp));
         }
+        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports = type_ == "NodePort" || type_ == "LoadBalancer";
         let mut ports = Vec::new();
         let mut unsupported_ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{i}]");
             match port_info(&reject, &field, p.name.as_ref(), Some(p.port), p.protocol.as_deref())? {
-                Some(port) => ports.push(port),
+                Some(mut port) => {
+                    port.node_port = match p.node_port {
+                        None | Some(0) => None,
+                        Some(n @ 1..=65535) => Some(n as u16),
+                        Some(n) => {
+                            return Err(
+                                reject.at(format!("{field}.nodePort"), format!("port {n} is out of range 1-65535"))
+                            )
+                        }
+                    };
+                    ports.push(port)
+                }
                 None => unsupported_ports.push(field),
             }
         }
+        let mut notes = Vec::new();
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            match parse_ip(ip) {
+                Some(IpAddr::V4(v4)) => external_ips.push(v4),
+                Some(IpAddr::V6(_)) => {}
+                None => return Err(reject.at(format!("spec.externalIPs[{i}]"), format!("{ip:?} is not an IP address"))),
+            }
+        }
+        let mut load_balancer_ips = Vec::new();
+        if type_ == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for (i, ingress) in ingress.into_iter().flatten().enumerate() {
+                let field = format!("status.loadBalancer.ingress[{i}]");
+                let Some(ip) = &ingress.ip else {
+                    if let Some(host) = &ingress.hostname {
+                        notes.push((
+                            field,
+                            format!("hostname {host:?} without an ip: nothing to program (the load balancer resolves it itself)"),
+                        ));
+                    }
+                    continue;
+                };
+                if ingress.ip_mode.as_deref() == Some("Proxy") {
+                    continue;
+                }
+                match parse_ip(ip) {
+                    Some(IpAddr::V4(v4)) => load_balancer_ips.push(v4),
+                    Some(IpAddr::V6(_)) => {}
+                    None => return Err(reject.at(format!("{field}.ip"), format!("{ip:?} is not an IP address"))),
+                }
+            }
+        }
+        let mut source_ranges = Vec::new();
+        for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            match parse_cidr(range) {
+                Ok(Some(cidr)) => source_ranges.push(cidr),
+                Ok(None) => {}
+                Err(e) => return Err(reject.at(format!("spec.loadBalancerSourceRanges[{i}]"), e)),
+            }
+        }
+        let health_check_node_port = match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(n @ 1..=65535) => Some(n as u16),
+            Some(n) => return Err(reject.at("spec.healthCheckNodePort", format!("port {n} is out of range 1-65535"))),
+        };
         let affinity_timeout = match spec.session_affinity.as_deref() {
             None | Some("None") => None,
             Some("ClientIP") => {
@@ -291,19 +479,26 @@ impl ServiceInfo {
             policy: Policy {
                 internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
                 external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-                externally_accessible: spec
-                    .type_
-                    .as_deref()
-                    .is_some_and(|t| t == "NodePort" || t == "LoadBalancer")
-                    || spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty()),
+                externally_accessible: node_ports || !external_ips.is_empty(),
             },
+            node_ports,
+            external_ips,
+            load_balancer_ips,
+            source_ranges,
+            health_check_node_port,
+            notes,
         }))
     }
 }
 
 impl EndpointSliceInfo {
-    /// `Ok(None)`: a valid slice of another address family or FQDNs, which
-    /// this dataplane does not program.
+    /// `Ok(None)`: a slice this dataplane does not program: another address
+    /// family, FQDNs, or no `kubernetes.io/service-name` label (kube-proxy
+    /// ignores such a slice: it belongs to no Service).
+    ///
+    /// Read as kube-proxy reads slices (endpointslicecache.go): a port
+    /// without a number and an endpoint without addresses are skipped, not
+    /// the whole slice.
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, Rejection> {
         let reject = Reject {
             kind: "EndpointSlice",
@@ -312,12 +507,9 @@ impl EndpointSliceInfo {
         if reject.object.name.is_empty() {
             return Err(reject.at("metadata.name", "name is missing"));
         }
-        let service = label(&slice.metadata, SERVICE_NAME_LABEL).cloned().ok_or_else(|| {
-            reject.at(
-                format!("metadata.labels[{SERVICE_NAME_LABEL:?}]"),
-                "the label naming the slice's Service is missing",
-            )
-        })?;
+        let Some(service) = label(&slice.metadata, SERVICE_NAME_LABEL).cloned() else {
+            return Ok(None);
+        };
         match slice.address_type.as_str() {
             "IPv4" => {}
             "IPv6" | "FQDN" => return Ok(None),
@@ -328,6 +520,7 @@ impl EndpointSliceInfo {
             .iter()
             .flatten()
             .enumerate()
+            .filter(|(_, p)| p.port.is_some_and(|n| n != 0))
             .map(|(i, p)| {
                 port_info(
                     &reject,
@@ -345,6 +538,7 @@ impl EndpointSliceInfo {
             .iter()
             .flatten()
             .enumerate()
+            .filter(|(_, e)| !e.addresses.is_empty())
             .map(|(i, e)| endpoint(&reject, i, e))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(EndpointSliceInfo {
@@ -361,18 +555,14 @@ fn endpoint(reject: &Reject, i: usize, e: &Endpoint) -> Result<EndpointInfo, Rej
         .addresses
         .iter()
         .enumerate()
-        .map(|(j, a)| {
-            Ipv4Addr::from_str(a).map_err(|_| {
-                reject.at(
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{a:?} is not an IPv4 address"),
-                )
-            })
+        .map(|(j, a)| match parse_ip(a) {
+            Some(IpAddr::V4(v4)) => Ok(v4),
+            _ => Err(reject.at(
+                format!("endpoints[{i}].addresses[{j}]"),
+                format!("{a:?} is not an IPv4 address"),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if addresses.is_empty() {
-        return Err(reject.at(format!("endpoints[{i}].addresses"), "an endpoint needs an address"));
-    }
     let c = e.conditions.as_ref();
     // kube-proxy's reading of the conditions: nil ready and nil serving mean
     // true, nil terminating means false.

@@ -20,7 +20,7 @@ fn objects(yaml: &str) -> (Vec<ServiceInfo>, Vec<EndpointSliceInfo>) {
                 }
             }
             Document::EndpointSlice(s) => slices.extend(EndpointSliceInfo::from_k8s(&s).unwrap()),
-            Document::Other(_) => {}
+            Document::Node(_) | Document::Other(_) => {}
         }
     }
     (services, slices)
@@ -34,6 +34,8 @@ fn state(yaml: &str) -> DesiredState {
         &NodeTopology {
             name: "node-a".into(),
             zone: Some("zone-a".into()),
+            nodeport_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            ..Default::default()
         },
     )
 }
@@ -253,22 +255,40 @@ fn slice_rejection(yaml: &str) -> Rejection {
 #[test]
 fn invalid_objects_are_rejected_naming_the_field() {
     let cases: Vec<(Rejection, &str)> = vec![
-        (service_rejection(&svc("web", "10.96.0.1", "  - {name: http, port: 0}\n")), "Service default/web: spec.ports[0].port: port 0 is out of range 1-65535"),
         (
-            service_rejection(&svc("web", "10.96.0.1", "  - {name: a, port: 80}\n  - {name: b, port: 70000}\n")),
+            service_rejection(&svc("web", "10.96.0.1", "  - {name: http, port: 0}\n")),
+            "Service default/web: spec.ports[0].port: port 0 is out of range 1-65535",
+        ),
+        (
+            service_rejection(&svc(
+                "web",
+                "10.96.0.1",
+                "  - {name: a, port: 80}\n  - {name: b, port: 70000}\n",
+            )),
             "Service default/web: spec.ports[1].port: port 70000 is out of range 1-65535",
         ),
-        (service_rejection(&svc("web", "10.96.0.300", HTTP)), "Service default/web: spec.clusterIP: \"10.96.0.300\" is not an IP address"),
+        (
+            service_rejection(&svc("web", "10.96.0.300", HTTP)),
+            "Service default/web: spec.clusterIP: \"10.96.0.300\" is not an IP address",
+        ),
         (
             service_rejection(&svc("web", "10.96.0.1", "  - {name: http, port: 80, protocol: HTTP}\n")),
             "Service default/web: spec.ports[0].protocol: unknown protocol \"HTTP\" (expected TCP, UDP or SCTP)",
         ),
         (
-            service_rejection(&(svc("web", "10.96.0.1", HTTP) + "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}\n")),
+            service_rejection(
+                &(svc("web", "10.96.0.1", HTTP)
+                    + "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}\n"),
+            ),
             "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 90000 is out of range 1-86400",
         ),
         (
-            slice_rejection(&slice("web-a", "web", "- {name: http, port: 65536}\n", &ep("10.0.0.1", ""))),
+            slice_rejection(&slice(
+                "web-a",
+                "web",
+                "- {name: http, port: 65536}\n",
+                &ep("10.0.0.1", ""),
+            )),
             "EndpointSlice default/web-a: ports[0].port: port 65536 is out of range 1-65535",
         ),
         (
@@ -276,8 +296,26 @@ fn invalid_objects_are_rejected_naming_the_field() {
             "EndpointSlice default/web-a: endpoints[0].addresses[0]: \"10.0.0.256\" is not an IPv4 address",
         ),
         (
-            slice_rejection(&slice("web-a", "web", SLICE_HTTP_8080, &ep("10.0.0.1", "")).replace("  labels: {kubernetes.io/service-name: web}\n", "")),
-            "EndpointSlice default/web-a: metadata.labels[\"kubernetes.io/service-name\"]: the label naming the slice's Service is missing",
+            service_rejection(
+                &(svc("web", "10.96.0.1", HTTP)
+                    + "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8, 192.168.1.0/33]\n"),
+            ),
+            "Service default/web: spec.loadBalancerSourceRanges[1]: \"192.168.1.0/33\": prefix length 33 is over 32",
+        ),
+        (
+            service_rejection(&(svc("web", "10.96.0.1", HTTP) + "  loadBalancerSourceRanges: [everyone]\n")),
+            "Service default/web: spec.loadBalancerSourceRanges[0]: \"everyone\" is not a CIDR (address/prefix)",
+        ),
+        (
+            service_rejection(&(svc("web", "10.96.0.1", HTTP) + "  externalIPs: [203.0.113.300]\n")),
+            "Service default/web: spec.externalIPs[0]: \"203.0.113.300\" is not an IP address",
+        ),
+        (
+            service_rejection(
+                &svc("web", "10.96.0.1", "  - {name: http, port: 80, nodePort: 70000}\n")
+                    .replace("spec:\n", "spec:\n  type: NodePort\n"),
+            ),
+            "Service default/web: spec.ports[0].nodePort: port 70000 is out of range 1-65535",
         ),
     ];
     for (got, want) in cases {
@@ -310,4 +348,268 @@ fn skipped_services_say_why() {
     };
     assert_eq!(skipped(&svc("h", "None", HTTP)), Skipped::Headless);
     assert_eq!(skipped(&svc("v6", "fd00::1", HTTP)), Skipped::NoIpv4ClusterIp);
+}
+
+/// A Service of `type` with nodePort 30080 on port 80, its slice's
+/// endpoints on node-a (10.0.0.1, 10.0.0.2) and node-b (10.0.0.3).
+fn external(extra_spec: &str, status: &str) -> String {
+    svc("web", "10.96.0.1", "  - {name: http, port: 80, nodePort: 30080}\n")
+        .replace("spec:\n", &format!("spec:\n{extra_spec}"))
+        + status
+        + &slice(
+            "web-a",
+            "web",
+            SLICE_HTTP_8080,
+            "- addresses: [10.0.0.1]\n  nodeName: node-a\n- addresses: [10.0.0.2]\n  nodeName: node-a\n- addresses: [10.0.0.3]\n  nodeName: node-b\n",
+        )
+}
+
+/// Frontend -> (kind, backends for inside, backends for outside).
+fn external_table(state: &DesiredState) -> Vec<(String, &'static str, Vec<String>, Vec<String>)> {
+    let names =
+        |set: &std::collections::BTreeSet<super::BackendAddr>| set.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    state
+        .frontends
+        .iter()
+        .map(|(f, s)| {
+            let outside = s.external_local.as_ref().unwrap_or(&s.backends);
+            (f.to_string(), s.kind.name(), names(&s.backends), names(outside))
+        })
+        .collect()
+}
+
+#[test]
+fn external_frontends_table() {
+    let all = || {
+        vec![
+            "10.0.0.1:8080".to_string(),
+            "10.0.0.2:8080".into(),
+            "10.0.0.3:8080".into(),
+        ]
+    };
+    let local = || vec!["10.0.0.1:8080".to_string(), "10.0.0.2:8080".into()];
+    let lb_status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 203.0.113.10\n    - hostname: lb.example.com\n    - ip: 203.0.113.11\n      ipMode: Proxy\n";
+    struct Case {
+        name: &'static str,
+        yaml: String,
+        want: Vec<(String, &'static str, Vec<String>, Vec<String>)>,
+    }
+    let cases = vec![
+        Case {
+            name: "ClusterIP type: the nodePort field is not served",
+            yaml: external("", ""),
+            want: vec![("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all())],
+        },
+        Case {
+            name: "NodePort: on each node address, cluster endpoints from everywhere",
+            yaml: external("  type: NodePort\n", ""),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all()),
+                ("192.0.2.1:30080/TCP".into(), "NodePort", all(), all()),
+            ],
+        },
+        Case {
+            name: "LoadBalancer: ingress IPs (not hostname-only, not ipMode Proxy) at the service port",
+            yaml: external("  type: LoadBalancer\n", lb_status),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all()),
+                ("192.0.2.1:30080/TCP".into(), "NodePort", all(), all()),
+                ("203.0.113.10:80/TCP".into(), "LoadBalancer", all(), all()),
+            ],
+        },
+        Case {
+            name: "allocateLoadBalancerNodePorts false: no nodePort, no NodePort frontend",
+            yaml: external(
+                "  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n",
+                lb_status,
+            )
+            .replace(", nodePort: 30080", ""),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all()),
+                ("203.0.113.10:80/TCP".into(), "LoadBalancer", all(), all()),
+            ],
+        },
+        Case {
+            name: "externalIPs on a ClusterIP service",
+            yaml: external("  externalIPs: [198.51.100.7]\n", ""),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all()),
+                ("198.51.100.7:80/TCP".into(), "externalIP", all(), all()),
+            ],
+        },
+        Case {
+            name: "externalTrafficPolicy Local: outside uses this node's endpoints, inside all of them",
+            yaml: external("  type: LoadBalancer\n  externalTrafficPolicy: Local\n", lb_status),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all()),
+                ("192.0.2.1:30080/TCP".into(), "NodePort", all(), local()),
+                ("203.0.113.10:80/TCP".into(), "LoadBalancer", all(), local()),
+            ],
+        },
+        Case {
+            name: "internalTrafficPolicy Local: the ClusterIP is local, external addresses are not",
+            yaml: external("  type: NodePort\n  internalTrafficPolicy: Local\n", ""),
+            want: vec![
+                ("10.96.0.1:80/TCP".into(), "ClusterIP", local(), local()),
+                ("192.0.2.1:30080/TCP".into(), "NodePort", all(), all()),
+            ],
+        },
+        Case {
+            name: "a nodePort outside the node port range is not served",
+            yaml: external("  type: NodePort\n", "").replace("nodePort: 30080", "nodePort: 8080"),
+            want: vec![("10.96.0.1:80/TCP".into(), "ClusterIP", all(), all())],
+        },
+    ];
+    for case in cases {
+        assert_eq!(external_table(&state(&case.yaml)), case.want, "case: {}", case.name);
+    }
+}
+
+#[test]
+fn external_frontends_know_their_locality_and_source_ranges() {
+    let yaml = external(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [' 198.51.100.0/24 ', 10.1.2.3/8]\n",
+        "status:\n  loadBalancer:\n    ingress:\n    - ip: 203.0.113.10\n",
+    );
+    let state = state(&yaml);
+    let lb = state
+        .frontends
+        .values()
+        .find(|s| s.kind == super::FrontendKind::LoadBalancer)
+        .unwrap();
+    let ranges: Vec<String> = lb.source_ranges.iter().map(|c| c.to_string()).collect();
+    assert_eq!(ranges, ["198.51.100.0/24", "10.0.0.0/8"], "trimmed, as networks");
+    let local: Vec<bool> = lb.backends.iter().map(|b| b.local).collect();
+    assert_eq!(local, [true, true, false], "10.0.0.1 and .2 run on node-a");
+    let node_port = state
+        .frontends
+        .values()
+        .find(|s| s.kind == super::FrontendKind::NodePort)
+        .unwrap();
+    assert!(
+        node_port.source_ranges.is_empty(),
+        "source ranges apply to LoadBalancer IPs only"
+    );
+}
+
+#[test]
+fn what_a_node_cannot_serve_is_noted_once_per_field() {
+    let (services, _) = objects(
+        &(external(
+            "  type: LoadBalancer\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - hostname: lb.example.com\n",
+        )
+        .replace("nodePort: 30080", "nodePort: 8080")),
+    );
+    let node = NodeTopology::default();
+    assert_eq!(
+        super::service_notes(&services[0], &node),
+        vec![(
+            "spec.ports[0].nodePort".to_string(),
+            "8080 is outside the node port range 30000-32767: not served".to_string()
+        )]
+    );
+    assert_eq!(
+        services[0].unsupported_notes(),
+        vec!["Service default/web: status.loadBalancer.ingress[0]: hostname \"lb.example.com\" without an ip: nothing to program (the load balancer resolves it itself)".to_string()]
+    );
+}
+
+#[test]
+fn health_checks_count_ready_local_endpoints() {
+    let yaml = external(
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+        "",
+    )
+    .replace(
+        "- addresses: [10.0.0.2]\n  nodeName: node-a\n",
+        "- addresses: [10.0.0.2]\n  nodeName: node-a\n  conditions: {ready: false, serving: true, terminating: true}\n",
+    );
+    let (services, slices) = objects(&yaml);
+    let slices: Vec<&EndpointSliceInfo> = slices.iter().collect();
+    let on = |name: &str| NodeTopology {
+        name: name.into(),
+        ..Default::default()
+    };
+    let check = super::health_check(&services[0], &slices, &on("node-a")).unwrap();
+    assert_eq!(
+        (check.port, check.local_endpoints),
+        (32000, 1),
+        "the terminating one does not count"
+    );
+    assert_eq!(
+        super::health_check(&services[0], &slices, &on("node-b"))
+            .unwrap()
+            .local_endpoints,
+        1
+    );
+    assert_eq!(
+        super::health_check(&services[0], &slices, &on("node-c"))
+            .unwrap()
+            .local_endpoints,
+        0
+    );
+    let cluster = yaml.replace("  externalTrafficPolicy: Local\n", "");
+    let (services, _) = objects(&cluster);
+    assert!(
+        super::health_check(&services[0], &slices, &on("node-a")).is_none(),
+        "Cluster policy: no health check"
+    );
+}
+
+/// kube-proxy's endpointslicecache.go: what it skips is skipped, not the
+/// whole slice; what it ignores is ignored, not rejected.
+#[test]
+fn slices_are_read_as_kube_proxy_reads_them() {
+    struct Case {
+        name: &'static str,
+        yaml: String,
+        want: Vec<(String, Vec<String>)>,
+    }
+    let cases = vec![
+        Case {
+            name: "a slice port without a number is skipped, the others serve",
+            yaml: svc(
+                "web",
+                "10.96.0.1",
+                "  - {name: http, port: 80}\n  - {name: alt, port: 81}\n",
+            ) + &slice(
+                "web-a",
+                "web",
+                "- {name: http, port: 8080}\n- {name: alt}\n- {name: alt, port: 0}\n",
+                &ep("10.0.0.1", ""),
+            ),
+            want: vec![
+                row("10.96.0.1:80/TCP", &["10.0.0.1:8080"]),
+                row("10.96.0.1:81/TCP", &[]),
+            ],
+        },
+        Case {
+            name: "an endpoint without addresses is skipped, the others serve",
+            yaml: svc("web", "10.96.0.1", HTTP)
+                + &slice(
+                    "web-a",
+                    "web",
+                    SLICE_HTTP_8080,
+                    &(String::from("- addresses: []\n") + &ep("10.0.0.2", "")),
+                ),
+            want: vec![row("10.96.0.1:80/TCP", &["10.0.0.2:8080"])],
+        },
+        Case {
+            name: "a slice without the service-name label belongs to no Service: ignored",
+            yaml: svc("web", "10.96.0.1", HTTP)
+                + &slice("web-a", "web", SLICE_HTTP_8080, &ep("10.0.0.1", ""))
+                    .replace("  labels: {kubernetes.io/service-name: web}\n", ""),
+            want: vec![row("10.96.0.1:80/TCP", &[])],
+        },
+        Case {
+            name: "addresses with leading zeros are read as kube-proxy reads them",
+            yaml: svc("web", "010.096.000.001", HTTP)
+                + &slice("web-a", "web", SLICE_HTTP_8080, &ep("010.000.000.007", "")),
+            want: vec![row("10.96.0.1:80/TCP", &["10.0.0.7:8080"])],
+        },
+    ];
+    for case in cases {
+        assert_eq!(table(&state(&case.yaml)), case.want, "case: {}", case.name);
+    }
 }

@@ -34,11 +34,80 @@ impl Policy {
 }
 
 /// Where this proxy runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeTopology {
     pub name: String,
     /// The node's `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// The addresses NodePorts answer on (`--nodeport-addresses`, resolved).
+    pub nodeport_addresses: Vec<std::net::Ipv4Addr>,
+    /// `--service-node-port-range`: a nodePort outside it is not served.
+    pub node_port_range: std::ops::RangeInclusive<u16>,
+}
+
+/// `--nodeport-addresses`: which of the node's addresses NodePorts answer on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The Node object's InternalIP(s) (kube-proxy's `primary`, the default
+    /// it recommends); the interfaces' addresses until the Node is known.
+    #[default]
+    Primary,
+    /// The node's interface addresses within these ranges.
+    Cidrs(Vec<super::objects::Cidr>),
+}
+
+impl NodePortAddresses {
+    /// `primary`, or a comma-separated list of CIDRs.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "primary" {
+            return Ok(NodePortAddresses::Primary);
+        }
+        let mut cidrs = Vec::new();
+        for part in text.split(',') {
+            if let Some(cidr) = super::objects::parse_cidr(part)? {
+                cidrs.push(cidr);
+            }
+        }
+        if cidrs.is_empty() {
+            return Err(format!("{text:?}: no IPv4 CIDR (or `primary`)"));
+        }
+        Ok(NodePortAddresses::Cidrs(cidrs))
+    }
+
+    /// The addresses, given the Node's InternalIPs and the addresses of the
+    /// node's interfaces.
+    pub fn resolve(
+        &self,
+        internal_ips: &[std::net::Ipv4Addr],
+        interfaces: &[std::net::Ipv4Addr],
+    ) -> Vec<std::net::Ipv4Addr> {
+        let mut addrs: Vec<std::net::Ipv4Addr> = match self {
+            NodePortAddresses::Primary if !internal_ips.is_empty() => internal_ips.to_vec(),
+            NodePortAddresses::Primary => interfaces.to_vec(),
+            NodePortAddresses::Cidrs(cidrs) => interfaces
+                .iter()
+                .copied()
+                .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+                .collect(),
+        };
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+}
+
+/// kube-apiserver's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+impl Default for NodeTopology {
+    fn default() -> Self {
+        NodeTopology {
+            name: String::new(),
+            zone: None,
+            nodeport_addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -132,6 +201,20 @@ fn available(e: &EndpointInfo, mode: TopologyMode, node: &NodeTopology) -> bool 
         TopologyMode::SameNode => e.node_hints.contains(&node.name),
         TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
     }
+}
+
+/// The endpoints traffic from inside the cluster to an external address
+/// (NodePort, LoadBalancer IP, external IP) uses: the cluster ones, even
+/// under `externalTrafficPolicy: Local` (kube-proxy's short-circuit for
+/// in-cluster clients).
+pub fn in_cluster_external_endpoints<T: Copy>(categorized: &Categorized<T>) -> Vec<T> {
+    categorized.cluster.clone().unwrap_or_default()
+}
+
+/// The endpoints traffic from outside uses under `externalTrafficPolicy:
+/// Local`; `None` under Cluster (it uses the cluster ones).
+pub fn external_local_endpoints<T: Copy>(categorized: &Categorized<T>, policy: Policy) -> Option<Vec<T>> {
+    (policy.externally_accessible && policy.external_local).then(|| categorized.local.clone().unwrap_or_default())
 }
 
 /// The endpoints a ClusterIP frontend uses: local ones under
@@ -551,6 +634,7 @@ mod tests {
             let node = NodeTopology {
                 name: "node-a".into(),
                 zone: case.zone.map(str::to_string),
+                ..Default::default()
             };
             let got = categorize(&refs, |e| e, case.policy, &node);
             let ids = |set: Option<Vec<&EndpointInfo>>| {

@@ -11,17 +11,21 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 use super::Snapshot;
-use crate::model::objects::{EndpointSliceInfo, ObjectName, Rejection, ServiceInfo};
+use crate::model::objects::{EndpointSliceInfo, NodeInfo, ObjectName, Rejection, ServiceInfo};
 
 /// One YAML document of a manifest.
 #[derive(Debug)]
 pub enum Document {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
     /// Any other kind (Deployments, ConfigMaps, ...): not ours to read.
     Other(String),
 }
@@ -82,6 +86,11 @@ fn collect_document(value: serde_yaml::Value, place: &str, out: &mut Vec<Result<
                     .map_err(typed),
             )
         }
+        "Node" => out.push(
+            serde_yaml::from_value(value)
+                .map(|n| Document::Node(Box::new(n)))
+                .map_err(typed),
+        ),
         "" => out.push(Err(format!("{place}: no kind"))),
         _ => out.push(Ok(Document::Other(kind))),
     }
@@ -92,6 +101,7 @@ fn collect_document(value: serde_yaml::Value, place: &str, out: &mut Vec<Result<
 struct FileObjects {
     services: BTreeMap<ObjectName, ServiceInfo>,
     slices: BTreeMap<ObjectName, EndpointSliceInfo>,
+    nodes: BTreeMap<String, NodeInfo>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -208,6 +218,9 @@ impl ManifestDir {
                 origin.insert(("EndpointSlice", name), path);
                 snapshot.slices.insert(name.clone(), slice.clone());
             }
+            for (name, node) in &objects.nodes {
+                snapshot.nodes.entry(name.clone()).or_insert_with(|| node.clone());
+            }
         }
         for (name, slice) in &snapshot.slices {
             let service = ObjectName {
@@ -284,6 +297,10 @@ fn read_file(path: &Path, previous: &FileObjects, problems: &mut BTreeSet<String
                 Ok(None) => {}
                 Err(rejection) => rejected.push(rejection),
             },
+            Ok(Document::Node(node)) => {
+                let info = NodeInfo::from_k8s(&node);
+                objects.nodes.insert(info.name.clone(), info);
+            }
             Ok(Document::Other(_)) => {}
         }
     }

@@ -6,12 +6,14 @@ pub mod state;
 
 use std::collections::BTreeMap;
 
-use crate::model::objects::{EndpointSliceInfo, ObjectName, ServiceInfo};
+use crate::model::objects::{EndpointSliceInfo, NodeInfo, ObjectName, ServiceInfo};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub services: BTreeMap<ObjectName, ServiceInfo>,
     pub slices: BTreeMap<ObjectName, EndpointSliceInfo>,
+    /// Nodes by name (a manifest directory may describe this node too).
+    pub nodes: BTreeMap<String, NodeInfo>,
 }
 
 #[cfg(test)]

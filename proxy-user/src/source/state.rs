@@ -5,7 +5,11 @@
 //! cannot be used is reported once (when it first appears or its reason
 //! changes), and its last valid version stays, so one bad update never takes
 //! a working service down.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -13,9 +17,9 @@ use super::Snapshot;
 use crate::model::{
     self,
     desired::DesiredTracker,
-    objects::{EndpointSliceInfo, ObjectName, Rejection, ServiceInfo},
-    topology::NodeTopology,
-    DesiredState, Frontend, FrontendState,
+    objects::{EndpointSliceInfo, NodeInfo, ObjectName, Rejection, ServiceInfo},
+    topology::{NodePortAddresses, NodeTopology},
+    DesiredState, Frontend, FrontendState, HealthCheck,
 };
 
 /// A notable change of an object, to be logged once.
@@ -37,6 +41,9 @@ pub enum Notice {
 pub struct Changes {
     pub frontends: Vec<(Frontend, Option<FrontendState>)>,
     pub conflicts: Vec<Rejection>,
+    /// What of the changed Services this node does not serve as asked,
+    /// reported once.
+    pub notes: Vec<String>,
 }
 
 #[derive(Default)]
@@ -53,21 +60,119 @@ pub struct ClusterState {
     unsupported: BTreeMap<ObjectName, Vec<String>>,
     /// Slices of address types not programmed (IPv6, FQDN), by name.
     ignored_slices: BTreeMap<ObjectName, String>,
-    /// This node, with its zone once its Node object is seen.
+    /// This node as the model sees it: zone and NodePort addresses.
     node: NodeTopology,
+    /// This node's Node object, once seen.
+    node_info: NodeInfo,
+    /// The addresses of the node's interfaces (for `--nodeport-addresses`).
+    interface_addrs: Vec<Ipv4Addr>,
+    nodeport_addresses: NodePortAddresses,
+    /// What of each service the model reported as not served, last time.
+    model_notes: BTreeMap<ObjectName, Vec<String>>,
+    pending_notes: Vec<String>,
 }
-
-/// The node label topology hints refer to.
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 impl ClusterState {
     pub fn new(node_name: String) -> Self {
+        Self::with_node_settings(
+            node_name,
+            NodePortAddresses::Primary,
+            crate::model::topology::DEFAULT_NODE_PORT_RANGE,
+        )
+    }
+
+    pub fn with_node_settings(
+        node_name: String,
+        nodeport_addresses: NodePortAddresses,
+        node_port_range: RangeInclusive<u16>,
+    ) -> Self {
         ClusterState {
             node: NodeTopology {
-                name: node_name,
-                zone: None,
+                name: node_name.clone(),
+                node_port_range,
+                ..Default::default()
             },
+            node_info: NodeInfo {
+                name: node_name,
+                ..Default::default()
+            },
+            nodeport_addresses,
             ..Default::default()
+        }
+    }
+
+    /// The node's interface addresses changed (or were read for the first
+    /// time): NodePorts follow them when they depend on them.
+    pub fn set_interface_addresses(&mut self, mut addrs: Vec<Ipv4Addr>) {
+        addrs.sort();
+        if addrs != self.interface_addrs {
+            self.interface_addrs = addrs;
+            self.update_node();
+        }
+    }
+
+    /// The addresses NodePorts answer on.
+    pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
+        &self.node.nodeport_addresses
+    }
+
+    /// Every address of the node: its InternalIPs and NodePort addresses.
+    pub fn node_addresses(&self) -> Vec<Ipv4Addr> {
+        let mut addrs = self.node_info.internal_ips.clone();
+        addrs.extend(&self.node.nodeport_addresses);
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// The address source-NATed flows leave with: the node's primary
+    /// InternalIP, else its first NodePort address.
+    pub fn snat_addr(&self) -> Option<Ipv4Addr> {
+        self.node_info
+            .internal_ips
+            .first()
+            .or(self.node.nodeport_addresses.first())
+            .copied()
+    }
+
+    /// Every health check server this node must run, with its answer.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        self.snapshot
+            .services
+            .values()
+            .filter(|s| s.health_check_node_port.is_some())
+            .filter_map(|svc| model::health_check(svc, &self.slices_of_service(&svc.name), &self.node))
+            .collect()
+    }
+
+    fn slices_of_service(&self, service: &ObjectName) -> Vec<&EndpointSliceInfo> {
+        self.slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.snapshot.slices.get(n))
+            .collect()
+    }
+
+    /// The Node object of this node (`None`: not known, or deleted).
+    fn set_node_info(&mut self, info: Option<NodeInfo>) {
+        self.node_info = info.unwrap_or_else(|| NodeInfo {
+            name: self.node.name.clone(),
+            ..Default::default()
+        });
+        self.update_node();
+    }
+
+    /// Zone and NodePort addresses from what is known of the node; a change
+    /// changes every Service.
+    fn update_node(&mut self) {
+        let addresses = self
+            .nodeport_addresses
+            .resolve(&self.node_info.internal_ips, &self.interface_addrs);
+        if self.node.zone != self.node_info.zone || self.node.nodeport_addresses != addresses {
+            self.node.zone = self.node_info.zone.clone();
+            self.node.nodeport_addresses = addresses;
+            self.mark_all_dirty();
         }
     }
 
@@ -80,6 +185,8 @@ impl ClusterState {
             self.slices_of.entry(service).or_default().insert(name.clone());
         }
         self.mark_all_dirty();
+        let node = self.snapshot.nodes.get(&self.node.name).cloned();
+        self.set_node_info(node);
     }
 
     /// Every Service now known, and every one that still has frontends
@@ -93,20 +200,30 @@ impl ClusterState {
     fn flush(&mut self) -> BTreeSet<Frontend> {
         let mut changed = BTreeSet::new();
         for service in std::mem::take(&mut self.dirty) {
-            let claims = match self.snapshot.services.get(&service) {
+            let (claims, notes) = match self.snapshot.services.get(&service) {
                 Some(info) => {
-                    let slices: Vec<&EndpointSliceInfo> = self
-                        .slices_of
-                        .get(&service)
+                    let slices = self.slices_of_service(&service);
+                    let notes: Vec<String> = model::service_notes(info, &self.node)
                         .into_iter()
-                        .flatten()
-                        .filter_map(|n| self.snapshot.slices.get(n))
+                        .map(|(field, why)| format!("Service {service}: {field}: {why}"))
                         .collect();
-                    model::service_frontends(info, &slices, &self.node)
+                    (model::service_frontends(info, &slices, &self.node), notes)
                 }
-                None => Vec::new(),
+                None => (Vec::new(), Vec::new()),
             };
             self.desired.set_service(&service, claims, &mut changed);
+            if self
+                .model_notes
+                .get(&service)
+                .map_or(!notes.is_empty(), |old| *old != notes)
+            {
+                self.pending_notes.extend(notes.iter().cloned());
+            }
+            if notes.is_empty() {
+                self.model_notes.remove(&service);
+            } else {
+                self.model_notes.insert(service, notes);
+            }
         }
         changed
     }
@@ -115,7 +232,10 @@ impl ClusterState {
     /// Services that changed, so a sync costs what changed.
     pub fn take_changes(&mut self) -> Changes {
         let changed = self.flush();
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            notes: std::mem::take(&mut self.pending_notes),
+            ..Default::default()
+        };
         for frontend in changed {
             changes.conflicts.extend(self.desired.conflicts_at(&frontend));
             changes
@@ -199,7 +319,17 @@ impl ClusterState {
             }
             Ok(None) => {
                 self.delete_slice(&name);
-                self.ignored_slices.insert(name, slice.address_type.clone());
+                let why = if slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(crate::model::objects::SERVICE_NAME_LABEL))
+                {
+                    slice.address_type.clone()
+                } else {
+                    "NoServiceName".to_owned()
+                };
+                self.ignored_slices.insert(name, why);
                 Vec::new()
             }
             Err(rejection) => {
@@ -231,24 +361,17 @@ impl ClusterState {
         self.dirty.insert(service);
     }
 
-    /// Of Nodes, only this node's zone matters (for topology hints).
+    /// Of Nodes, only this node matters: its zone (for topology hints) and
+    /// its addresses.
     pub fn apply_node(&mut self, node: &Node) {
         if node.metadata.name.as_deref() == Some(self.node.name.as_str()) {
-            self.set_zone(node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned());
+            self.set_node_info(Some(NodeInfo::from_k8s(node)));
         }
     }
 
     pub fn delete_node(&mut self, name: &str) {
         if name == self.node.name {
-            self.set_zone(None);
-        }
-    }
-
-    /// Topology hints depend on the zone: a new zone changes every Service.
-    fn set_zone(&mut self, zone: Option<String>) {
-        if self.node.zone != zone {
-            self.node.zone = zone;
-            self.mark_all_dirty();
+            self.set_node_info(None);
         }
     }
 
@@ -291,15 +414,10 @@ impl ClusterState {
     }
 
     pub fn replace_nodes(&mut self, nodes: &[Node]) {
-        if !nodes
+        let ours = nodes
             .iter()
-            .any(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
-        {
-            self.set_zone(None);
-        }
-        for node in nodes {
-            self.apply_node(node);
-        }
+            .find(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()));
+        self.set_node_info(ours.map(NodeInfo::from_k8s));
     }
 
     fn reject(&mut self, kind: &'static str, name: ObjectName, rejection: Rejection, kept: bool) -> Vec<Notice> {

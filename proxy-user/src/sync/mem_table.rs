@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue};
 
 use super::{ServiceTable, TableError};
+use crate::model::objects::Cidr;
 
 /// The maps in memory; `fail_after` makes every write past that many fail,
 /// like a full map.
@@ -14,6 +15,7 @@ pub struct MemTable {
     pub writes: usize,
     pub fail_after: Option<usize>,
     pub frontend_marks: BTreeSet<ServiceKey>,
+    pub source_ranges: BTreeSet<(u32, Cidr)>,
 }
 
 impl MemTable {
@@ -105,6 +107,19 @@ impl ServiceTable for MemTable {
     }
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError> {
         self.frontend_marks.insert(*key);
+        Ok(())
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, Cidr)>, TableError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+    fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError> {
+        self.write()?;
+        self.source_ranges.insert((service_id, *range));
+        Ok(())
+    }
+    fn remove_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError> {
+        self.write()?;
+        self.source_ranges.remove(&(service_id, *range));
         Ok(())
     }
 }

@@ -4,9 +4,14 @@
 //! else.
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES};
+use proxy_common::{
+    Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES, SVC_EXTERNAL_LOCAL, SVC_SOURCE_RANGES,
+};
 
-use crate::model::{objects::Protocol, BackendAddr, DesiredState, Frontend, FrontendState};
+use crate::model::{
+    objects::{Cidr, Protocol},
+    BackendAddr, DesiredState, Frontend, FrontendState,
+};
 
 /// A failed map operation, named for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +35,10 @@ pub trait ServiceTable {
     /// (Backends need no mark: the data path marks a backend itself when it
     /// translates a flow to it.)
     fn mark_frontend(&mut self, key: &ServiceKey) -> Result<(), TableError>;
+    /// Every source range of every service, by service id.
+    fn source_ranges(&self) -> Result<Vec<(u32, Cidr)>, TableError>;
+    fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError>;
+    fn remove_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), TableError>;
 
     /// Writes entries in order; on failure, how many were written first.
     fn put_backends(&mut self, entries: &[(BackendKey, Backend)]) -> Result<(), (usize, TableError)> {
@@ -61,6 +70,8 @@ struct Applied {
     value: Option<ServiceValue>,
     /// Slot contents; `None` for a slot not (or no longer) written.
     slots: Vec<Option<Backend>>,
+    /// Source ranges written under the service's id.
+    ranges: BTreeSet<Cidr>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -80,6 +91,48 @@ struct Staged {
     key: ServiceKey,
     value: ServiceValue,
     backends: Vec<Backend>,
+}
+
+/// How a frontend is laid out in the maps: its service entry (id still to
+/// be set) and its backends in slot groups, in slot order (see
+/// `ServiceValue`: local-only, both, cluster-only).
+struct Layout {
+    value: ServiceValue,
+    groups: [Vec<Backend>; 3],
+    ranges: BTreeSet<Cidr>,
+}
+
+fn layout(state: &FrontendState) -> Layout {
+    let cluster: BTreeSet<Backend> = state.backends.iter().map(backend).collect();
+    let mut flags = state.kind as u32;
+    let groups = match &state.external_local {
+        Some(local) => {
+            flags |= SVC_EXTERNAL_LOCAL;
+            let local: BTreeSet<Backend> = local.iter().map(backend).collect();
+            [
+                local.difference(&cluster).copied().collect(),
+                local.intersection(&cluster).copied().collect(),
+                cluster.difference(&local).copied().collect(),
+            ]
+        }
+        None => [Vec::new(), Vec::new(), cluster.into_iter().collect()],
+    };
+    if !state.source_ranges.is_empty() {
+        flags |= SVC_SOURCE_RANGES;
+    }
+    let [only_local, both, only_cluster] = &groups;
+    Layout {
+        value: ServiceValue {
+            id: 0,
+            backend_count: (only_local.len() + both.len() + only_cluster.len()) as u32,
+            affinity_timeout: state.affinity_timeout.unwrap_or(0),
+            flags,
+            cluster_start: only_local.len() as u32,
+            local_count: (only_local.len() + both.len()) as u32,
+        },
+        groups,
+        ranges: state.source_ranges.iter().copied().collect(),
+    }
 }
 
 #[derive(Default)]
@@ -102,7 +155,7 @@ pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
 }
 
 fn backend(b: &BackendAddr) -> Backend {
-    Backend::new(b.ip, b.port)
+    Backend::new(b.ip, b.port, b.local)
 }
 
 impl Syncer {
@@ -120,8 +173,17 @@ impl Syncer {
                     id: value.id,
                     value: Some(value),
                     slots: Vec::new(),
+                    ranges: BTreeSet::new(),
                 },
             );
+        }
+        for (id, range) in table.source_ranges()? {
+            match by_id.get(&id).and_then(|k| syncer.applied.get_mut(k)) {
+                Some(applied) => {
+                    applied.ranges.insert(range);
+                }
+                None => table.remove_source_range(id, &range)?,
+            }
         }
         for (key, b) in table.backends()? {
             let Some(applied) = by_id.get(&key.service_id).and_then(|k| syncer.applied.get_mut(k)) else {
@@ -193,23 +255,19 @@ impl Syncer {
         for (f, state) in changes {
             let Some(state) = state else { continue };
             let key = service_key(f);
-            let backends: Vec<Backend> = state.backends.iter().map(backend).collect();
-            let value = ServiceValue {
-                id: 0,
-                backend_count: backends.len() as u32,
-                affinity_timeout: state.affinity_timeout.unwrap_or(0),
-                flags: 0,
-            };
-            if !self.applied.contains_key(&key) {
+            let layout = layout(state);
+            // Frontends with source ranges are few, and their ranges must be
+            // written before their entry: they take the one-by-one path.
+            if !self.applied.contains_key(&key) && layout.ranges.is_empty() {
                 new.push(Staged {
                     frontend: *f,
                     key,
-                    value,
-                    backends,
+                    value: layout.value,
+                    backends: layout.groups.concat(),
                 });
                 continue;
             }
-            match self.apply(&key, value, &backends, table) {
+            match self.apply(&key, &layout, table) {
                 Ok(false) => {}
                 Ok(true) => report.updated += 1,
                 Err(e) => report.failures.push(format!("programming {f}: {e}")),
@@ -285,28 +343,29 @@ impl Syncer {
                     id: s.value.id,
                     value: (i < services_written).then_some(s.value),
                     slots: s.backends[..written].iter().copied().map(Some).collect(),
+                    ranges: BTreeSet::new(),
                 },
             );
             if i < services_written {
                 report.added += 1;
                 continue;
             }
-            match self.apply(&s.key, s.value, &s.backends, table) {
+            let layout = Layout {
+                value: s.value,
+                groups: [Vec::new(), Vec::new(), s.backends],
+                ranges: BTreeSet::new(),
+            };
+            match self.apply(&s.key, &layout, table) {
                 Ok(_) => report.added += 1,
                 Err(e) => report.failures.push(format!("programming {}: {e}", s.frontend)),
             }
         }
     }
 
-    /// Brings one frontend to `value` with `backends`; `Ok(true)` when
-    /// anything was written.
-    fn apply(
-        &mut self,
-        key: &ServiceKey,
-        mut value: ServiceValue,
-        backends: &[Backend],
-        table: &mut impl ServiceTable,
-    ) -> Result<bool, TableError> {
+    /// Brings one frontend to `layout`; `Ok(true)` when anything was
+    /// written.
+    fn apply(&mut self, key: &ServiceKey, layout: &Layout, table: &mut impl ServiceTable) -> Result<bool, TableError> {
+        let mut value = layout.value;
         if !self.applied.contains_key(key) {
             let id = self.allocate_id().ok_or_else(|| TableError {
                 op: "allocating a service id".into(),
@@ -318,13 +377,25 @@ impl Syncer {
                     id,
                     value: None,
                     slots: Vec::new(),
+                    ranges: BTreeSet::new(),
                 },
             );
         }
         let applied = self.applied.get_mut(key).expect("inserted above");
         value.id = applied.id;
-        let target = place(&applied.slots, backends);
+        let mut target = Vec::with_capacity(value.backend_count as usize);
+        for group in &layout.groups {
+            let current = applied.slots.get(target.len()..).unwrap_or_default();
+            target.extend(place(current, group));
+        }
         let mut wrote = false;
+        // New ranges before the entry that may turn the check on; stale
+        // ones after it, so no client in both is ever refused.
+        for range in layout.ranges.difference(&applied.ranges.clone()) {
+            table.put_source_range(value.id, range)?;
+            applied.ranges.insert(*range);
+            wrote = true;
+        }
 
         // Fill slots before the count grows and shrink the count before
         // slots go, so the data path never picks an empty slot.
@@ -352,6 +423,11 @@ impl Syncer {
             applied.value = Some(value);
             wrote = true;
         }
+        for range in applied.ranges.difference(&layout.ranges).copied().collect::<Vec<_>>() {
+            table.remove_source_range(value.id, &range)?;
+            applied.ranges.remove(&range);
+            wrote = true;
+        }
         while applied.slots.len() > target.len() {
             let slot = applied.slots.len() - 1;
             if applied.slots[slot].is_some() {
@@ -371,6 +447,12 @@ impl Syncer {
         if applied.value.is_some() {
             table.remove_service(key)?;
             applied.value = None;
+        }
+        for range in std::mem::take(&mut applied.ranges) {
+            if let Err(e) = table.remove_source_range(applied.id, &range) {
+                applied.ranges.insert(range);
+                return Err(e);
+            }
         }
         while let Some(last) = applied.slots.last().copied() {
             if last.is_some() {

@@ -8,7 +8,7 @@ use proxy_common::{Backend, BackendKey, ServiceKey};
 use super::{mem_table::MemTable, Syncer};
 use crate::model::{
     objects::{ObjectName, Protocol},
-    BackendAddr, DesiredState, Frontend, FrontendState,
+    BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
 };
 
 fn frontend(n: u8, port: u16) -> Frontend {
@@ -24,6 +24,7 @@ fn backends(ids: &[u8]) -> BTreeSet<BackendAddr> {
         .map(|&i| BackendAddr {
             ip: Ipv4Addr::new(10, 244, 0, i),
             port: 8080,
+            local: false,
         })
         .collect()
 }
@@ -40,8 +41,11 @@ fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
                             namespace: "default".into(),
                             name: format!("svc{}", f.ip),
                         },
+                        kind: FrontendKind::ClusterIp,
                         backends: backends(ids),
+                        external_local: None,
                         affinity_timeout: None,
+                        source_ranges: Vec::new(),
                     },
                 )
             })
@@ -96,7 +100,7 @@ fn surviving_backends_keep_their_slots() {
     let after = table.view()[&key].1.clone();
     let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     assert_eq!(moved, 1, "{before:?} -> {after:?}");
-    assert_eq!(after[1], Backend::new(Ipv4Addr::new(10, 244, 0, 5), 8080));
+    assert_eq!(after[1], Backend::new(Ipv4Addr::new(10, 244, 0, 5), 8080, false));
 
     // Shrink: the backend in the last slot moves into the hole.
     syncer.sync(&desired(&[(f, &[1, 3, 5])]), &mut table);
@@ -178,7 +182,7 @@ fn recovers_from_the_maps_of_a_previous_run() {
             service_id: 77,
             slot: 0,
         },
-        Backend::new(Ipv4Addr::new(1, 2, 3, 4), 1),
+        Backend::new(Ipv4Addr::new(1, 2, 3, 4), 1, false),
     );
     let ids_before: Vec<u32> = table.services.values().map(|v| v.id).collect();
 

@@ -92,9 +92,11 @@ impl Kpr {
         let pin_dir = node.cluster.pin_dir.clone();
         let mut ebpf = loader::load(&pin_dir)?;
         let ifaces = node.interfaces()?;
-        node.cluster
-            .node()
-            .run(|| ifaces.iter().try_for_each(|i| loader::attach(&mut ebpf, &pin_dir, i)))??;
+        node.cluster.node().run(|| {
+            ifaces
+                .iter()
+                .try_for_each(|i| loader::attach(&mut ebpf, &pin_dir, i, loader::Role::Pods))
+        })??;
         socket_lb::attach(&mut ebpf, &pin_dir, &node.cluster.cgroup().path)?;
         let mut maps = ServiceMaps::open(&pin_dir)?;
         let syncer = Syncer::recover(&mut maps)?;

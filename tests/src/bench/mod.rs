@@ -14,7 +14,7 @@ use std::{fmt::Write, net::Ipv4Addr};
 use anyhow::Result;
 use proxy_user::model::{
     objects::{ObjectName, Protocol},
-    BackendAddr, DesiredState, Frontend, FrontendState,
+    BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
 };
 
 pub struct BenchConfig {
@@ -124,7 +124,10 @@ pub fn service_vip(i: usize) -> Ipv4Addr {
 
 /// `n` ClusterIP services on port 80 over the same backends.
 pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState {
-    let backends = backends.iter().map(|&(ip, port)| BackendAddr { ip, port }).collect();
+    let backends = backends
+        .iter()
+        .map(|&(ip, port)| BackendAddr { ip, port, local: true })
+        .collect();
     DesiredState {
         frontends: (0..n)
             .map(|i| {
@@ -139,8 +142,11 @@ pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState 
                             namespace: "default".into(),
                             name: format!("svc-{i}"),
                         },
+                        kind: FrontendKind::ClusterIp,
                         backends: std::collections::BTreeSet::clone(&backends),
+                        external_local: None,
                         affinity_timeout: None,
+                        source_ranges: Vec::new(),
                     },
                 )
             })
