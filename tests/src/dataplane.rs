@@ -14,12 +14,13 @@ use proxy_user::{
     sync::Syncer,
 };
 
-use crate::bpffs::BpffsMount;
+use crate::{bpffs::BpffsMount, packet::hex};
 
 /// TC verdicts as the program returns them.
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_REDIRECT: i32 = 7;
 
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -93,5 +94,31 @@ impl Loaded {
 
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
         maps::read_stats(&self.pin_dir)
+    }
+
+    /// The address flows are source-NATed to, as the daemon sets it.
+    pub fn set_snat_addr(&mut self, addr: std::net::Ipv4Addr) -> Result<()> {
+        self.maps.set_snat_addr(Some(addr))
+    }
+
+    /// Runs one frame through `program` and checks the verdict, the exact
+    /// output frame, and that exactly `stat` moved.
+    pub fn expect_from(&self, program: &str, name: &str, input: &[u8], verdict: i32, output: &[u8], stat: Stat) {
+        let count = |dp: &Self| -> std::collections::BTreeMap<&'static str, u64> {
+            dp.stats().unwrap().into_iter().map(|(s, n)| (s.name(), n)).collect()
+        };
+        let before = count(self);
+        let result = self
+            .run_program(program, input, 1)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(result.verdict, verdict, "{name}: verdict");
+        assert_eq!(hex(&result.frame), hex(output), "{name}: output frame");
+        let after = count(self);
+        let moved: Vec<&str> = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(moved, vec![stat.name()], "{name}: counters");
     }
 }

@@ -180,4 +180,38 @@ impl Ipv4 {
     pub fn frame(&self) -> Vec<u8> {
         ethernet(ETH_P_IP, &self.bytes())
     }
+
+    /// The same packet from another address and port.
+    pub fn with_src(mut self, (ip, port): (Ipv4Addr, u16)) -> Self {
+        self.src = ip;
+        match &mut self.l4 {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
+            L4::Raw { .. } => panic!("no ports in a raw packet"),
+        }
+        self
+    }
+
+    /// The same packet to another address and port.
+    pub fn with_dst(mut self, (ip, port): (Ipv4Addr, u16)) -> Self {
+        self.dst = ip;
+        match &mut self.l4 {
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
+            L4::Raw { .. } => panic!("no ports in a raw packet"),
+        }
+        self
+    }
+}
+
+/// Source and destination (address, port) of a TCP or UDP frame.
+pub fn endpoints_of(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let l4 = 14 + ihl;
+    let addr = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    ((addr(26), port(l4)), (addr(30), port(l4 + 2)))
+}
+
+/// Bytes as hex, for comparing frames with a readable difference.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }

@@ -8,9 +8,9 @@ use std::{
 
 use kpr_testbed::{
     dataplane::{Loaded, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    packet::{self, checksum, ethernet, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
+    packet::{self, checksum, ethernet, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
 };
-use proxy_common::Stat;
+use proxy_common::{Stat, TC_PROGRAM};
 use proxy_user::{
     dataplane::maps::{FlowMaps, ServiceMaps},
     model::{
@@ -73,55 +73,25 @@ fn stats(dp: &Loaded) -> BTreeMap<&'static str, u64> {
     dp.stats().unwrap().into_iter().map(|(s, n)| (s.name(), n)).collect()
 }
 
-/// Runs one packet and checks verdict, output and that exactly `stat` moved.
+/// Runs one packet through the pod-facing program and checks verdict,
+/// output and that exactly `stat` moved.
 fn expect(dp: &Loaded, name: &str, input: &[u8], verdict: i32, output: &[u8], stat: Stat) {
-    let before = stats(dp);
-    let result = dp.run(input).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-    assert_eq!(result.verdict, verdict, "{name}: verdict");
-    assert_eq!(hex(&result.frame), hex(output), "{name}: output frame");
-    let after = stats(dp);
-    let moved: Vec<_> = after
-        .iter()
-        .filter(|(k, v)| before[*k] != **v)
-        .map(|(k, _)| *k)
-        .collect();
-    assert_eq!(moved, vec![stat.name()], "{name}: counters");
+    dp.expect_from(TC_PROGRAM, name, input, verdict, output, stat);
 }
 
 /// A backend's reply must come out with the service address as its source.
 fn expect_reverse_nat(dp: &Loaded, name: &str, reply: Ipv4, service: (Ipv4Addr, u16)) {
-    let expected = with_src(reply.clone(), service.0, service.1).frame();
+    let expected = reply.clone().with_src(service).frame();
     expect(dp, name, &reply.frame(), TC_ACT_OK, &expected, Stat::Reply);
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Which backend a translated request went to.
 fn backend_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-    let l4 = 14 + ihl;
-    (dst, u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]))
+    packet::endpoints_of(frame).1
 }
 
-fn with_dst(mut p: Ipv4, dst: BackendAddr) -> Ipv4 {
-    p.dst = dst.ip;
-    match &mut p.l4 {
-        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = dst.port,
-        L4::Raw { .. } => unreachable!(),
-    }
-    p
-}
-
-fn with_src(mut p: Ipv4, ip: Ipv4Addr, port: u16) -> Ipv4 {
-    p.src = ip;
-    match &mut p.l4 {
-        L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
-        L4::Raw { .. } => unreachable!(),
-    }
-    p
+fn with_dst(p: Ipv4, dst: BackendAddr) -> Ipv4 {
+    p.with_dst((dst.ip, dst.port))
 }
 
 #[test]

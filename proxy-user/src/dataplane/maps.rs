@@ -350,6 +350,12 @@ impl FlowMaps {
         })
     }
 
+    /// Adds or replaces one entry (for tests of what the data path does
+    /// with state it finds).
+    pub fn insert(&mut self, key: &FlowKey, entry: &NatEntry) -> Result<()> {
+        Ok(self.conntrack.insert(key, entry, 0)?)
+    }
+
     /// Removes one entry; `false` when there was none.
     pub fn remove(&mut self, key: &FlowKey) -> Result<bool> {
         match self.conntrack.remove(key) {

@@ -1,0 +1,340 @@
+//! The external classifier (and the pod-facing one where they meet) on
+//! crafted packets through BPF_PROG_TEST_RUN: NodePort and LoadBalancer
+//! translations, source NAT for a backend on another node and its reverse,
+//! externalTrafficPolicy Local, loadBalancerSourceRanges and hairpin. Each
+//! output frame is compared byte for byte with one built from scratch.
+//!
+//! The programs look routes up in the caller's network namespace, so each
+//! test runs its packets in a namespace with a node's routes: pods of this
+//! node on `pod0`, other nodes' pods and the outside world via `ext0`.
+use std::net::Ipv4Addr;
+
+use kpr_testbed::{
+    dataplane::{Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    netns::Netns,
+    packet::{self, endpoints_of, hex, Ipv4, TCP_ACK, TCP_SYN},
+    sh, unique_id,
+};
+use proxy_common::{
+    FlowKey, NatEntry, Stat, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, TC_EXTERNAL_PROGRAM, TC_PROGRAM,
+};
+use proxy_user::{
+    dataplane::maps::FlowMaps,
+    model::{
+        objects::{Cidr, ObjectName, Protocol},
+        BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
+    },
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 6);
+const DENIED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 50);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+const LOCAL: BackendAddr = BackendAddr {
+    ip: Ipv4Addr::new(10, 244, 0, 10),
+    port: 8080,
+    local: true,
+};
+const REMOTE: BackendAddr = BackendAddr {
+    ip: Ipv4Addr::new(10, 244, 1, 10),
+    port: 8080,
+    local: false,
+};
+
+/// Frontends: NodePort 30090 to REMOTE only, 30091 to LOCAL only, 30081
+/// both with externalTrafficPolicy Local (LOCAL for outside), 30082 REMOTE
+/// under Local (none for outside); LB_IP:80 to LOCAL with a source range;
+/// VIP:53/UDP to LOCAL (hairpin).
+fn frontends() -> DesiredState {
+    let state = |kind, backends: &[BackendAddr], local: Option<&[BackendAddr]>, ranges: Vec<Cidr>| FrontendState {
+        service: ObjectName {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+        kind,
+        backends: backends.iter().copied().collect(),
+        external_local: local.map(|l| l.iter().copied().collect()),
+        affinity_timeout: None,
+        source_ranges: ranges,
+    };
+    let at = |ip, port, protocol| Frontend { ip, port, protocol };
+    let mut frontends = vec![
+        (
+            at(LB_IP, 80, Protocol::Tcp),
+            state(
+                FrontendKind::LoadBalancer,
+                &[LOCAL],
+                None,
+                vec![Cidr {
+                    addr: Ipv4Addr::new(198, 51, 100, 0),
+                    prefix: 24,
+                }],
+            ),
+        ),
+        (
+            at(VIP, 53, Protocol::Udp),
+            state(FrontendKind::ClusterIp, &[LOCAL], None, vec![]),
+        ),
+    ];
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        frontends.extend([
+            (
+                at(NODE, 30090, protocol),
+                state(FrontendKind::NodePort, &[REMOTE], None, vec![]),
+            ),
+            (
+                at(NODE, 30091, protocol),
+                state(FrontendKind::NodePort, &[LOCAL], None, vec![]),
+            ),
+            (
+                at(NODE, 30081, protocol),
+                state(FrontendKind::NodePort, &[LOCAL, REMOTE], Some(&[LOCAL]), vec![]),
+            ),
+            (
+                at(NODE, 30082, protocol),
+                state(FrontendKind::NodePort, &[REMOTE], Some(&[]), vec![]),
+            ),
+        ]);
+    }
+    DesiredState {
+        frontends: frontends.into_iter().collect(),
+        conflicts: vec![],
+    }
+}
+
+/// A node's routes: its pods on pod0, everything else through ext0.
+fn node_netns() -> Netns {
+    let ns = Netns::new(&format!("{}-fib", unique_id())).unwrap();
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    for (a, b) in [("ext0", "ext1"), ("pod0", "pod1")] {
+        sh(
+            "ip",
+            &["-n", &ns.name, "link", "add", a, "type", "veth", "peer", "name", b],
+        )
+        .unwrap();
+        ns.ip(&["link", "set", a, "up"]).unwrap();
+        ns.ip(&["link", "set", b, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "ext0"]).unwrap();
+    ns.ip(&["route", "add", "10.244.0.0/24", "dev", "pod0"]).unwrap();
+    ns.ip(&["route", "add", "10.244.1.0/24", "via", "192.0.2.11", "dev", "ext0"])
+        .unwrap();
+    ns.ip(&["route", "add", "default", "via", "192.0.2.1", "dev", "ext0"])
+        .unwrap();
+    ns
+}
+
+struct Node {
+    dp: Loaded,
+    ns: Netns,
+}
+
+impl Node {
+    fn new() -> Self {
+        let mut dp = Loaded::new().expect("load the programs");
+        dp.program(&frontends()).unwrap();
+        dp.set_snat_addr(NODE).unwrap();
+        Node { dp, ns: node_netns() }
+    }
+
+    /// (verdict, output frame) of `program` on `input`, run in the node's namespace.
+    fn run(&self, program: &str, input: &Ipv4) -> (i32, Vec<u8>) {
+        let frame = input.frame();
+        let out = self
+            .ns
+            .run(|| self.dp.run_program(program, &frame, 1))
+            .unwrap()
+            .unwrap();
+        (out.verdict, out.frame)
+    }
+
+    fn expect(&self, program: &str, name: &str, input: &Ipv4, verdict: i32, output: &Ipv4, stat: Stat) {
+        let (input, output) = (input.frame(), output.frame());
+        self.ns
+            .run(|| self.dp.expect_from(program, name, &input, verdict, &output, stat))
+            .unwrap();
+    }
+
+    fn from_outside(&self, name: &str, input: &Ipv4, verdict: i32, output: &Ipv4, stat: Stat) {
+        self.expect(TC_EXTERNAL_PROGRAM, name, input, verdict, output, stat);
+    }
+}
+
+fn request(protocol: Protocol, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Ipv4 {
+    match protocol {
+        Protocol::Tcp => packet::tcp(src, dst, flags),
+        Protocol::Udp => packet::udp(src, dst),
+    }
+}
+
+fn nat_port(frame: &[u8]) -> u16 {
+    let ((src, port), _) = endpoints_of(frame);
+    assert_eq!(src, NODE, "source-NATed to the node's address");
+    assert!(
+        (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+        "NAT port {port} outside the documented range"
+    );
+    port
+}
+
+#[test]
+fn a_remote_backend_is_reached_from_the_node_and_answers_through_it() {
+    let node = Node::new();
+    let remote = (REMOTE.ip, REMOTE.port);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let first = request(protocol, (CLIENT, 40000), (NODE, 30090), TCP_SYN);
+        let (verdict, out) = node.run(TC_EXTERNAL_PROGRAM, &first);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{protocol}: sent out by the FIB");
+        let port = nat_port(&out);
+        let expected = first.clone().with_src((NODE, port)).with_dst(remote).frame();
+        assert_eq!(
+            hex(&out),
+            hex(&expected),
+            "{protocol}: first packet, both ends translated"
+        );
+
+        let later = request(protocol, (CLIENT, 40000), (NODE, 30090), TCP_ACK);
+        let translated = later.clone().with_src((NODE, port)).with_dst(remote);
+        node.from_outside("later packet", &later, TC_ACT_REDIRECT, &translated, Stat::Established);
+
+        let reply = request(protocol, remote, (NODE, port), TCP_SYN | TCP_ACK);
+        let restored = reply.clone().with_src((NODE, 30090)).with_dst((CLIENT, 40000));
+        node.from_outside("reply", &reply, TC_ACT_REDIRECT, &restored, Stat::Reply);
+
+        // Another client with the same source port at the same time gets its own NAT port.
+        let other = request(protocol, (OTHER_CLIENT, 40000), (NODE, 30090), TCP_SYN);
+        let (_, out) = node.run(TC_EXTERNAL_PROGRAM, &other);
+        let other_port = nat_port(&out);
+        assert_ne!(other_port, port, "{protocol}: two flows share a NAT port");
+        let reply = request(protocol, remote, (NODE, other_port), TCP_ACK);
+        let restored = reply.clone().with_src((NODE, 30090)).with_dst((OTHER_CLIENT, 40000));
+        node.from_outside(
+            "the other client's reply",
+            &reply,
+            TC_ACT_REDIRECT,
+            &restored,
+            Stat::Reply,
+        );
+    }
+}
+
+#[test]
+fn a_local_backend_sees_the_client_and_its_reply_leaves_by_the_fib() {
+    let node = Node::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let first = request(protocol, (CLIENT, 40001), (NODE, 30091), TCP_SYN);
+        let translated = first.clone().with_dst((LOCAL.ip, LOCAL.port));
+        node.from_outside("request", &first, TC_ACT_OK, &translated, Stat::NewFlow);
+        // The reply arrives from the pod with the node's address to restore:
+        // the stack would drop it as martian, so the FIB sends it.
+        let reply = request(protocol, (LOCAL.ip, LOCAL.port), (CLIENT, 40001), TCP_SYN | TCP_ACK);
+        let restored = reply.clone().with_src((NODE, 30091));
+        node.expect(TC_PROGRAM, "reply", &reply, TC_ACT_REDIRECT, &restored, Stat::Reply);
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
+    let node = Node::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for sport in 41000..41004 {
+            let from_outside = request(protocol, (CLIENT, sport), (NODE, 30081), TCP_SYN);
+            let translated = from_outside.clone().with_dst((LOCAL.ip, LOCAL.port));
+            node.from_outside("outside, Local", &from_outside, TC_ACT_OK, &translated, Stat::NewFlow);
+        }
+        // From a pod: every endpoint of the cluster (kube-proxy's short-circuit).
+        let chosen: std::collections::BTreeSet<Ipv4Addr> = (42000..42004)
+            .map(|sport| {
+                let (verdict, out) = node.run(
+                    TC_PROGRAM,
+                    &request(protocol, (POD_CLIENT, sport), (NODE, 30081), TCP_SYN),
+                );
+                assert_eq!(verdict, TC_ACT_OK);
+                endpoints_of(&out).1 .0
+            })
+            .collect();
+        assert_eq!(
+            chosen,
+            [LOCAL.ip, REMOTE.ip].into(),
+            "{protocol}: pods use cluster endpoints"
+        );
+
+        let none_here = request(protocol, (CLIENT, 43000), (NODE, 30082), TCP_SYN);
+        node.from_outside(
+            "outside, Local, none on this node",
+            &none_here,
+            TC_ACT_SHOT,
+            &none_here,
+            Stat::NoLocalBackend,
+        );
+        let from_pod = request(protocol, (POD_CLIENT, 43000), (NODE, 30082), TCP_SYN);
+        let translated = from_pod.clone().with_dst((REMOTE.ip, REMOTE.port));
+        node.expect(
+            TC_PROGRAM,
+            "pod, Local, none on this node",
+            &from_pod,
+            TC_ACT_OK,
+            &translated,
+            Stat::NewFlow,
+        );
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients_from_outside() {
+    let node = Node::new();
+    let allowed = packet::tcp((CLIENT, 44000), (LB_IP, 80), TCP_SYN);
+    let translated = allowed.clone().with_dst((LOCAL.ip, LOCAL.port));
+    node.from_outside("inside the range", &allowed, TC_ACT_OK, &translated, Stat::NewFlow);
+    let denied = packet::tcp((DENIED, 44000), (LB_IP, 80), TCP_SYN);
+    node.from_outside("outside the range", &denied, TC_ACT_SHOT, &denied, Stat::SourceDenied);
+    let pod = packet::tcp((POD_CLIENT, 44000), (LB_IP, 80), TCP_SYN);
+    let translated = pod.clone().with_dst((LOCAL.ip, LOCAL.port));
+    node.expect(TC_PROGRAM, "from a pod", &pod, TC_ACT_OK, &translated, Stat::NewFlow);
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_gets_its_answers() {
+    let node = Node::new();
+    let query = packet::udp((LOCAL.ip, 5000), (VIP, 53));
+    let (verdict, out) = node.run(TC_PROGRAM, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "hairpin: sent back to the pod by the FIB");
+    let port = nat_port(&out);
+    let expected = query
+        .clone()
+        .with_src((NODE, port))
+        .with_dst((LOCAL.ip, LOCAL.port))
+        .frame();
+    assert_eq!(hex(&out), hex(&expected), "the pod sees the node as its peer");
+    let answer = packet::udp((LOCAL.ip, LOCAL.port), (NODE, port));
+    let restored = answer.clone().with_src((VIP, 53)).with_dst((LOCAL.ip, 5000));
+    node.expect(TC_PROGRAM, "answer", &answer, TC_ACT_REDIRECT, &restored, Stat::Reply);
+}
+
+#[test]
+fn running_out_of_nat_ports_is_counted_and_dropped() {
+    let node = Node::new();
+    // Every NAT port towards REMOTE is held by some other flow.
+    let mut flows = FlowMaps::open(&node.dp.pin_dir).unwrap();
+    for port in NAT_PORT_MIN..=NAT_PORT_MAX {
+        let key = FlowKey {
+            src_addr: u32::from_ne_bytes(REMOTE.ip.octets()),
+            dst_addr: u32::from_ne_bytes(NODE.octets()),
+            src_port: REMOTE.port.to_be(),
+            dst_port: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let held = NatEntry {
+            flags: NAT_REPLY,
+            ..Default::default()
+        };
+        flows.insert(&key, &held).unwrap();
+    }
+    let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
+    node.from_outside("no NAT port left", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
+}
