@@ -159,7 +159,7 @@ impl Node {
             .unwrap();
     }
 
-    fn from_outside(&self, name: &str, input: &Ipv4, verdict: i32, output: &Ipv4, stat: Stat) {
+    fn expect_outside(&self, name: &str, input: &Ipv4, verdict: i32, output: &Ipv4, stat: Stat) {
         self.expect(TC_EXTERNAL_PROGRAM, name, input, verdict, output, stat);
     }
 }
@@ -199,11 +199,11 @@ fn a_remote_backend_is_reached_from_the_node_and_answers_through_it() {
 
         let later = request(protocol, (CLIENT, 40000), (NODE, 30090), TCP_ACK);
         let translated = later.clone().with_src((NODE, port)).with_dst(remote);
-        node.from_outside("later packet", &later, TC_ACT_REDIRECT, &translated, Stat::Established);
+        node.expect_outside("later packet", &later, TC_ACT_REDIRECT, &translated, Stat::Established);
 
         let reply = request(protocol, remote, (NODE, port), TCP_SYN | TCP_ACK);
         let restored = reply.clone().with_src((NODE, 30090)).with_dst((CLIENT, 40000));
-        node.from_outside("reply", &reply, TC_ACT_REDIRECT, &restored, Stat::Reply);
+        node.expect_outside("reply", &reply, TC_ACT_REDIRECT, &restored, Stat::Reply);
 
         // Another client with the same source port at the same time gets its own NAT port.
         let other = request(protocol, (OTHER_CLIENT, 40000), (NODE, 30090), TCP_SYN);
@@ -212,7 +212,7 @@ fn a_remote_backend_is_reached_from_the_node_and_answers_through_it() {
         assert_ne!(other_port, port, "{protocol}: two flows share a NAT port");
         let reply = request(protocol, remote, (NODE, other_port), TCP_ACK);
         let restored = reply.clone().with_src((NODE, 30090)).with_dst((OTHER_CLIENT, 40000));
-        node.from_outside(
+        node.expect_outside(
             "the other client's reply",
             &reply,
             TC_ACT_REDIRECT,
@@ -228,7 +228,7 @@ fn a_local_backend_sees_the_client_and_its_reply_leaves_by_the_fib() {
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         let first = request(protocol, (CLIENT, 40001), (NODE, 30091), TCP_SYN);
         let translated = first.clone().with_dst((LOCAL.ip, LOCAL.port));
-        node.from_outside("request", &first, TC_ACT_OK, &translated, Stat::NewFlow);
+        node.expect_outside("request", &first, TC_ACT_OK, &translated, Stat::NewFlow);
         // The reply arrives from the pod with the node's address to restore:
         // the stack would drop it as martian, so the FIB sends it.
         let reply = request(protocol, (LOCAL.ip, LOCAL.port), (CLIENT, 40001), TCP_SYN | TCP_ACK);
@@ -244,7 +244,7 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
         for sport in 41000..41004 {
             let from_outside = request(protocol, (CLIENT, sport), (NODE, 30081), TCP_SYN);
             let translated = from_outside.clone().with_dst((LOCAL.ip, LOCAL.port));
-            node.from_outside("outside, Local", &from_outside, TC_ACT_OK, &translated, Stat::NewFlow);
+            node.expect_outside("outside, Local", &from_outside, TC_ACT_OK, &translated, Stat::NewFlow);
         }
         // From a pod: every endpoint of the cluster (kube-proxy's short-circuit).
         let chosen: std::collections::BTreeSet<Ipv4Addr> = (42000..42004)
@@ -264,7 +264,7 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
         );
 
         let none_here = request(protocol, (CLIENT, 43000), (NODE, 30082), TCP_SYN);
-        node.from_outside(
+        node.expect_outside(
             "outside, Local, none on this node",
             &none_here,
             TC_ACT_SHOT,
@@ -285,13 +285,13 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
 }
 
 #[test]
-fn load_balancer_source_ranges_admit_only_their_clients_from_outside() {
+fn load_balancer_source_ranges_admit_only_their_clients_expect_outside() {
     let node = Node::new();
     let allowed = packet::tcp((CLIENT, 44000), (LB_IP, 80), TCP_SYN);
     let translated = allowed.clone().with_dst((LOCAL.ip, LOCAL.port));
-    node.from_outside("inside the range", &allowed, TC_ACT_OK, &translated, Stat::NewFlow);
+    node.expect_outside("inside the range", &allowed, TC_ACT_OK, &translated, Stat::NewFlow);
     let denied = packet::tcp((DENIED, 44000), (LB_IP, 80), TCP_SYN);
-    node.from_outside("outside the range", &denied, TC_ACT_SHOT, &denied, Stat::SourceDenied);
+    node.expect_outside("outside the range", &denied, TC_ACT_SHOT, &denied, Stat::SourceDenied);
     let pod = packet::tcp((POD_CLIENT, 44000), (LB_IP, 80), TCP_SYN);
     let translated = pod.clone().with_dst((LOCAL.ip, LOCAL.port));
     node.expect(TC_PROGRAM, "from a pod", &pod, TC_ACT_OK, &translated, Stat::NewFlow);
@@ -336,5 +336,5 @@ fn running_out_of_nat_ports_is_counted_and_dropped() {
         flows.insert(&key, &held).unwrap();
     }
     let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
-    node.from_outside("no NAT port left", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
+    node.expect_outside("no NAT port left", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
 }
