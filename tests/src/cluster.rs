@@ -1,9 +1,13 @@
-//! One node namespace running the daemon, pods behind it on routed veths
-//! (as Calico lays them out), and an outside client on the node's external
-//! interface.
+//! Nodes made of network namespaces, each running the daemon with its own
+//! pin directory and cgroup, with pods behind it on routed veths (as Calico
+//! lays them out); an L2 segment (a bridge in its own namespace) joins the
+//! nodes and an outside client that is not a pod. Nodes route each other's
+//! pod CIDRs as a host-gw CNI does.
 //!
 //! ```text
-//!  outside (192.0.2.100) --eth0/eth0-- node (192.0.2.10) --vpodN/eth0-- podN (10.244.0.1N/32)
+//!                  lan (bridge br0)
+//!   outside (192.0.2.100) ─┤├─ node0 (192.0.2.10) ──vpodN── pods 10.244.0.1N/32
+//!                          └── node1 (192.0.2.11) ──vpodN── pods 10.244.1.1N/32
 //! ```
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -20,6 +24,7 @@ use crate::{
     apiserver::ApiServer, bpffs::BpffsMount, cgroup::TestCgroup, netns::Netns, pod::PodServer, pod::Reply, sh,
 };
 
+/// The first node's address.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 /// The gateway every pod routes through; it answers with the node-side
@@ -28,8 +33,21 @@ const POD_GATEWAY: &str = "169.254.1.1";
 const VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 pub const POD_PORT: u16 = 8080;
 
+/// Node `i`'s address on the LAN.
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 10 + i as u8)
+}
+
+/// Node `i`'s name in the API and in its Node manifest.
+pub fn node_name(i: usize) -> String {
+    format!("node{i}")
+}
+
 pub struct ClusterSpec {
+    /// The first node's pods.
     pub pods: Vec<String>,
+    /// The pods of each further node.
+    pub more_nodes: Vec<Vec<String>>,
     /// Run a test API server in the node and point the daemon at it;
     /// otherwise the daemon runs standalone on the manifest directory.
     pub api_server: bool,
@@ -42,14 +60,21 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
-    /// `n` pods named `<prefix>-0` .. `<prefix>-{n-1}`.
+    /// `n` pods named `<prefix>-0` .. `<prefix>-{n-1}` on one node.
     pub fn pods(prefix: &str, n: usize) -> Self {
         ClusterSpec {
             pods: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            more_nodes: Vec::new(),
             api_server: false,
             daemon: true,
             test_timings: true,
         }
+    }
+
+    /// Another node with these pods.
+    pub fn with_node(mut self, pods: &[&str]) -> Self {
+        self.more_nodes.push(pods.iter().map(|p| p.to_string()).collect());
+        self
     }
 
     pub fn with_api_server(mut self) -> Self {
@@ -69,37 +94,55 @@ impl ClusterSpec {
     }
 }
 
-/// The node's name in the API.
+/// The first node's name in the API.
 pub const NODE_NAME: &str = "node0";
 
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
     pub ns: Netns,
+    /// Index of the node it runs on.
+    pub node: usize,
     server: Option<PodServer>,
+}
+
+/// One simulated node: its namespace, its daemon, its pins and its cgroup.
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    pub pin_dir: PathBuf,
+    /// Where this node's socket-level balancer acts; processes started for
+    /// this node (its pods, its host) run in it, and no other node's do.
+    pub cgroup: TestCgroup,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 pub struct Cluster {
     pub id: String,
+    /// The first node's pin directory.
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
-    daemon: Option<Child>,
-    log: PathBuf,
     pub pods: Vec<Pod>,
     pub outside: Option<Netns>,
-    pub node: Option<Netns>,
+    pub nodes: Vec<Node>,
+    lan: Option<Netns>,
     pub api: Option<ApiServer>,
     kubeconfig: PathBuf,
     test_timings: bool,
-    /// Where the daemon's socket-level balancer acts; processes started by
-    /// `in_pod` run in it.
-    pub cgroup: Option<TestCgroup>,
     /// Holds the test's directory too; dropped last.
     bpffs: Option<BpffsMount>,
 }
 
 impl Cluster {
-    /// Builds the namespaces and starts the daemon in the node.
+    /// Builds the namespaces and starts the daemon in each node.
     pub fn start(spec: ClusterSpec) -> Result<Self> {
         // The bpffs lives outside /sys: `ip netns exec` remounts /sys, so
         // pins there would be invisible to the daemon.
@@ -109,72 +152,101 @@ impl Cluster {
         let mut cluster = Cluster {
             pin_dir: bpffs.path.join("node0"),
             manifests: bpffs.dir.join("manifests"),
-            log: bpffs.dir.join("daemon.log"),
             id: id.clone(),
-            daemon: None,
             pods: Vec::new(),
             outside: None,
-            node: None,
+            nodes: Vec::new(),
+            lan: None,
             api: None,
             kubeconfig: bpffs.dir.join("kubeconfig"),
             test_timings: spec.test_timings,
-            cgroup: None,
             bpffs: None,
         };
-        cluster.cgroup = Some(TestCgroup::new(&bpffs.dir, &id)?);
+        let lan = Netns::new(&format!("{id}-lan"))?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        cluster.lan = Some(lan);
+        let node_count = 1 + spec.more_nodes.len();
+        for i in 0..node_count {
+            let node = cluster.add_node(i, node_count, &bpffs)?;
+            cluster.nodes.push(node);
+        }
         cluster.bpffs = Some(bpffs);
 
-        let node = Netns::new(&format!("{id}-node"))?;
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ] {
-            node.sysctl(key, value)?;
-        }
         let outside = Netns::new(&format!("{id}-out"))?;
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                "eth0",
-                "netns",
-                &node.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &outside.name,
-            ],
-        )?;
-        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
-        node.ip(&["link", "set", "eth0", "up"])?;
-        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
-        outside.ip(&["link", "set", "eth0", "up"])?;
-        outside.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
-        cluster.node = Some(node);
+        cluster.join_lan(&outside, "out", OUTSIDE_IP)?;
         cluster.outside = Some(outside);
 
-        for (i, name) in spec.pods.iter().enumerate() {
-            let pod = cluster.add_pod(i, name)?;
-            cluster.pods.push(pod);
+        let pods_by_node = std::iter::once(&spec.pods).chain(&spec.more_nodes);
+        for (node, names) in pods_by_node.enumerate() {
+            for (i, name) in names.iter().enumerate() {
+                let pod = cluster.add_pod(node, i, name)?;
+                cluster.pods.push(pod);
+            }
         }
         if spec.api_server {
             let api = ApiServer::start(cluster.node())?;
             api.write_kubeconfig(&cluster.kubeconfig)?;
-            api.apply(&format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {NODE_IP}\n"
-            ))?;
+            api.apply(&node_yaml(0))?;
             cluster.api = Some(api);
+        } else {
+            let nodes: String = (0..node_count).map(node_yaml).collect::<Vec<_>>().join("---\n");
+            cluster.write_manifest("nodes.yaml", &nodes)?;
         }
         if spec.daemon {
             cluster.start_daemon()?;
         }
         Ok(cluster)
+    }
+
+    /// Plugs `ns` into the LAN through a veth (`eth0` inside, `peer` on the bridge).
+    fn join_lan(&self, ns: &Netns, peer: &str, ip: Ipv4Addr) -> Result<()> {
+        let lan = self.lan.as_ref().expect("the LAN is built first");
+        sh(
+            "ip",
+            &[
+                "link", "add", "name", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", peer, "netns",
+                &lan.name,
+            ],
+        )?;
+        lan.ip(&["link", "set", peer, "master", "br0"])?;
+        lan.ip(&["link", "set", peer, "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn add_node(&self, i: usize, count: usize, bpffs: &BpffsMount) -> Result<Node> {
+        let ns = Netns::new(&format!("{}-n{i}", self.id))?;
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            ns.sysctl(key, value)?;
+        }
+        self.join_lan(&ns, &format!("n{i}"), node_ip(i))?;
+        // host-gw: every other node's pod CIDR through that node.
+        for other in (0..count).filter(|&o| o != i) {
+            ns.ip(&[
+                "route",
+                "add",
+                &format!("10.244.{other}.0/24"),
+                "via",
+                &node_ip(other).to_string(),
+            ])?;
+        }
+        let dir = bpffs.dir.join(node_name(i));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Node {
+            name: node_name(i),
+            ip: node_ip(i),
+            ns,
+            pin_dir: bpffs.path.join(node_name(i)),
+            cgroup: TestCgroup::new(&dir, &format!("{}-n{i}", self.id))?,
+            daemon: None,
+            log: dir.join("daemon.log"),
+        })
     }
 
     pub fn api(&self) -> &ApiServer {
@@ -185,28 +257,56 @@ impl Cluster {
         self.api.as_mut().expect("the cluster was started with_api_server()")
     }
 
+    /// The first node's namespace.
     pub fn node(&self) -> &Netns {
-        self.node.as_ref().expect("node exists while the cluster does")
+        &self.nodes[0].ns
     }
 
     pub fn outside(&self) -> &Netns {
         self.outside.as_ref().expect("outside exists while the cluster does")
     }
 
-    fn add_pod(&self, index: usize, name: &str) -> Result<Pod> {
-        let ip = Ipv4Addr::new(10, 244, 0, 10 + index as u8);
-        let ns = Netns::new(&format!("{}-p{index}", self.id))?;
+    /// Makes the outside client send traffic for `ip` to node `i`, as an
+    /// external load balancer (MetalLB's L2 or BGP mode) makes the network do.
+    pub fn route_from_outside(&self, ip: Ipv4Addr, node: usize) -> Result<()> {
+        self.outside()
+            .ip(&[
+                "route",
+                "replace",
+                &format!("{ip}/32"),
+                "via",
+                &node_ip(node).to_string(),
+            ])
+            .map(|_| ())
+    }
+
+    fn add_pod(&self, node: usize, index: usize, name: &str) -> Result<Pod> {
+        let ip = Ipv4Addr::new(10, 244, node as u8, 10 + index as u8);
+        let ns = Netns::new(&format!("{}-n{node}p{index}", self.id))?;
         let host_if = format!("vpod{index}");
-        let node = self.node();
+        let node_ns = &self.nodes[node].ns;
         sh(
             "ip",
             &[
-                "link", "add", "name", &host_if, "address", VETH_MAC, "netns", &node.name, "type", "veth", "peer",
-                "name", "eth0", "netns", &ns.name,
+                "link",
+                "add",
+                "name",
+                &host_if,
+                "address",
+                VETH_MAC,
+                "netns",
+                &node_ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
             ],
         )?;
-        node.ip(&["link", "set", &host_if, "up"])?;
-        node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if, "scope", "link"])?;
+        node_ns.ip(&["link", "set", &host_if, "up"])?;
+        node_ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if, "scope", "link"])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
@@ -227,6 +327,7 @@ impl Cluster {
             name: name.to_owned(),
             ip,
             ns,
+            node,
             server: Some(server),
         })
     }
@@ -238,18 +339,27 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// The first node's cgroup.
     pub fn cgroup(&self) -> &TestCgroup {
-        self.cgroup.as_ref().expect("cluster is running")
+        &self.nodes[0].cgroup
     }
 
-    /// `program` in a namespace (a pod's, or the node's for a host-network
-    /// client), as a process of the cluster's cgroup: its TCP connections to
-    /// services go through the socket-level balancer (the test process's
-    /// own connections, through the TC path).
+    /// `program` in a namespace (a pod's, or a node's for a host-network
+    /// client), as a process of that node's cgroup: its TCP connections to
+    /// services go through that node's socket-level balancer (the test
+    /// process's own connections, through the TC path). In the outside
+    /// client's namespace it joins no node's cgroup: it is not on a node.
     pub fn in_netns(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &ns.name]).arg(program);
-        self.cgroup().enter(&mut command);
+        let node = self
+            .nodes
+            .iter()
+            .position(|n| n.ns.name == ns.name)
+            .or_else(|| self.pods.iter().find(|p| p.ns.name == ns.name).map(|p| p.node));
+        if let Some(node) = node {
+            self.nodes[node].cgroup.enter(&mut command);
+        }
         command
     }
 
@@ -287,21 +397,30 @@ impl Cluster {
         self.start_daemon_with(&[])
     }
 
-    /// Starts the daemon with extra `run` flags.
+    /// Starts every node's daemon with extra `run` flags.
     pub fn start_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
-        let synced_before = self.log().matches("synced").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        for i in 0..self.nodes.len() {
+            self.start_daemon_on(i, extra)?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s daemon with extra `run` flags.
+    pub fn start_daemon_on(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let node = &self.nodes[i];
+        let synced_before = node.log().matches("synced").count();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &self.node().name])
+            .args(["netns", "exec", &node.ns.name])
             .arg(kpr_binary()?)
             .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(["run", "--interfaces", "eth0,vpod*", "--node-name", NODE_NAME])
+            .arg(&node.pin_dir)
+            .args(["run", "--interfaces", "eth0,vpod*", "--node-name", &node.name])
             .args(extra);
-        // The cluster's cgroup, never the default (the machine's root).
+        // The node's cgroup, never the default (the machine's root).
         if !extra.contains(&"--no-socket-lb") {
-            command.arg("--socket-lb-cgroup").arg(&self.cgroup().path);
+            command.arg("--socket-lb-cgroup").arg(&node.cgroup.path);
         }
         if self.test_timings {
             command.args(["--min-sync-interval-ms", "20", "--sync-period-s", "5"]);
@@ -318,31 +437,42 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .context("starting the daemon")?;
-        self.daemon = Some(child);
+        self.nodes[i].daemon = Some(child);
         // Ready once its maps are pinned and it has synced once (the log
         // holds earlier runs' lines too).
-        self.wait_until("the daemon to start", || {
-            Ok(self.log().matches("synced").count() > synced_before)
+        let node = &self.nodes[i];
+        self.wait_until(&format!("{}'s daemon to start", node.name), || {
+            Ok(node.log().matches("synced").count() > synced_before)
         })
     }
 
-    /// The daemon's pid (`ip netns exec` execs it, so the child is the daemon).
+    /// The first node's daemon's pid (`ip netns exec` execs it, so the
+    /// child is the daemon).
     pub fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(Child::id)
+        self.nodes[0].daemon.as_ref().map(Child::id)
     }
 
-    /// Stops the daemon (SIGTERM) and waits for it; pins stay.
+    /// Stops every daemon (SIGTERM) and waits for them; pins stay.
     pub fn stop_daemon(&mut self) -> Result<()> {
-        if let Some(mut child) = self.daemon.take() {
-            // SAFETY: plain kill(2) on our child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait()?;
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.daemon.take() {
+                // SAFETY: plain kill(2) on our child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                child.wait()?;
+            }
         }
         Ok(())
     }
 
+    /// Every daemon's log (with a header per node when there are several).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        if self.nodes.len() == 1 {
+            return self.nodes[0].log();
+        }
+        self.nodes
+            .iter()
+            .map(|n| format!("---- {} ----\n{}", n.name, n.log()))
+            .collect()
     }
 
     /// Writes a manifest file atomically, as an editor or `kubectl` would.
@@ -357,13 +487,19 @@ impl Cluster {
         Ok(std::fs::remove_file(self.manifests.join(file))?)
     }
 
-    /// The backends programmed for a frontend, `None` when it is absent.
+    /// The backends programmed for a frontend on the first node, `None`
+    /// when it is absent.
     pub fn programmed(&self, frontend: SocketAddr, proto: u8) -> Result<Option<Vec<SocketAddr>>> {
+        self.programmed_on(0, frontend, proto)
+    }
+
+    /// The backends programmed for a frontend on node `i`.
+    pub fn programmed_on(&self, i: usize, frontend: SocketAddr, proto: u8) -> Result<Option<Vec<SocketAddr>>> {
         let SocketAddr::V4(v4) = frontend else {
             bail!("IPv4 only")
         };
         let key = ServiceKey::new(*v4.ip(), v4.port(), proto);
-        let maps = ServiceMaps::open(&self.pin_dir)?;
+        let maps = ServiceMaps::open(&self.nodes[i].pin_dir)?;
         Ok(maps
             .frontends()?
             .into_iter()
@@ -371,12 +507,18 @@ impl Cluster {
             .map(|(_, _, backends)| backends.iter().map(|b| SocketAddr::from((b.ip(), b.port()))).collect()))
     }
 
-    /// Waits until the frontend has exactly these backends (in any order).
+    /// Waits until the frontend has exactly these backends (in any order)
+    /// on the first node.
     pub fn wait_for_backends(&self, frontend: SocketAddr, proto: u8, want: &[SocketAddr]) -> Result<()> {
+        self.wait_for_backends_on(0, frontend, proto, want)
+    }
+
+    /// The same on node `i`.
+    pub fn wait_for_backends_on(&self, i: usize, frontend: SocketAddr, proto: u8, want: &[SocketAddr]) -> Result<()> {
         let mut want = want.to_vec();
         want.sort();
-        self.wait_until(&format!("{frontend} to have backends {want:?}"), || {
-            Ok(self.programmed(frontend, proto)?.is_some_and(|mut got| {
+        self.wait_until(&format!("{frontend} to have backends {want:?} on node{i}"), || {
+            Ok(self.programmed_on(i, frontend, proto)?.is_some_and(|mut got| {
                 got.sort();
                 got == want
             }))
@@ -434,6 +576,15 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// A Node object with the node's InternalIP, as the kubelet registers it.
+fn node_yaml(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
+        node_name(i),
+        node_ip(i)
+    )
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.stop_daemon();
@@ -446,8 +597,8 @@ impl Drop for Cluster {
         }
         self.pods.clear();
         self.outside.take();
-        self.node.take();
-        self.cgroup.take();
+        self.nodes.clear();
+        self.lan.take();
         self.bpffs.take();
     }
 }

@@ -24,15 +24,60 @@ pub fn udp<'a>(name: &'a str, port: u16) -> Port<'a> {
 }
 
 pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
+    exposed_service(name, cluster_ip, ports, &Exposure::default())
+}
+
+/// How a Service is reached from outside the cluster.
+#[derive(Default)]
+pub struct Exposure<'a> {
+    /// `NodePort` or `LoadBalancer` (default: `ClusterIP`).
+    pub type_: Option<&'a str>,
+    /// One per port, in order.
+    pub node_ports: &'a [u16],
+    pub external_ips: &'a [Ipv4Addr],
+    /// `status.loadBalancer.ingress[].ip`.
+    pub ingress_ips: &'a [Ipv4Addr],
+    /// `externalTrafficPolicy: Local`.
+    pub local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub source_ranges: &'a [&'a str],
+}
+
+pub fn exposed_service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port], exposure: &Exposure) -> String {
+    let type_ = exposure.type_.unwrap_or("ClusterIP");
     let mut yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {type_}\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
     );
-    for p in ports {
+    for (i, p) in ports.iter().enumerate() {
         let _ = write!(
             yaml,
             "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}\n",
             p.name, p.port, p.protocol, p.name
         );
+        if let Some(node_port) = exposure.node_ports.get(i) {
+            let _ = writeln!(yaml, "    nodePort: {node_port}");
+        }
+    }
+    let list = |items: Vec<String>| format!("[{}]", items.join(", "));
+    if !exposure.external_ips.is_empty() {
+        let ips = exposure.external_ips.iter().map(|ip| ip.to_string()).collect();
+        let _ = writeln!(yaml, "  externalIPs: {}", list(ips));
+    }
+    if exposure.local {
+        yaml.push_str("  externalTrafficPolicy: Local\n");
+    }
+    if let Some(port) = exposure.health_check_node_port {
+        let _ = writeln!(yaml, "  healthCheckNodePort: {port}");
+    }
+    if !exposure.source_ranges.is_empty() {
+        let ranges = exposure.source_ranges.iter().map(|r| format!("'{r}'")).collect();
+        let _ = writeln!(yaml, "  loadBalancerSourceRanges: {}", list(ranges));
+    }
+    if !exposure.ingress_ips.is_empty() {
+        yaml.push_str("status:\n  loadBalancer:\n    ingress:\n");
+        for ip in exposure.ingress_ips {
+            let _ = writeln!(yaml, "    - ip: {ip}");
+        }
     }
     yaml
 }
@@ -112,6 +157,18 @@ pub fn service_with_endpoints(
     target_port: u16,
     endpoints: &[Endpoint],
 ) -> String {
+    exposed_service_with_endpoints(name, vip, ports, &Exposure::default(), target_port, endpoints)
+}
+
+/// The same for a Service reached from outside.
+pub fn exposed_service_with_endpoints(
+    name: &str,
+    vip: Ipv4Addr,
+    ports: &[Port],
+    exposure: &Exposure,
+    target_port: u16,
+    endpoints: &[Endpoint],
+) -> String {
     let slice_ports: Vec<Port> = ports
         .iter()
         .map(|p| Port {
@@ -122,7 +179,7 @@ pub fn service_with_endpoints(
         .collect();
     format!(
         "{}---\n{}",
-        service(name, vip, ports),
+        exposed_service(name, vip, ports, exposure),
         endpoint_slice(&format!("{name}-abc12"), name, &slice_ports, endpoints)
     )
 }

@@ -1,0 +1,320 @@
+//! Traffic from outside the node on a two-node namespace cluster: NodePort,
+//! LoadBalancer IPs and external IPs, externalTrafficPolicy Cluster (source
+//! NAT to the node for a backend on the other node) and Local (client
+//! address kept, health checks), loadBalancerSourceRanges, and the same
+//! frontends from pods and from the node itself. Asserted on what real
+//! clients receive and what address each backend saw.
+//!
+//! node0 runs web-0 and a client pod; node1 runs web-1 and web-2.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use kpr_testbed::{
+    cluster::{node_ip, OUTSIDE_IP, POD_PORT},
+    manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
+    netns::Netns,
+    pod::{connect, http_get, Datagrams, Reply},
+    Cluster, ClusterSpec,
+};
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const HTTP_NODE_PORT: u16 = 30080;
+const DNS_NODE_PORT: u16 = 30053;
+const HEALTH_PORT: u16 = 32100;
+
+fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+fn two_nodes() -> Cluster {
+    let mut spec = ClusterSpec::pods("web", 1).with_node(&["web-1", "web-2"]);
+    spec.pods.push("client".into());
+    let cluster = Cluster::start(spec).expect("cluster");
+    cluster.route_from_outside(LB_IP, 1).unwrap();
+    cluster.route_from_outside(EXTERNAL_IP, 0).unwrap();
+    cluster
+}
+
+/// `web` as a LoadBalancer (LB_IP in its status, EXTERNAL_IP as an external
+/// IP) with http 80/TCP and dns 53/UDP, over the `ready` web pods; waits
+/// until both nodes programmed its NodePorts.
+fn expose(cluster: &Cluster, exposure: Exposure, ready: &[&str]) {
+    let endpoints: Vec<Endpoint> = ["web-0", "web-1", "web-2"]
+        .iter()
+        .map(|name| {
+            let pod = cluster.pod(name);
+            let endpoint = Endpoint::ready(pod.ip).on(&format!("node{}", pod.node));
+            if ready.contains(name) {
+                endpoint
+            } else {
+                endpoint.not_ready()
+            }
+        })
+        .collect();
+    let exposure = Exposure {
+        type_: Some("LoadBalancer"),
+        node_ports: &[HTTP_NODE_PORT, DNS_NODE_PORT],
+        external_ips: &[EXTERNAL_IP],
+        ingress_ips: &[LB_IP],
+        ..exposure
+    };
+    let yaml = exposed_service_with_endpoints(
+        "web",
+        VIP,
+        &[tcp("http", 80), udp("dns", 53)],
+        &exposure,
+        POD_PORT,
+        &endpoints,
+    );
+    cluster.write_manifest("web.yaml", &yaml).unwrap();
+    for node in 0..2 {
+        // Inside the cluster a NodePort uses every ready endpoint.
+        let want: Vec<SocketAddr> = ready.iter().map(|p| at(cluster.pod(p).ip, POD_PORT)).collect();
+        let frontend = at(node_ip(node), HTTP_NODE_PORT);
+        cluster
+            .wait_for_backends_on(node, frontend, IPPROTO_TCP, &want)
+            .unwrap();
+        cluster
+            .wait_for_backends_on(node, at(node_ip(node), DNS_NODE_PORT), IPPROTO_UDP, &want)
+            .unwrap();
+    }
+}
+
+/// `n` TCP connections (kept open until the end, so no source port is
+/// reused) and `n` UDP flows from `ns` to `to_tcp` / `to_udp`: every answer.
+fn requests(ns: &Netns, to_tcp: SocketAddr, to_udp: SocketAddr, n: usize) -> Vec<Reply> {
+    let mut keep = Vec::new();
+    let mut replies = Vec::new();
+    for _ in 0..n {
+        let mut conn = connect(ns, to_tcp).unwrap();
+        replies.push(conn.request().unwrap());
+        keep.push(conn);
+    }
+    for _ in 0..n {
+        // `request` checks the answer comes from the address dialled.
+        replies.push(Datagrams::open(ns).unwrap().request(to_udp).unwrap());
+    }
+    replies
+}
+
+fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in replies {
+        *counts.entry(r.pod.clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn spread(pods: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pods.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+}
+
+#[test]
+fn node_ports_spread_over_every_pod_and_remote_backends_see_the_node() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    for node in 0..2 {
+        let replies = requests(
+            cluster.outside(),
+            at(node_ip(node), HTTP_NODE_PORT),
+            at(node_ip(node), DNS_NODE_PORT),
+            30,
+        );
+        assert_eq!(
+            tally(&replies),
+            spread(&[("web-0", 20), ("web-1", 20), ("web-2", 20)]),
+            "through node{node}"
+        );
+        for reply in &replies {
+            let on_this_node = cluster.pod(&reply.pod).node == node;
+            // kube-proxy would masquerade all of them; a backend on the
+            // receiving node sees the client itself.
+            let want = if on_this_node { OUTSIDE_IP } else { node_ip(node) };
+            assert_eq!(
+                reply.peer.ip(),
+                IpAddr::V4(want),
+                "{} through node{node} saw the wrong source",
+                reply.pod
+            );
+        }
+    }
+}
+
+#[test]
+fn load_balancer_and_external_ips_answer_from_the_address_dialled() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    for ip in [LB_IP, EXTERNAL_IP] {
+        let replies = requests(cluster.outside(), at(ip, 80), at(ip, 53), 6);
+        assert_eq!(
+            tally(&replies),
+            spread(&[("web-0", 4), ("web-1", 4), ("web-2", 4)]),
+            "{ip}"
+        );
+    }
+    // A long-lived connection through the source NAT keeps working.
+    let mut conn = connect(cluster.outside(), at(LB_IP, 80)).unwrap();
+    let first = conn.request().unwrap();
+    for _ in 0..5 {
+        assert_eq!(conn.request().unwrap(), first);
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_reports_health() {
+    let cluster = two_nodes();
+    let local = || Exposure {
+        local: true,
+        health_check_node_port: Some(HEALTH_PORT),
+        ..Exposure::default()
+    };
+    expose(&cluster, local(), &["web-0", "web-1", "web-2"]);
+    let through = |node: usize, n| {
+        requests(
+            cluster.outside(),
+            at(node_ip(node), HTTP_NODE_PORT),
+            at(node_ip(node), DNS_NODE_PORT),
+            n,
+        )
+    };
+    let replies = through(0, 4);
+    assert_eq!(tally(&replies), spread(&[("web-0", 8)]), "node0 has web-0 only");
+    let replies = replies.into_iter().chain(through(1, 4)).collect::<Vec<_>>();
+    assert_eq!(
+        tally(&replies[8..]),
+        spread(&[("web-1", 4), ("web-2", 4)]),
+        "node1 uses its own two"
+    );
+    for reply in &replies {
+        assert_eq!(
+            reply.peer.ip(),
+            IpAddr::V4(OUTSIDE_IP),
+            "Local keeps the client's address"
+        );
+    }
+    let health = |node: usize| http_get(cluster.outside(), at(node_ip(node), HEALTH_PORT), "/").unwrap();
+    let body = |n: usize| {
+        format!(
+            r#"{{"service":{{"namespace":"default","name":"web"}},"localEndpoints":{n},"serviceProxyHealthy":true}}"#
+        )
+    };
+    assert_eq!(health(0), (200, body(1)));
+    assert_eq!(health(1), (200, body(2)));
+
+    // web-0 is no longer ready: node0 has no local endpoint.
+    expose(&cluster, local(), &["web-1", "web-2"]);
+    assert_eq!(health(0), (503, body(0)));
+    assert!(
+        connect(cluster.outside(), at(node_ip(0), HTTP_NODE_PORT)).is_err(),
+        "node0 drops traffic from outside (the load balancer's health check steers away)"
+    );
+    // Pods are not restricted to their node's endpoints (kube-proxy's short-circuit).
+    let client = &cluster.pod("client").ns;
+    for to in [at(LB_IP, 80), at(node_ip(0), HTTP_NODE_PORT)] {
+        let reply = connect(client, to).unwrap().request().unwrap();
+        assert!(["web-1", "web-2"].contains(&reply.pod.as_str()), "{to}: {reply:?}");
+    }
+
+    // Back to Cluster: the health check server goes away.
+    expose(&cluster, Exposure::default(), &["web-1", "web-2"]);
+    cluster
+        .wait_until("the health check server to stop", || {
+            Ok(http_get(cluster.outside(), at(node_ip(0), HEALTH_PORT), "/").is_err())
+        })
+        .unwrap();
+}
+
+#[test]
+fn source_ranges_admit_only_their_clients_and_change_live() {
+    let cluster = two_nodes();
+    let ranges = |r: &'static [&'static str]| Exposure {
+        source_ranges: r,
+        ..Exposure::default()
+    };
+    expose(
+        &cluster,
+        ranges(&["192.0.2.100/32", "10.0.0.0/8"]),
+        &["web-0", "web-1", "web-2"],
+    );
+    assert!(connect(cluster.outside(), at(LB_IP, 80)).unwrap().request().is_ok());
+    assert!(Datagrams::open(cluster.outside())
+        .unwrap()
+        .request(at(LB_IP, 53))
+        .is_ok());
+
+    expose(&cluster, ranges(&["10.0.0.0/8"]), &["web-0", "web-1", "web-2"]);
+    cluster
+        .wait_until("the outside client to be refused", || {
+            Ok(connect(cluster.outside(), at(LB_IP, 80)).is_err())
+        })
+        .unwrap();
+    assert!(
+        Datagrams::open(cluster.outside())
+            .unwrap()
+            .request(at(LB_IP, 53))
+            .is_err(),
+        "UDP from outside the ranges is dropped too"
+    );
+    // The NodePort is not a LoadBalancer IP: ranges do not apply there.
+    assert!(connect(cluster.outside(), at(node_ip(1), HTTP_NODE_PORT)).is_ok());
+
+    expose(&cluster, ranges(&["192.0.2.0/24"]), &["web-0", "web-1", "web-2"]);
+    cluster
+        .wait_until("the outside client to be served again", || {
+            Ok(connect(cluster.outside(), at(LB_IP, 80))
+                .and_then(|mut c| c.request())
+                .is_ok())
+        })
+        .unwrap();
+}
+
+/// Pods and the node itself reach every external frontend, with the socket
+/// hooks (TCP balanced at connect) and without them (per packet).
+#[test]
+fn pods_and_the_node_reach_external_frontends_on_both_paths() {
+    let mut cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    let targets = [
+        at(node_ip(0), HTTP_NODE_PORT),
+        at(node_ip(1), HTTP_NODE_PORT),
+        at(LB_IP, 80),
+        at(EXTERNAL_IP, 80),
+    ];
+    // Processes of node0's pods and of node0 itself (socket-level balancer).
+    for ns in [&cluster.pod("client").ns, cluster.node()] {
+        for to in targets {
+            let results = cluster.socket_clients(ns, to, 3).unwrap();
+            for result in results {
+                let (reply, peer) = result.unwrap_or_else(|e| panic!("{to} from {}: {e}", ns.name));
+                assert_eq!(peer, to, "getpeername() reports the address dialled");
+                assert!(reply.pod.starts_with("web-"));
+            }
+        }
+    }
+    // Per packet: the test's own sockets in the client pod, then without the hooks.
+    let check_per_packet = |cluster: &Cluster| {
+        let client = &cluster.pod("client").ns;
+        for to in targets {
+            let replies = requests(
+                client,
+                to,
+                SocketAddr::new(to.ip(), if to.port() == 80 { 53 } else { DNS_NODE_PORT }),
+                3,
+            );
+            assert_eq!(tally(&replies).len(), 3, "{to}: {replies:?}");
+        }
+    };
+    check_per_packet(&cluster);
+    cluster.stop_daemon().unwrap();
+    cluster.start_daemon_with(&["--no-socket-lb"]).unwrap();
+    check_per_packet(&cluster);
+    for to in targets {
+        let results = cluster.socket_clients(&cluster.pod("client").ns, to, 3).unwrap();
+        assert!(results.iter().all(Result::is_ok), "{to} without the hooks: {results:?}");
+    }
+}
