@@ -318,3 +318,182 @@ fn pods_and_the_node_reach_external_frontends_on_both_paths() {
         assert!(results.iter().all(Result::is_ok), "{to} without the hooks: {results:?}");
     }
 }
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_gets_its_answers() {
+    let mut cluster = two_nodes();
+    let self_vip = Ipv4Addr::new(10, 96, 0, 60);
+    let web0 = cluster.pod("web-0").ip;
+    let yaml = exposed_service_with_endpoints(
+        "self",
+        self_vip,
+        &[tcp("http", 80), udp("dns", 53)],
+        &Exposure::default(),
+        POD_PORT,
+        &[Endpoint::ready(web0).on("node0")],
+    );
+    cluster.write_manifest("self.yaml", &yaml).unwrap();
+    cluster
+        .wait_for_backends(at(self_vip, 53), IPPROTO_UDP, &[at(web0, POD_PORT)])
+        .unwrap();
+    let check = |cluster: &Cluster| {
+        let ns = &cluster.pod("web-0").ns;
+        // Per packet (the test's own sockets): the pod sees the node as its
+        // peer, as kube-proxy's masquerade makes it.
+        let answer = Datagrams::open(ns).unwrap().request(at(self_vip, 53)).unwrap();
+        assert_eq!(
+            (answer.pod.as_str(), answer.peer.ip()),
+            ("web-0", IpAddr::V4(node_ip(0)))
+        );
+        let answer = connect(ns, at(self_vip, 80)).unwrap().request().unwrap();
+        assert_eq!(
+            (answer.pod.as_str(), answer.peer.ip()),
+            ("web-0", IpAddr::V4(node_ip(0)))
+        );
+        // A process of the pod (socket hooks, when attached).
+        for result in cluster.socket_clients(ns, at(self_vip, 80), 2).unwrap() {
+            let (answer, peer) = result.unwrap();
+            assert_eq!((answer.pod.as_str(), peer), ("web-0", at(self_vip, 80)));
+        }
+    };
+    check(&cluster);
+    cluster.stop_daemon().unwrap();
+    cluster.start_daemon_with(&["--no-socket-lb"]).unwrap();
+    check(&cluster);
+}
+
+#[test]
+fn type_changes_conflicts_and_bad_node_ports_take_effect_live_and_are_reported() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    let web0 = cluster.pod("web-0").ip;
+    let node_port_service = |name: &str, node_port: u16| {
+        exposed_service_with_endpoints(
+            name,
+            Ipv4Addr::new(10, 96, 0, 70 + name.len() as u8),
+            &[tcp("http", 80)],
+            &Exposure {
+                type_: Some("NodePort"),
+                node_ports: &[node_port],
+                ..Exposure::default()
+            },
+            POD_PORT,
+            &[Endpoint::ready(web0).on("node0")],
+        )
+    };
+    // A later Service claiming web's nodePort is rejected; web keeps it.
+    cluster
+        .write_manifest("zz.yaml", &node_port_service("zz", HTTP_NODE_PORT))
+        .unwrap();
+    // A nodePort outside the node port range is reported and not served.
+    cluster
+        .write_manifest("low.yaml", &node_port_service("low", 8081))
+        .unwrap();
+    cluster
+        .wait_until("both to be reported", || {
+            let log = cluster.log();
+            Ok(log.contains(
+                "rejected: Service default/zz: spec.ports[0].nodePort: 192.0.2.10:30080/TCP is already served for Service default/web",
+            ) && log.contains(
+                "not served: Service default/low: spec.ports[0].nodePort: 8081 is outside the node port range 30000-32767",
+            ))
+        })
+        .unwrap();
+    let replies = requests(
+        cluster.outside(),
+        at(node_ip(0), HTTP_NODE_PORT),
+        at(node_ip(0), DNS_NODE_PORT),
+        3,
+    );
+    assert_eq!(tally(&replies).len(), 3, "web still owns its nodePort: {replies:?}");
+    assert!(cluster.programmed(at(node_ip(0), 8081), IPPROTO_TCP).unwrap().is_none());
+    cluster.remove_manifest("zz.yaml").unwrap();
+
+    // LoadBalancer -> ClusterIP: the nodePorts, the LB IP and the external IP stop answering.
+    let yaml = exposed_service_with_endpoints(
+        "web",
+        VIP,
+        &[tcp("http", 80), udp("dns", 53)],
+        &Exposure {
+            node_ports: &[HTTP_NODE_PORT, DNS_NODE_PORT],
+            ..Exposure::default()
+        },
+        POD_PORT,
+        &[Endpoint::ready(web0).on("node0")],
+    );
+    cluster.write_manifest("web.yaml", &yaml).unwrap();
+    cluster
+        .wait_until("the nodePort to be released", || {
+            Ok((0..2).all(|n| {
+                cluster
+                    .programmed_on(n, at(node_ip(n), HTTP_NODE_PORT), IPPROTO_TCP)
+                    .is_ok_and(|p| p.is_none())
+            }) && cluster.programmed(at(LB_IP, 80), IPPROTO_TCP).unwrap().is_none())
+        })
+        .unwrap();
+    assert!(connect(cluster.outside(), at(node_ip(1), HTTP_NODE_PORT)).is_err());
+    // ... and back to LoadBalancer.
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    assert!(connect(cluster.outside(), at(LB_IP, 80)).unwrap().request().is_ok());
+}
+
+#[test]
+fn node_ports_follow_the_node_addresses() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    let second = Ipv4Addr::new(192, 0, 2, 50);
+    cluster
+        .node()
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", "eth0"])
+        .unwrap();
+    let nodes = (0..2)
+        .map(|i| {
+            let extra = if i == 0 { format!("\n  - type: InternalIP\n    address: {second}") } else { String::new() };
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: node{i}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}{extra}\n",
+                node_ip(i)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n");
+    cluster.write_manifest("nodes.yaml", &nodes).unwrap();
+    let everyone: Vec<SocketAddr> = ["web-0", "web-1", "web-2"]
+        .iter()
+        .map(|p| at(cluster.pod(p).ip, POD_PORT))
+        .collect();
+    cluster
+        .wait_for_backends(at(second, HTTP_NODE_PORT), IPPROTO_TCP, &everyone)
+        .unwrap();
+    let replies = requests(
+        cluster.outside(),
+        at(second, HTTP_NODE_PORT),
+        at(second, DNS_NODE_PORT),
+        3,
+    );
+    assert_eq!(tally(&replies).len(), 3, "{replies:?}");
+}
+
+#[test]
+fn interfaces_without_an_ethernet_header_are_left_alone() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    // Matches the daemon's `vpod*` pattern, as a CNI's tunnel device might.
+    cluster
+        .node()
+        .ip(&["tuntap", "add", "mode", "tun", "name", "vpodtun0"])
+        .unwrap();
+    cluster.node().ip(&["link", "set", "vpodtun0", "up"]).unwrap();
+    cluster
+        .wait_until("the tun device to be noticed", || {
+            Ok(cluster.nodes[0]
+                .log()
+                .lines()
+                .any(|l| l.contains("not attached: no Ethernet header") && l.contains("vpodtun0")))
+        })
+        .unwrap();
+    assert!(
+        !cluster.pin_dir.join("links/tc_ingress_vpodtun0").exists(),
+        "no program on an interface whose packets it would misparse"
+    );
+    assert!(connect(cluster.outside(), at(LB_IP, 80)).unwrap().request().is_ok());
+}
