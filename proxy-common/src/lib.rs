@@ -32,6 +32,12 @@ pub const TC_PROGRAM: &str = "kpr_tc";
 /// loadBalancerSourceRanges apply, and which is source-NATed when its
 /// backend is on another node.
 pub const TC_EXTERNAL_PROGRAM: &str = "kpr_tc_external";
+/// The same stages at the egress of the external interfaces and of `lo`:
+/// traffic the node's own processes send (hostNetwork pods, the kubelet)
+/// that the socket hooks did not balance (UDP, or every protocol with the
+/// hooks off). Its requests are already routed when it sees them, so each
+/// translated one is sent out again by a FIB lookup.
+pub const TC_HOST_PROGRAM: &str = "kpr_tc_host";
 /// A classifier that does nothing, for benchmarks' floor.
 pub const NOOP_PROGRAM: &str = "kpr_noop";
 /// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
@@ -305,6 +311,21 @@ pub const NAT_SNAT: u8 = 2;
 /// would drop as martian on input.
 pub const NAT_REDIRECT: u8 = 4;
 
+/// `NatEntry::seen`: this direction sent a FIN, or a RST.
+pub const SEEN_FIN: u8 = 1;
+pub const SEEN_RST: u8 = 2;
+
+/// When a source-NATed flow has ended, so that a new flow may take its NAT
+/// port: a TCP flow this long after a FIN in both directions or a RST in
+/// either (the backend's side may linger in TIME_WAIT a moment longer, and
+/// a new SYN on its tuple is accepted there); a UDP flow after this long
+/// without a packet (netfilter's timeout for a UDP flow seen both ways); a
+/// TCP flow that vanished without closing after netfilter's established
+/// timeout (5 days).
+pub const NAT_TCP_CLOSED_SECS: u32 = 10;
+pub const NAT_UDP_IDLE_SECS: u32 = 120;
+pub const NAT_TCP_IDLE_SECS: u32 = 432_000;
+
 /// Value of `CONNTRACK`: the address and port to write into the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -314,7 +335,8 @@ pub struct NatEntry {
     /// Network order.
     pub port: u16,
     pub flags: u8,
-    pub _pad: u8,
+    /// Source-NATed flows: `SEEN_*` of this direction's packets.
+    pub seen: u8,
     /// Service and slot the backend was chosen from (request direction), so
     /// a new connection reusing the tuple can tell whether the choice still
     /// stands.
@@ -323,7 +345,29 @@ pub struct NatEntry {
     /// With `NAT_SNAT`: the other address and port to write. Network order.
     pub nat_addr: u32,
     pub nat_port: u16,
-    pub _pad2: u16,
+    pub _pad: u16,
+    /// Source-NATed flows: when this direction last carried a packet, in
+    /// seconds of the kernel's monotonic clock.
+    pub last_seen: u32,
+}
+
+impl NatEntry {
+    /// Whether the source-NATed flow whose reply entry is `reply` (and
+    /// request entry `request`, if still there) has ended by `now`.
+    pub fn flow_ended(reply: &NatEntry, request: Option<&NatEntry>, proto: u8, now: u32) -> bool {
+        let last = match request {
+            Some(r) if r.last_seen > reply.last_seen => r.last_seen,
+            _ => reply.last_seen,
+        };
+        let idle = now.saturating_sub(last);
+        if proto == IPPROTO_UDP {
+            return idle >= NAT_UDP_IDLE_SECS;
+        }
+        let seen = |e: Option<&NatEntry>| e.map_or(SEEN_FIN | SEEN_RST, |e| e.seen);
+        let (back, forth) = (reply.seen, seen(request));
+        let closed = (back | forth) & SEEN_RST != 0 || (back & forth & SEEN_FIN != 0);
+        (closed && idle >= NAT_TCP_CLOSED_SECS) || idle >= NAT_TCP_IDLE_SECS
+    }
 }
 
 /// Data of a `SOURCE_RANGES` key (an LPM trie): the service id, matched
@@ -461,4 +505,83 @@ mod pod {
     unsafe impl aya::Pod for SocketPeer {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for NodeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seen: u8, last_seen: u32) -> NatEntry {
+        NatEntry {
+            seen,
+            last_seen,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn when_a_nated_flow_has_ended() {
+        let now = 1_000_000;
+        let closed = NAT_TCP_CLOSED_SECS;
+        // (reply, request, protocol, ended)
+        let cases = [
+            (entry(0, now), Some(entry(0, now)), IPPROTO_TCP, false),
+            (
+                entry(SEEN_FIN, now - closed),
+                Some(entry(0, now - closed)),
+                IPPROTO_TCP,
+                false,
+            ),
+            (
+                entry(SEEN_FIN, now - closed),
+                Some(entry(SEEN_FIN, now - closed)),
+                IPPROTO_TCP,
+                true,
+            ),
+            (
+                entry(SEEN_FIN, now - closed),
+                Some(entry(SEEN_FIN, now - 1)),
+                IPPROTO_TCP,
+                false,
+            ),
+            (
+                entry(SEEN_RST, now - closed),
+                Some(entry(0, now - closed)),
+                IPPROTO_TCP,
+                true,
+            ),
+            (
+                entry(0, now - closed),
+                Some(entry(SEEN_RST, now - closed)),
+                IPPROTO_TCP,
+                true,
+            ),
+            (entry(0, now - closed), None, IPPROTO_TCP, true),
+            (
+                entry(0, now - NAT_TCP_IDLE_SECS),
+                Some(entry(0, now - NAT_TCP_IDLE_SECS)),
+                IPPROTO_TCP,
+                true,
+            ),
+            (
+                entry(0, now - NAT_UDP_IDLE_SECS + 1),
+                Some(entry(0, now - NAT_UDP_IDLE_SECS)),
+                IPPROTO_UDP,
+                false,
+            ),
+            (
+                entry(0, now - NAT_UDP_IDLE_SECS),
+                Some(entry(0, now - NAT_UDP_IDLE_SECS)),
+                IPPROTO_UDP,
+                true,
+            ),
+        ];
+        for (i, (reply, request, proto, ended)) in cases.iter().enumerate() {
+            assert_eq!(
+                NatEntry::flow_ended(reply, request.as_ref(), *proto, now),
+                *ended,
+                "case {i}"
+            );
+        }
+    }
 }

@@ -1,7 +1,10 @@
 //! Connection tracking: both directions of a translated flow, keyed by the
 //! tuple each direction's packets carry on arrival; and the allocation of
 //! NAT ports for flows whose source is translated too.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+};
 use proxy_common::{FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT};
 
 use crate::{
@@ -18,6 +21,64 @@ pub const NAT_REPLY_REDIRECT: u8 = 8;
 pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     // SAFETY: copied out at once.
     unsafe { CONNTRACK.get(key).copied() }
+}
+
+/// Seconds of the kernel's monotonic clock (the coarse one: a tick's
+/// precision is plenty for timeouts in seconds, and it is cheaper).
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: no arguments, no preconditions.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Records a packet of a source-NATed flow in its entry for this
+/// direction (`key`): when, and whether it ends the connection, so that
+/// its NAT port is freed once the flow is over. Written only when it
+/// changes, so most packets of a busy flow only read the entry.
+#[inline(always)]
+pub fn note_nated_packet(key: &FlowKey, pkt: &Packet) {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return;
+    };
+    let (now, end) = (now_secs(), pkt.end_flags());
+    // SAFETY: a live map value; a racing update of these two plain fields
+    // from another CPU leaves either value, both of which are right.
+    unsafe {
+        if (*entry).last_seen != now {
+            (*entry).last_seen = now;
+        }
+        if (*entry).seen & end != end {
+            (*entry).seen |= end;
+        }
+    }
+}
+
+/// A NAT port held by a flow that has ended is taken over: its entries are
+/// removed so that the new flow's reply entry can claim the port.
+#[inline(always)]
+fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
+    let Some(reply) = lookup(reply_key) else {
+        // Evicted meanwhile: free.
+        return true;
+    };
+    let request_key = flow_key(
+        Endpoint {
+            addr: reply.nat_addr,
+            port: reply.nat_port,
+        },
+        Endpoint {
+            addr: reply.addr,
+            port: reply.port,
+        },
+        proto,
+    );
+    let request = lookup(&request_key);
+    if !NatEntry::flow_ended(&reply, request.as_ref(), proto, now_secs()) {
+        return false;
+    }
+    let _ = CONNTRACK.remove(&request_key);
+    let _ = CONNTRACK.remove(reply_key);
+    true
 }
 
 /// A flow's translation: where its requests go, with which source, and
@@ -89,12 +150,13 @@ fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
         addr: pkt.dst,
         port: pkt.dport,
         flags: nat_flags,
-        _pad: 0,
+        seen: 0,
         service_id: flow.service_id,
         slot: flow.slot,
         nat_addr: pkt.src,
         nat_port: pkt.sport,
-        _pad2: 0,
+        _pad: 0,
+        last_seen: if snat { now_secs() } else { 0 },
     };
     CONNTRACK.insert(&flow_key(flow.backend, flow.source, pkt.proto), &to_client, flags)?;
     maps::mark_backend(flow.backend.addr, flow.backend.port, pkt.proto);
@@ -104,7 +166,8 @@ fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
 #[inline(always)]
 fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
     let mut flags = 0;
-    if flow.source_nated(pkt) {
+    let snat = flow.source_nated(pkt);
+    if snat {
         flags |= NAT_SNAT | NAT_REDIRECT;
     }
     if flow.redirect_replies {
@@ -114,12 +177,13 @@ fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
         addr: flow.backend.addr,
         port: flow.backend.port,
         flags,
-        _pad: 0,
+        seen: pkt.end_flags(),
         service_id: flow.service_id,
         slot: flow.slot,
         nat_addr: flow.source.addr,
         nat_port: flow.source.port,
-        _pad2: 0,
+        _pad: 0,
+        last_seen: if snat { now_secs() } else { 0 },
     };
     CONNTRACK.insert(&pkt.flow_key(), &to_backend, BPF_ANY as u64)
 }
@@ -142,9 +206,10 @@ pub enum NatError {
 }
 
 /// Records `flow` with its source translated to `node_addr` and a free NAT
-/// port: one whose reply tuple (backend -> node:port) no other flow holds,
-/// claimed atomically by the reply entry's insert. The search starts at a
-/// hash of the client's tuple, so clients spread over the range.
+/// port: one whose reply tuple (backend -> node:port) no live flow holds,
+/// claimed atomically by the reply entry's insert (a port whose flow has
+/// ended is taken over). The search starts at a hash of the client's
+/// tuple, so clients spread over the range.
 #[inline(always)]
 pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
     let range = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
@@ -157,6 +222,11 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
             port: port.to_be(),
         };
         if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
+            claimed = true;
+            break;
+        }
+        let reply_key = flow_key(flow.backend, flow.source, pkt.proto);
+        if reclaim_if_ended(&reply_key, pkt.proto) && insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
             claimed = true;
             break;
         }

@@ -23,6 +23,16 @@ use proxy_common::{
     FrontendKind, NatEntry, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_SOURCE_RANGES,
 };
 
+/// Where the packets a program sees come from (its attachment).
+mod origin {
+    /// Ingress of a pod-facing interface: a pod.
+    pub const POD: u8 = 0;
+    /// Ingress of an external interface: outside the node.
+    pub const OUTSIDE: u8 = 1;
+    /// Egress of an external interface or of `lo`: the node's own processes.
+    pub const HOST: u8 = 2;
+}
+
 use crate::{
     conntrack::{Flow, NatError},
     nat::Endpoint,
@@ -44,18 +54,25 @@ enum Verdict {
 /// Ingress of the node's pod-facing interfaces: traffic from inside.
 #[classifier]
 pub fn kpr_tc(ctx: TcContext) -> i32 {
-    run::<false>(&ctx)
+    run::<{ origin::POD }>(&ctx)
 }
 
 /// Ingress of the node's external interfaces: traffic from outside.
 #[classifier]
 pub fn kpr_tc_external(ctx: TcContext) -> i32 {
-    run::<true>(&ctx)
+    run::<{ origin::OUTSIDE }>(&ctx)
+}
+
+/// Egress of the node's external interfaces and `lo`: traffic of the node's
+/// own processes.
+#[classifier]
+pub fn kpr_tc_host(ctx: TcContext) -> i32 {
+    run::<{ origin::HOST }>(&ctx)
 }
 
 #[inline(always)]
-fn run<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> i32 {
-    let (stat, action) = match process::<FROM_OUTSIDE>(ctx) {
+fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
+    let (stat, action) = match process::<ORIGIN>(ctx) {
         Verdict::Translated(s) => (s, TC_ACT_OK as i32),
         Verdict::Redirected(s, src, dst) => (s, nat::forward_by_fib(ctx, src, dst)),
         Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),
@@ -73,7 +90,8 @@ pub fn kpr_noop(_ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
+fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
+    let from_outside = ORIGIN == origin::OUTSIDE;
     let pkt = match parse_packet(ctx) {
         Ok(pkt) => pkt,
         Err(ParseError::NotIpv4) => return Verdict::Untouched(Stat::NotIpv4),
@@ -92,6 +110,9 @@ fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
     }
 
     if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
+        if entry.flags & NAT_SNAT != 0 {
+            conntrack::note_nated_packet(&pkt.flow_key(), &pkt);
+        }
         if entry.flags & NAT_REPLY != 0 {
             return reverse_translate(ctx, &pkt, &entry);
         }
@@ -102,7 +123,7 @@ fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
                 // directions again, in case one was evicted or forgotten.
                 let _ = conntrack::create(&pkt, &flow);
             }
-            return translate(ctx, &pkt, &flow, Stat::Established);
+            return translate::<ORIGIN>(ctx, &pkt, &flow, Stat::Established);
         }
         // A new connection on a reused tuple whose backend has gone: choose
         // again below.
@@ -116,16 +137,19 @@ fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
         None
     };
     let Some(svc) = svc else {
-        if pkt.may_open_flow() {
+        // Not at the host's egress: every request this path translates and
+        // sends out again by the FIB passes there, looking just like such a
+        // new direct connection.
+        if pkt.may_open_flow() && ORIGIN != origin::HOST {
             conntrack::forget_stale_flow(&pkt);
         }
         return Verdict::Untouched(Stat::NoMatch);
     };
-    if FROM_OUTSIDE && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
+    if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
         return Verdict::Drop(Stat::SourceDenied);
     }
-    let Some((slot, backend)) = lb::select_backend(&svc, FROM_OUTSIDE) else {
-        if FROM_OUTSIDE && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
+    let Some((slot, backend)) = lb::select_backend(&svc, from_outside) else {
+        if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
             return Verdict::Drop(Stat::NoLocalBackend);
         }
         return Verdict::Drop(Stat::NoBackend);
@@ -146,7 +170,7 @@ fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
     // a local backend keeps the client's address). A pod reaching itself
     // through its service would answer itself without ever leaving: send
     // it from this node too (hairpin).
-    let needs_snat = (FROM_OUTSIDE && !backend.is_local()) || backend.addr == pkt.src;
+    let needs_snat = (from_outside && !backend.is_local()) || backend.addr == pkt.src;
     if needs_snat {
         flow.redirect_replies = true;
         let Some(node) = maps::snat_addr() else {
@@ -160,17 +184,18 @@ fn process<const FROM_OUTSIDE: bool>(ctx: &TcContext) -> Verdict {
     } else if conntrack::create(&pkt, &flow).is_err() {
         return Verdict::Drop(Stat::Error);
     }
-    translate(ctx, &pkt, &flow, Stat::NewFlow)
+    translate::<ORIGIN>(ctx, &pkt, &flow, Stat::NewFlow)
 }
 
 /// A request of a tracked (or just created) flow: to its backend, from the
-/// source the flow leaves with.
+/// source the flow leaves with. A request of the node's own was routed
+/// towards the service address already: it is routed again.
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
+fn translate<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
     if nat::rewrite(ctx, pkt, flow.source, flow.backend).is_err() {
         return Verdict::Drop(Stat::Error);
     }
-    if flow.source_nated(pkt) {
+    if ORIGIN == origin::HOST || flow.source_nated(pkt) {
         return Verdict::Redirected(stat, flow.source.addr, flow.backend.addr);
     }
     Verdict::Translated(stat)

@@ -5,10 +5,10 @@
 //! the node's own addresses as source), the forward stage.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_OK,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use proxy_common::{checksum, IPPROTO_UDP};
@@ -19,6 +19,8 @@ use crate::parse::{self, Packet};
 /// (it cannot be; the verifier wants the check).
 const HEADERS_GONE: i64 = -14;
 const AF_INET: u8 = 2;
+/// `lo` has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// An address and port as the packet holds them (network order).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -111,8 +113,10 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, src: Endpoint, dst: Endpoint) -> R
 /// Sends a rewritten packet out of the interface the FIB routes its new
 /// destination through, the neighbour subsystem filling in the Ethernet
 /// header: the stack would drop a packet arriving with one of the node's
-/// own addresses as its source. A destination the FIB does not forward to
-/// (one of the node's own addresses) goes up the stack as usual.
+/// own addresses as its source. One for the node itself (the reply to its
+/// own connection to a NodePort, which has a node address at both ends)
+/// enters again through `lo`, whose `accept_local` the daemon turns on for
+/// exactly this.
 #[inline(always)]
 pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
     // SAFETY: plain data; zero is a valid value of every field.
@@ -131,6 +135,15 @@ pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
             0,
         )
     };
+    if found == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        // Addressed to lo's MAC (all zeros), or lo takes it for another
+        // host's frame and the stack drops it.
+        if ctx.store(0, &[0u8; 6], 0).is_err() {
+            return TC_ACT_OK as i32;
+        }
+        // SAFETY: a plain redirect to an interface that always exists.
+        return unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 };
+    }
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 && found != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return TC_ACT_OK as i32;
     }

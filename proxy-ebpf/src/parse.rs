@@ -13,7 +13,9 @@ pub const MAX_HEADERS: usize = ETH_HLEN + IPV4_MAX_HLEN + TCP_HLEN;
 
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Why a packet cannot be translated; each becomes a counted verdict.
@@ -56,6 +58,21 @@ impl Packet {
     /// A bare TCP SYN: a connection starting (or its SYN retransmitted).
     pub fn is_syn(&self) -> bool {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
+    /// What of a connection's end this packet carries (`SEEN_*`).
+    pub fn end_flags(&self) -> u8 {
+        if self.proto != IPPROTO_TCP {
+            return 0;
+        }
+        let mut seen = 0;
+        if self.tcp_flags & TCP_FLAG_FIN != 0 {
+            seen |= proxy_common::SEEN_FIN;
+        }
+        if self.tcp_flags & TCP_FLAG_RST != 0 {
+            seen |= proxy_common::SEEN_RST;
+        }
+        seen
     }
 
     /// A packet that may open a new connection on a tuple seen before: a

@@ -64,11 +64,13 @@ fn matches(patterns: &[String], iface: &str) -> bool {
 /// Keeps the classifiers attached to every matching interface, including
 /// pods' veths that appear after start: the external one where traffic
 /// from outside arrives (an interface holding one of the node's addresses,
-/// or named by `--external-interfaces`), the pod one everywhere else.
+/// or named by `--external-interfaces`), the pod one everywhere else, and
+/// the host one at the egress of the external interfaces and `lo`.
 struct Attacher {
     patterns: Vec<String>,
     external: Vec<String>,
-    attached: BTreeMap<String, Role>,
+    /// By interface and direction (egress or not).
+    attached: BTreeMap<(String, bool), Role>,
     /// Interfaces left alone because they carry no Ethernet header (the
     /// programs parse one), reported once.
     not_ethernet: BTreeSet<String>,
@@ -81,6 +83,7 @@ impl Attacher {
             .into_iter()
             .filter(|i| matches(&self.patterns, i))
             .collect();
+        let mut wanted = vec![("lo".to_string(), Role::Host)];
         for iface in &present {
             if loader::link_type(iface) != Some(loader::ARPHRD_ETHER) {
                 if self.not_ethernet.insert(iface.clone()) {
@@ -93,33 +96,44 @@ impl Attacher {
                 continue;
             }
             let holds_node_addr = addresses.iter().any(|(i, a)| i == iface && node_addrs.contains(a));
-            let role = if holds_node_addr || matches(&self.external, iface) {
-                Role::External
+            if holds_node_addr || matches(&self.external, iface) {
+                wanted.push((iface.clone(), Role::External));
+                wanted.push((iface.clone(), Role::Host));
             } else {
-                Role::Pods
-            };
-            if self.attached.get(iface) == Some(&role) {
-                continue;
-            }
-            match loader::attach(ebpf, pin_dir, iface, role) {
-                Ok(()) => {
-                    tracing::info!(%iface, ?role, "attached");
-                    self.attached.insert(iface.clone(), role);
-                }
-                Err(e) => tracing::warn!(%iface, error = format!("{e:#}"), "cannot attach; will retry"),
+                wanted.push((iface.clone(), Role::Pods));
             }
         }
         self.not_ethernet.retain(|i| present.contains(i));
-        for gone in self
+        for (iface, role) in &wanted {
+            let key = (iface.clone(), role.is_egress());
+            if self.attached.get(&key) == Some(role) {
+                continue;
+            }
+            match loader::attach(ebpf, pin_dir, iface, *role) {
+                Ok(()) => {
+                    tracing::info!(%iface, ?role, "attached");
+                    self.attached.insert(key, *role);
+                }
+                Err(e) => tracing::warn!(%iface, ?role, error = format!("{e:#}"), "cannot attach; will retry"),
+            }
+        }
+        let wanted: BTreeSet<(String, bool)> = wanted.into_iter().map(|(i, r)| (i, r.is_egress())).collect();
+        for key in self
             .attached
             .keys()
-            .filter(|i| !present.contains(*i))
+            .filter(|k| !wanted.contains(*k))
             .cloned()
             .collect::<Vec<_>>()
         {
-            loader::forget(pin_dir, &gone);
-            self.attached.remove(&gone);
-            tracing::info!(iface = %gone, "interface gone");
+            let (iface, egress) = &key;
+            if !present.contains(iface) {
+                loader::forget(pin_dir, iface);
+                tracing::info!(%iface, "interface gone");
+            } else if *egress {
+                loader::detach_egress(pin_dir, iface);
+                tracing::info!(%iface, "no longer external: host program detached");
+            }
+            self.attached.remove(&key);
         }
     }
 }
@@ -161,10 +175,12 @@ pub async fn run(config: Config) -> Result<()> {
     // taken over by `attach`; the others are stale.
     let existing: BTreeSet<String> = loader::interfaces().into_iter().collect();
     for iface in loader::attached_interfaces(&config.pin_dir) {
-        if !existing.contains(&iface) || !matches(&config.interfaces, &iface) {
+        let kept = iface == "lo" || (existing.contains(&iface) && matches(&config.interfaces, &iface));
+        if !kept {
             loader::forget(&config.pin_dir, &iface);
         }
     }
+    loader::accept_local_on_lo()?;
     let mut attacher = Attacher {
         patterns: config.interfaces.clone(),
         external: config.external_interfaces.clone(),

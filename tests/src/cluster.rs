@@ -236,6 +236,9 @@ impl Cluster {
                 &node_ip(other).to_string(),
             ])?;
         }
+        // As every real node has one: a host process's packets to a service
+        // address must be routed somewhere before they can be translated.
+        ns.ip(&["route", "add", "default", "via", &OUTSIDE_IP.to_string()])?;
         let dir = bpffs.dir.join(node_name(i));
         std::fs::create_dir_all(&dir)?;
         Ok(Node {

@@ -497,3 +497,67 @@ fn interfaces_without_an_ethernet_header_are_left_alone() {
     );
     assert!(connect(cluster.outside(), at(LB_IP, 80)).unwrap().request().is_ok());
 }
+
+/// The node's own processes (hostNetwork pods, the kubelet) reach every
+/// frontend over UDP and TCP, and every answer comes from the address they
+/// sent to; with the socket hooks on (UDP per packet, TCP at connect) and off.
+#[test]
+fn the_node_itself_reaches_every_frontend_over_udp_and_tcp() {
+    let mut cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    let targets = [
+        (at(VIP, 80), at(VIP, 53)),
+        (at(node_ip(0), HTTP_NODE_PORT), at(node_ip(0), DNS_NODE_PORT)),
+        (at(node_ip(1), HTTP_NODE_PORT), at(node_ip(1), DNS_NODE_PORT)),
+        (at(LB_IP, 80), at(LB_IP, 53)),
+        (at(EXTERNAL_IP, 80), at(EXTERNAL_IP, 53)),
+    ];
+    let check = |cluster: &Cluster| {
+        for (tcp_to, udp_to) in targets {
+            // The test's own sockets in the node's namespace: outside every
+            // cgroup with hooks, so per packet, as with the hooks off.
+            let replies = requests(cluster.node(), tcp_to, udp_to, 3);
+            assert_eq!(tally(&replies).len(), 3, "{tcp_to} / {udp_to}: {replies:?}");
+            // A process of the node (balanced at connect when the hooks are on).
+            for result in cluster.socket_clients(cluster.node(), tcp_to, 3).unwrap() {
+                let (reply, peer) = result.unwrap_or_else(|e| panic!("{tcp_to}: {e}"));
+                assert_eq!(peer, tcp_to);
+                assert!(reply.pod.starts_with("web-"));
+            }
+        }
+    };
+    check(&cluster);
+    cluster.stop_daemon().unwrap();
+    cluster.start_daemon_with(&["--no-socket-lb"]).unwrap();
+    check(&cluster);
+}
+
+/// A UDP flow (DNS through a ClusterIP, say) whose backend is deleted moves
+/// to a live backend at once, from the node itself as from a pod.
+#[test]
+fn a_udp_flow_whose_backend_goes_moves_to_a_live_one() {
+    let cluster = two_nodes();
+    expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    for ns in [cluster.node(), &cluster.pod("client").ns] {
+        let socket = Datagrams::open(ns).unwrap();
+        let first = socket.request(at(VIP, 53)).unwrap().pod;
+        assert_eq!(
+            socket.request(at(VIP, 53)).unwrap().pod,
+            first,
+            "a flow keeps its backend"
+        );
+        let rest: Vec<&str> = ["web-0", "web-1", "web-2"]
+            .into_iter()
+            .filter(|p| *p != first)
+            .collect();
+        expose(&cluster, Exposure::default(), &rest);
+        let moved = socket.request(at(VIP, 53)).unwrap().pod;
+        assert!(rest.contains(&moved.as_str()), "still sent to {first}, which is gone");
+        assert_eq!(
+            socket.request(at(VIP, 53)).unwrap().pod,
+            moved,
+            "and sticks to the new one"
+        );
+        expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
+    }
+}

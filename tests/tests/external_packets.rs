@@ -16,7 +16,8 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    FlowKey, NatEntry, Stat, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, TC_EXTERNAL_PROGRAM, TC_PROGRAM,
+    FlowKey, NatEntry, Stat, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, NAT_SNAT, NAT_TCP_CLOSED_SECS,
+    SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
 };
 use proxy_user::{
     dataplane::maps::FlowMaps,
@@ -285,7 +286,7 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
 }
 
 #[test]
-fn load_balancer_source_ranges_admit_only_their_clients_expect_outside() {
+fn load_balancer_source_ranges_admit_only_their_clients_from_outside() {
     let node = Node::new();
     let allowed = packet::tcp((CLIENT, 44000), (LB_IP, 80), TCP_SYN);
     let translated = allowed.clone().with_dst((LOCAL.ip, LOCAL.port));
@@ -315,10 +316,17 @@ fn a_pod_reaching_itself_through_its_service_gets_its_answers() {
     node.expect(TC_PROGRAM, "answer", &answer, TC_ACT_REDIRECT, &restored, Stat::Reply);
 }
 
-#[test]
-fn running_out_of_nat_ports_is_counted_and_dropped() {
-    let node = Node::new();
-    // Every NAT port towards REMOTE is held by some other flow.
+/// The kernel's coarse monotonic clock, in seconds, as the data path reads it.
+fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// Every NAT port towards REMOTE held by another flow, last seen at
+/// `last_seen`, its reply direction having seen `seen`.
+fn hold_every_nat_port(node: &Node, last_seen: u32, seen: u8) {
     let mut flows = FlowMaps::open(&node.dp.pin_dir).unwrap();
     for port in NAT_PORT_MIN..=NAT_PORT_MAX {
         let key = FlowKey {
@@ -330,11 +338,93 @@ fn running_out_of_nat_ports_is_counted_and_dropped() {
             _pad: [0; 3],
         };
         let held = NatEntry {
-            flags: NAT_REPLY,
+            flags: NAT_REPLY | NAT_SNAT,
+            nat_addr: u32::from_ne_bytes(OTHER_CLIENT.octets()),
+            nat_port: port.to_be(),
+            seen,
+            last_seen,
             ..Default::default()
         };
         flows.insert(&key, &held).unwrap();
     }
+}
+
+#[test]
+fn running_out_of_nat_ports_is_counted_and_dropped() {
+    let node = Node::new();
+    hold_every_nat_port(&node, monotonic_secs(), 0);
     let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
     node.expect_outside("no NAT port left", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
+}
+
+#[test]
+fn the_nat_port_of_a_flow_that_ended_is_taken_over() {
+    let node = Node::new();
+    // Reset, and quiet for longer than the grace period.
+    hold_every_nat_port(&node, monotonic_secs() - NAT_TCP_CLOSED_SECS - 1, SEEN_RST);
+    let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
+    let (verdict, out) = node.run(TC_EXTERNAL_PROGRAM, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let port = nat_port(&out);
+    let reply = packet::tcp((REMOTE.ip, REMOTE.port), (NODE, port), TCP_SYN | TCP_ACK);
+    let restored = reply.clone().with_src((NODE, 30090)).with_dst((CLIENT, 45000));
+    node.expect_outside(
+        "reply through the taken-over port",
+        &reply,
+        TC_ACT_REDIRECT,
+        &restored,
+        Stat::Reply,
+    );
+
+    // Closed just now: still in its grace period, the ports stay taken.
+    let node = Node::new();
+    hold_every_nat_port(&node, monotonic_secs(), SEEN_RST);
+    node.expect_outside("closed a moment ago", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
+}
+
+#[test]
+fn the_nodes_own_requests_are_translated_at_egress_and_routed_again() {
+    let node = Node::new();
+    // To a ClusterIP: translated where it leaves, then sent by the FIB
+    // towards the backend instead of where the service address is routed.
+    let query = packet::udp((NODE, 5353), (VIP, 53));
+    let translated = query.clone().with_dst((LOCAL.ip, LOCAL.port));
+    node.expect(
+        TC_HOST_PROGRAM,
+        "request",
+        &query,
+        TC_ACT_REDIRECT,
+        &translated,
+        Stat::NewFlow,
+    );
+    // The reply goes up the stack to the node's socket: its source is the
+    // service address, which is not the node's.
+    let answer = packet::udp((LOCAL.ip, LOCAL.port), (NODE, 5353));
+    let restored = answer.clone().with_src((VIP, 53));
+    node.expect(TC_PROGRAM, "reply", &answer, TC_ACT_OK, &restored, Stat::Reply);
+
+    // To one of its own NodePorts (through lo): the reply has the node's
+    // address at both ends, so it goes back in through lo, addressed to
+    // lo's MAC (all zeros).
+    let request = packet::udp((NODE, 5354), (NODE, 30091));
+    let translated = request.clone().with_dst((LOCAL.ip, LOCAL.port));
+    node.expect(
+        TC_HOST_PROGRAM,
+        "to its NodePort",
+        &request,
+        TC_ACT_REDIRECT,
+        &translated,
+        Stat::NewFlow,
+    );
+    let answer = packet::udp((LOCAL.ip, LOCAL.port), (NODE, 5354));
+    let mut restored = answer.clone().with_src((NODE, 30091)).frame();
+    restored[..6].fill(0);
+    let before = node.dp.stats().unwrap();
+    let (verdict, out) = node.run(TC_PROGRAM, &answer);
+    assert_eq!(
+        (verdict, hex(&out)),
+        (TC_ACT_REDIRECT, hex(&restored)),
+        "back in through lo"
+    );
+    assert_ne!(before, node.dp.stats().unwrap());
 }

@@ -21,19 +21,24 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::BPF_F_MMAPABLE;
-use proxy_common::{TC_EXTERNAL_PROGRAM, TC_PROGRAM};
+use proxy_common::{TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM};
 
 use super::{bpffs, EBPF_OBJECT};
 
 pub(crate) const LINK_DIR: &str = "links";
-/// Which classifier an interface gets: where its traffic comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which classifier an interface gets, and where: what traffic it sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Pod-facing: traffic from inside the cluster (`kpr_tc`).
+    /// Ingress of a pod-facing interface: traffic from inside the cluster
+    /// (`kpr_tc`).
     Pods,
-    /// External: traffic from outside (`kpr_tc_external`), to which
-    /// externalTrafficPolicy and loadBalancerSourceRanges apply.
+    /// Ingress of an external interface: traffic from outside
+    /// (`kpr_tc_external`), to which externalTrafficPolicy and
+    /// loadBalancerSourceRanges apply.
     External,
+    /// Egress of an external interface or `lo`: the node's own traffic
+    /// (`kpr_tc_host`).
+    Host,
 }
 
 impl Role {
@@ -41,9 +46,24 @@ impl Role {
         match self {
             Role::Pods => TC_PROGRAM,
             Role::External => TC_EXTERNAL_PROGRAM,
+            Role::Host => TC_HOST_PROGRAM,
+        }
+    }
+
+    pub fn is_egress(self) -> bool {
+        self == Role::Host
+    }
+
+    fn direction(self) -> &'static str {
+        if self.is_egress() {
+            "egress"
+        } else {
+            "ingress"
         }
     }
 }
+
+const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
 
 /// Loads the object with its maps at `pin_dir/<MAP>` (created, or reused
 /// from an earlier run) and both classifiers loaded and pinned.
@@ -54,7 +74,7 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
-    for role in [Role::Pods, Role::External] {
+    for role in [Role::Pods, Role::External, Role::Host] {
         let program = classifier(&mut ebpf, role)?;
         program.load().with_context(|| {
             format!(
@@ -106,8 +126,8 @@ fn classifier(ebpf: &mut Ebpf, role: Role) -> Result<&mut SchedClassifier> {
     Ok(program.try_into()?)
 }
 
-fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
-    pin_dir.join(LINK_DIR).join(format!("tc_ingress_{iface}"))
+fn link_path(pin_dir: &Path, iface: &str, direction: &str) -> PathBuf {
+    pin_dir.join(LINK_DIR).join(format!("tc_{direction}_{iface}"))
 }
 
 /// Attaches the classifier of `role` at the ingress of `iface`. A link
@@ -115,7 +135,7 @@ fn link_path(pin_dir: &Path, iface: &str) -> PathBuf {
 /// program, also when the interface changes role); otherwise a new TCX link
 /// is created and pinned.
 pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, role: Role) -> Result<()> {
-    let path = link_path(pin_dir, iface);
+    let path = link_path(pin_dir, iface, role.direction());
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     let program = classifier(ebpf, role)?;
     let link_id = match PinnedLink::from_pin(&path) {
@@ -133,13 +153,14 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, role: Role) -> Resul
             }
         }
         Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
+            let attach_type = if role.is_egress() {
+                TcAttachType::Egress
+            } else {
+                TcAttachType::Ingress
+            };
             program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .with_context(|| format!("attaching to the ingress of {iface}"))?
+                .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching to the {} of {iface}", role.direction()))?
         }
         Err(e) => return Err(e).with_context(|| format!("opening the pinned link {}", path.display())),
     };
@@ -152,9 +173,17 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, role: Role) -> Resul
     Ok(())
 }
 
-/// Unpins the link of an interface that went away.
+/// Unpins the links of an interface that went away.
 pub fn forget(pin_dir: &Path, iface: &str) {
-    let _ = std::fs::remove_file(link_path(pin_dir, iface));
+    for direction in DIRECTIONS {
+        let _ = std::fs::remove_file(link_path(pin_dir, iface, direction));
+    }
+}
+
+/// Unpins (and so detaches) the egress link of an interface that is no
+/// longer external.
+pub fn detach_egress(pin_dir: &Path, iface: &str) {
+    let _ = std::fs::remove_file(link_path(pin_dir, iface, Role::Host.direction()));
 }
 
 /// Interfaces with a pinned link from this or an earlier run.
@@ -163,8 +192,23 @@ pub fn attached_interfaces(pin_dir: &Path) -> BTreeSet<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("tc_ingress_").map(str::to_owned))
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            DIRECTIONS
+                .iter()
+                .find_map(|d| name.strip_prefix(&format!("tc_{d}_")).map(str::to_owned))
+        })
         .collect()
+}
+
+/// Lets `lo` accept packets carrying one of the node's addresses as their
+/// source: the data path sends the reply to the node's own connection to
+/// one of its NodePorts back in through `lo` (both ends are node addresses,
+/// which the stack otherwise drops as martian). Packets enter `lo` only
+/// from the node itself, so this admits nothing from elsewhere.
+pub fn accept_local_on_lo() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/conf/lo/accept_local";
+    std::fs::write(path, "1").with_context(|| format!("writing 1 to {path}"))
 }
 
 /// The interfaces of the current network namespace, loopback excepted.
