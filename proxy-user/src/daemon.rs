@@ -225,6 +225,7 @@ pub async fn run(config: Config) -> Result<()> {
         health_checks: HealthCheckServers::new(telemetry.clone()),
         telemetry,
         snat_addr: None,
+        nat_exhausted: 0,
     };
     sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
@@ -269,11 +270,37 @@ struct SyncLoop {
     health_checks: HealthCheckServers,
     /// What the data path was last told to source-NAT to.
     snat_addr: Option<Option<Ipv4Addr>>,
+    /// New flows dropped for want of a NAT port, as last reported.
+    nat_exhausted: u64,
 }
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl SyncLoop {
+    /// Running out of NAT ports drops new flows: the metric counts them
+    /// (`kpr_datapath_packets_total{verdict="nat_exhausted"}`), and the log
+    /// says so within a second, once per burst.
+    fn report_nat_exhaustion(&mut self, pin_dir: &Path) {
+        let Ok(stats) = crate::dataplane::maps::read_stats(pin_dir) else {
+            return;
+        };
+        let now = stats
+            .iter()
+            .find(|(s, _)| *s == proxy_common::Stat::NatExhausted)
+            .map_or(0, |(_, n)| *n);
+        if now > self.nat_exhausted {
+            tracing::warn!(
+                dropped = now - self.nat_exhausted,
+                total = now,
+                "new flows dropped: every NAT port tried towards their backend is held by a live flow \
+                 (ports {}-{} per backend; see kpr_datapath_packets_total{{verdict=\"nat_exhausted\"}})",
+                proxy_common::NAT_PORT_MIN,
+                proxy_common::NAT_PORT_MAX
+            );
+        }
+        self.nat_exhausted = now;
+    }
+
     async fn run(
         &mut self,
         config: &Config,
@@ -303,6 +330,7 @@ impl SyncLoop {
                         (state.nodeport_addresses() != before, state.node_addresses())
                     };
                     attacher.refresh(ebpf, &config.pin_dir, &addresses, &node_addrs);
+                    self.report_nat_exhaustion(&config.pin_dir);
                     if !moved {
                         continue;
                     }

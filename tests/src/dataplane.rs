@@ -122,3 +122,44 @@ impl Loaded {
         assert_eq!(moved, vec![stat.name()], "{name}: counters");
     }
 }
+
+/// The kernel's coarse monotonic clock, in seconds, as the data path reads it.
+pub fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// Makes every NAT port towards `backend` (TCP) from `node` look held by
+/// another flow, last seen at `last_seen`, its reply direction having seen
+/// `seen` (`SEEN_*`), as a busy node's conntrack would be.
+pub fn hold_nat_ports(
+    pin_dir: &std::path::Path,
+    backend: (std::net::Ipv4Addr, u16),
+    node: std::net::Ipv4Addr,
+    last_seen: u32,
+    seen: u8,
+) -> Result<()> {
+    use proxy_common::{FlowKey, NatEntry, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, NAT_SNAT};
+    let mut flows = maps::FlowMaps::open(pin_dir)?;
+    for port in NAT_PORT_MIN..=NAT_PORT_MAX {
+        let key = FlowKey {
+            src_addr: proxy_common::addr_to_map(backend.0),
+            dst_addr: proxy_common::addr_to_map(node),
+            src_port: backend.1.to_be(),
+            dst_port: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let held = NatEntry {
+            flags: NAT_REPLY | NAT_SNAT,
+            nat_port: port.to_be(),
+            seen,
+            last_seen,
+            ..Default::default()
+        };
+        flows.insert(&key, &held)?;
+    }
+    Ok(())
+}

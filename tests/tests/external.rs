@@ -13,6 +13,7 @@ use std::{
 
 use kpr_testbed::{
     cluster::{node_ip, OUTSIDE_IP, POD_PORT},
+    dataplane::{hold_nat_ports, monotonic_secs},
     manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
     netns::Netns,
     pod::{connect, http_get, Datagrams, Reply},
@@ -560,4 +561,45 @@ fn a_udp_flow_whose_backend_goes_moves_to_a_live_one() {
         );
         expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
     }
+}
+
+#[test]
+fn running_out_of_nat_ports_is_counted_and_logged() {
+    let cluster = two_nodes();
+    let remote = cluster.pod("web-1").ip;
+    let yaml = exposed_service_with_endpoints(
+        "far",
+        Ipv4Addr::new(10, 96, 0, 80),
+        &[tcp("http", 80)],
+        &Exposure {
+            type_: Some("NodePort"),
+            node_ports: &[30099],
+            ..Exposure::default()
+        },
+        POD_PORT,
+        &[Endpoint::ready(remote).on("node1")],
+    );
+    cluster.write_manifest("far.yaml", &yaml).unwrap();
+    let frontend = at(node_ip(0), 30099);
+    cluster
+        .wait_for_backends(frontend, IPPROTO_TCP, &[at(remote, POD_PORT)])
+        .unwrap();
+    assert!(connect(cluster.outside(), frontend).unwrap().request().is_ok());
+    // Every NAT port of node0 towards web-1 is held by a live flow.
+    hold_nat_ports(&cluster.pin_dir, (remote, POD_PORT), node_ip(0), monotonic_secs(), 0).unwrap();
+    assert!(connect(cluster.outside(), frontend).is_err(), "no port: dropped");
+    cluster
+        .wait_until("the exhaustion to be logged", || {
+            Ok(cluster.nodes[0]
+                .log()
+                .contains("new flows dropped: every NAT port tried"))
+        })
+        .unwrap();
+    let (_, metrics) = http_get(cluster.node(), "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kpr_datapath_packets_total{verdict=\"nat_exhausted\"}") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }

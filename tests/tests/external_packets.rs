@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 
 use kpr_testbed::{
-    dataplane::{Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    dataplane::{hold_nat_ports, monotonic_secs, Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     netns::Netns,
     packet::{self, endpoints_of, hex, Ipv4, TCP_ACK, TCP_SYN},
     sh, unique_id,
@@ -316,37 +316,9 @@ fn a_pod_reaching_itself_through_its_service_gets_its_answers() {
     node.expect(TC_PROGRAM, "answer", &answer, TC_ACT_REDIRECT, &restored, Stat::Reply);
 }
 
-/// The kernel's coarse monotonic clock, in seconds, as the data path reads it.
-fn monotonic_secs() -> u32 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
-}
-
-/// Every NAT port towards REMOTE held by another flow, last seen at
-/// `last_seen`, its reply direction having seen `seen`.
+/// Every NAT port towards REMOTE held by another flow.
 fn hold_every_nat_port(node: &Node, last_seen: u32, seen: u8) {
-    let mut flows = FlowMaps::open(&node.dp.pin_dir).unwrap();
-    for port in NAT_PORT_MIN..=NAT_PORT_MAX {
-        let key = FlowKey {
-            src_addr: u32::from_ne_bytes(REMOTE.ip.octets()),
-            dst_addr: u32::from_ne_bytes(NODE.octets()),
-            src_port: REMOTE.port.to_be(),
-            dst_port: port.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        let held = NatEntry {
-            flags: NAT_REPLY | NAT_SNAT,
-            nat_addr: u32::from_ne_bytes(OTHER_CLIENT.octets()),
-            nat_port: port.to_be(),
-            seen,
-            last_seen,
-            ..Default::default()
-        };
-        flows.insert(&key, &held).unwrap();
-    }
+    hold_nat_ports(&node.dp.pin_dir, (REMOTE.ip, REMOTE.port), NODE, last_seen, seen).unwrap();
 }
 
 #[test]
