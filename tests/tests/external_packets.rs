@@ -16,15 +16,11 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    FlowKey, NatEntry, Stat, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, NAT_SNAT, NAT_TCP_CLOSED_SECS,
-    SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
+    Stat, NAT_PORT_MAX, NAT_PORT_MIN, NAT_TCP_CLOSED_SECS, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
 };
-use proxy_user::{
-    dataplane::maps::FlowMaps,
-    model::{
-        objects::{Cidr, ObjectName, Protocol},
-        BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
-    },
+use proxy_user::model::{
+    objects::{Cidr, ObjectName, Protocol},
+    BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
