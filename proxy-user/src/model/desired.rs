@@ -6,13 +6,22 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{objects::ObjectName, objects::Rejection, Claim, DesiredState, Frontend, FrontendState};
 
-/// Who asks for each frontend. A frontend claimed by several Services goes
-/// to the first by namespace/name, whatever the order of events, so an
-/// incremental result always equals a from-scratch one.
+/// Which of several Services claiming one frontend gets it: the one
+/// created first (the later claim is the mistake), then the first by
+/// namespace/name (objects without a creation time, as in a manifest
+/// directory, come after those with one). Whatever the order of events,
+/// so an incremental result always equals a from-scratch one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Precedence {
+    created: i64,
+    service: ObjectName,
+}
+
+/// Who asks for each frontend.
 #[derive(Default)]
 pub struct DesiredTracker {
-    claims: BTreeMap<Frontend, BTreeMap<ObjectName, (String, FrontendState)>>,
-    by_service: BTreeMap<ObjectName, Vec<Frontend>>,
+    claims: BTreeMap<Frontend, BTreeMap<Precedence, (String, FrontendState)>>,
+    by_service: BTreeMap<ObjectName, (Precedence, Vec<Frontend>)>,
     endpoints: usize,
 }
 
@@ -20,11 +29,25 @@ impl DesiredTracker {
     /// Replaces everything `service` asks for with `claims` (empty: the
     /// Service is gone). Frontends whose programmed state may change are
     /// added to `changed`.
-    pub fn set_service(&mut self, service: &ObjectName, claims: Vec<Claim>, changed: &mut BTreeSet<Frontend>) {
-        for frontend in self.by_service.remove(service).unwrap_or_default() {
+    /// `created`: the Service's creation time in seconds, when known.
+    pub fn set_service(
+        &mut self,
+        service: &ObjectName,
+        created: Option<i64>,
+        claims: Vec<Claim>,
+        changed: &mut BTreeSet<Frontend>,
+    ) {
+        let (old, frontends) = self.by_service.remove(service).unwrap_or_else(|| {
+            let none = Precedence {
+                created: i64::MAX,
+                service: service.clone(),
+            };
+            (none, Vec::new())
+        });
+        for frontend in frontends {
             let winner_before = self.winner(&frontend).map(|s| s.backends.len());
             if let Some(claimants) = self.claims.get_mut(&frontend) {
-                claimants.remove(service);
+                claimants.remove(&old);
                 if claimants.is_empty() {
                     self.claims.remove(&frontend);
                 }
@@ -33,20 +56,24 @@ impl DesiredTracker {
             self.endpoints += self.winner(&frontend).map_or(0, |s| s.backends.len());
             changed.insert(frontend);
         }
+        let precedence = Precedence {
+            created: created.unwrap_or(i64::MAX),
+            service: service.clone(),
+        };
         let mut frontends = Vec::with_capacity(claims.len());
         for claim in claims {
             let before = self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
             self.claims
                 .entry(claim.frontend)
                 .or_default()
-                .insert(service.clone(), (claim.field, claim.state));
+                .insert(precedence.clone(), (claim.field, claim.state));
             self.endpoints -= before;
             self.endpoints += self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
             changed.insert(claim.frontend);
             frontends.push(claim.frontend);
         }
         if !frontends.is_empty() {
-            self.by_service.insert(service.clone(), frontends);
+            self.by_service.insert(service.clone(), (precedence, frontends));
         }
     }
 
@@ -69,9 +96,9 @@ impl DesiredTracker {
         };
         iter.map(|(loser, (field, _))| Rejection {
             kind: "Service",
-            object: loser.clone(),
+            object: loser.service.clone(),
             field: field.clone(),
-            reason: format!("{frontend} is already served for Service {owner}"),
+            reason: format!("{frontend} is already served for Service {}", owner.service),
         })
         .collect()
     }

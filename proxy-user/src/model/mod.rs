@@ -232,7 +232,12 @@ pub fn desired_state<'a>(
             .get(&(svc.name.namespace.as_str(), svc.name.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        tracker.set_service(&svc.name, service_frontends(svc, slices, node), &mut changed);
+        tracker.set_service(
+            &svc.name,
+            svc.created,
+            service_frontends(svc, slices, node),
+            &mut changed,
+        );
     }
     tracker.state()
 }

@@ -97,6 +97,9 @@ pub struct Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
     pub name: ObjectName,
+    /// `metadata.creationTimestamp` in seconds: of two Services claiming
+    /// one frontend, the earlier keeps it.
+    pub created: Option<i64>,
     /// The IPv4 cluster IPs; IPv6 ones are not programmed yet.
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<PortInfo>,
@@ -472,6 +475,7 @@ impl ServiceInfo {
         };
         Ok(Ok(ServiceInfo {
             name: reject.object,
+            created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
             cluster_ips,
             ports,
             unsupported_ports,

@@ -613,3 +613,24 @@ fn slices_are_read_as_kube_proxy_reads_them() {
         assert_eq!(table(&state(&case.yaml)), case.want, "case: {}", case.name);
     }
 }
+
+#[test]
+fn of_two_services_claiming_a_frontend_the_one_created_first_keeps_it() {
+    let created = |name: &str, at: &str| {
+        svc(name, "10.96.0.1", HTTP).replace(
+            &format!("metadata: {{name: {name}, namespace: default}}"),
+            &format!("metadata: {{name: {name}, namespace: default, creationTimestamp: '{at}'}}"),
+        )
+    };
+    let s = state(&(created("a-web", "2026-11-30T10:00:00Z") + &created("b-web", "2026-11-29T10:00:00Z")));
+    let f = Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 1),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(s.frontends[&f].service.name, "b-web", "created a day earlier");
+    assert_eq!(
+        s.conflicts[0].to_string(),
+        "Service default/a-web: spec.ports[0]: 10.96.0.1:80/TCP is already served for Service default/b-web"
+    );
+}

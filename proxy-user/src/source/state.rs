@@ -211,7 +211,8 @@ impl ClusterState {
                 }
                 None => (Vec::new(), Vec::new()),
             };
-            self.desired.set_service(&service, claims, &mut changed);
+            let created = self.snapshot.services.get(&service).and_then(|s| s.created);
+            self.desired.set_service(&service, created, claims, &mut changed);
             if self
                 .model_notes
                 .get(&service)
