@@ -1,21 +1,28 @@
-//! The demo: a one-node namespace cluster with three nginx-style pods behind
-//! a ClusterIP Service, traffic from a client pod, and what landed where.
+//! The demo, as the tutorials tell it: an nginx Deployment behind a
+//! `type: LoadBalancer` Service on a two-node namespace cluster, reached from
+//! a host outside the cluster; then `externalTrafficPolicy: Local`, the
+//! client's own address at the pods and each node's health check answer.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::Command,
 };
 
 use anyhow::Result;
 use kpr_testbed::{
-    cluster::{kpr_binary, POD_PORT},
-    manifests::{ready, service_with_endpoints, tcp, udp},
-    pod::{connect, Datagrams},
+    cluster::{kpr_binary, node_ip, POD_PORT},
+    manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
+    netns::Netns,
+    pod::{connect, http_get, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
 use proxy_common::IPPROTO_TCP;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
+/// What MetalLB (or the cloud) would write into the Service's status.
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const NODE_PORT: u16 = 30080;
+const HEALTH_PORT: u16 = 32000;
 
 const DEPLOYMENT: &str = "apiVersion: apps/v1
 kind: Deployment
@@ -44,9 +51,31 @@ fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-fn manifest(cluster: &Cluster, pods: usize) -> String {
-    let ips: Vec<Ipv4Addr> = cluster.pods[..pods].iter().map(|p| p.ip).collect();
-    let objects = service_with_endpoints("nginx", VIP, &[tcp("http", 80), udp("dns", 53)], POD_PORT, &ready(&ips));
+/// The Deployment and its LoadBalancer Service over the `ready` nginx pods.
+fn manifest(cluster: &Cluster, ready: &[&str], local: bool) -> String {
+    let endpoints: Vec<Endpoint> = ready
+        .iter()
+        .map(|name| {
+            let pod = cluster.pod(name);
+            Endpoint::ready(pod.ip).on(&format!("node{}", pod.node))
+        })
+        .collect();
+    let exposure = Exposure {
+        type_: Some("LoadBalancer"),
+        node_ports: &[NODE_PORT, 30053],
+        ingress_ips: &[LB_IP],
+        local,
+        health_check_node_port: local.then_some(HEALTH_PORT),
+        ..Exposure::default()
+    };
+    let objects = exposed_service_with_endpoints(
+        "nginx",
+        VIP,
+        &[tcp("http", 80), udp("dns", 53)],
+        &exposure,
+        POD_PORT,
+        &endpoints,
+    );
     format!("{DEPLOYMENT}---\n{objects}")
 }
 
@@ -65,54 +94,96 @@ fn show_kpr(cluster: &Cluster, subcommand: &str) -> Result<()> {
 
 fn print_counts(label: &str, counts: &BTreeMap<String, usize>) {
     let parts: Vec<String> = counts.iter().map(|(pod, n)| format!("{pod}: {n}")).collect();
-    println!("    {label:<34} {}", parts.join("   "));
+    println!("    {label:<30} {}", parts.join("   "));
 }
 
-fn tcp_round(cluster: &Cluster, n: usize) -> Result<BTreeMap<String, usize>> {
-    let client = cluster.pod("client");
+/// `n` requests on new TCP connections from `ns` to `to`, kept open so no
+/// source port is reused: per pod, how many, and which source addresses
+/// the pods saw.
+fn round(ns: &Netns, to: SocketAddr, n: usize) -> Result<(BTreeMap<String, usize>, BTreeMap<String, IpAddr>)> {
     let mut counts = BTreeMap::new();
+    let mut seen = BTreeMap::new();
     let mut open = Vec::new();
     for _ in 0..n {
-        let mut conn = connect(&client.ns, SocketAddr::from((VIP, 80)))?;
-        let reply = conn.request()?;
-        anyhow::ensure!(
-            reply.peer.ip() == std::net::IpAddr::V4(client.ip),
-            "backend saw {} instead of the client",
-            reply.peer
-        );
-        *counts.entry(reply.pod).or_default() += 1;
+        let mut conn = connect(ns, to)?;
+        let Reply { pod, peer } = conn.request()?;
+        *counts.entry(pod.clone()).or_default() += 1;
+        seen.insert(pod, peer.ip());
         open.push(conn);
     }
-    Ok(counts)
+    Ok((counts, seen))
+}
+
+fn show_round(label: &str, ns: &Netns, to: SocketAddr, n: usize) -> Result<()> {
+    let (counts, seen) = round(ns, to, n)?;
+    print_counts(label, &counts);
+    let seen: Vec<String> = seen.iter().map(|(pod, ip)| format!("{pod} saw {ip}")).collect();
+    println!("    {:<30} {}", "client address at the pod:", seen.join("   "));
+    Ok(())
+}
+
+fn show_health(cluster: &Cluster) -> Result<()> {
+    for node in 0..2 {
+        let to = SocketAddr::from((node_ip(node), HEALTH_PORT));
+        let (status, body) = http_get(cluster.outside(), to, "/")?;
+        println!("    GET http://{to}/ -> {status} {body}");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
-    step("Building a namespace cluster: node (running kpr), pods nginx-0..2, a client pod, an outside host");
-    let mut spec = ClusterSpec::pods("nginx", 3);
+    step("Building a two-node namespace cluster: node0 runs nginx-0 and a client pod, node1 runs nginx-1 and nginx-2, each node runs kpr; an outside host shares their LAN");
+    let mut spec = ClusterSpec::pods("nginx", 1).with_node(&["nginx-1", "nginx-2"]);
     spec.pods.push("client".into());
     let cluster = Cluster::start(spec)?;
-    for pod in &cluster.pods {
-        println!("    pod {:<8} {}", pod.name, pod.ip);
+    for node in &cluster.nodes {
+        println!("    {} {}", node.name, node.ip);
     }
-    println!("    daemon pins: {}", cluster.pin_dir.display());
+    for pod in &cluster.pods {
+        println!("    pod {:<8} {:<12} on node{}", pod.name, pod.ip.to_string(), pod.node);
+    }
+    println!("    outside host {}", kpr_testbed::cluster::OUTSIDE_IP);
+    let all = ["nginx-0", "nginx-1", "nginx-2"];
 
     step(&format!(
-        "Writing the nginx Deployment, Service (ClusterIP {VIP}) and its EndpointSlice to {}",
-        cluster.manifests.display()
+        "kubectl apply: the nginx Deployment and a `type: LoadBalancer` Service; the load balancer gives it {LB_IP} (status.loadBalancer.ingress) and routes that address to node0, as MetalLB in L2 mode does"
     ));
-    cluster.write_manifest("nginx.yaml", &manifest(&cluster, 3))?;
-    let all: Vec<SocketAddr> = cluster.pods[..3]
+    cluster.write_manifest("nginx.yaml", &manifest(&cluster, &all, false))?;
+    cluster.route_from_outside(LB_IP, 0)?;
+    let backends: Vec<SocketAddr> = all
         .iter()
-        .map(|p| SocketAddr::from((p.ip, POD_PORT)))
+        .map(|p| SocketAddr::from((cluster.pod(p).ip, POD_PORT)))
         .collect();
-    cluster.wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &all)?;
-    println!("    `kpr services` reads the pinned maps:");
+    for node in 0..2 {
+        let frontend = SocketAddr::from((node_ip(node), NODE_PORT));
+        cluster.wait_for_backends_on(node, frontend, IPPROTO_TCP, &backends)?;
+    }
+    println!("    `kpr services` on node0 reads its pinned maps:");
     show_kpr(&cluster, "services")?;
 
-    step("30 new TCP connections to 10.96.0.100:80 from the client pod's network, made by this demo (outside the socket hooks' cgroup: translated per packet by the TC program)");
-    print_counts("connections per pod:", &tcp_round(&cluster, 30)?);
+    step(&format!(
+        "30 requests from the outside host to http://{LB_IP}/ (new connection each)"
+    ));
+    show_round(
+        "requests per pod:",
+        cluster.outside(),
+        SocketAddr::from((LB_IP, 80)),
+        30,
+    )?;
+    println!("    (externalTrafficPolicy Cluster: pods on node1 see node0, which source-NATs so the answer comes back through it; the pod on node0 itself sees the client)");
 
-    step("30 TCP connections from a process inside the client pod (balanced in connect(): no per-packet NAT)");
+    step(&format!(
+        "The NodePort answers on every node: 30 requests to {}:{NODE_PORT}",
+        node_ip(1)
+    ));
+    show_round(
+        "requests per pod:",
+        cluster.outside(),
+        SocketAddr::from((node_ip(1), NODE_PORT)),
+        30,
+    )?;
+
+    step(&format!("Inside the cluster: 30 connections to the ClusterIP {VIP}:80 from a process in the client pod (balanced in connect())"));
     let mut counts = BTreeMap::new();
     for result in cluster.socket_clients(&cluster.pod("client").ns, SocketAddr::from((VIP, 80)), 30)? {
         let (reply, peer) = result.map_err(anyhow::Error::msg)?;
@@ -120,27 +191,48 @@ fn main() -> Result<()> {
         *counts.entry(reply.pod).or_insert(0) += 1;
     }
     print_counts("connections per pod:", &counts);
-    println!("    (each socket's getpeername() still reports {VIP}:80)");
+    let udp = Datagrams::open(&cluster.pod("client").ns)?.request(SocketAddr::from((VIP, 53)))?;
+    println!(
+        "    a UDP query to {VIP}:53 was answered by {} (from {VIP}:53)",
+        udp.pod
+    );
 
-    step("30 UDP flows (distinct source ports) to 10.96.0.100:53");
-    let client = cluster.pod("client");
-    let sockets: Vec<Datagrams> = (0..30).map(|_| Datagrams::open(&client.ns)).collect::<Result<_>>()?;
-    let mut counts = BTreeMap::new();
-    for s in &sockets {
-        *counts.entry(s.request(SocketAddr::from((VIP, 53)))?.pod).or_insert(0) += 1;
-    }
-    print_counts("flows per pod:", &counts);
+    step(&format!(
+        "externalTrafficPolicy: Local, healthCheckNodePort: {HEALTH_PORT}"
+    ));
+    cluster.write_manifest("nginx.yaml", &manifest(&cluster, &all, true))?;
+    cluster.wait_until("the health check servers", || {
+        Ok(http_get(cluster.outside(), SocketAddr::from((node_ip(1), HEALTH_PORT)), "/").is_ok())
+    })?;
+    show_round(
+        "via node0, requests per pod:",
+        cluster.outside(),
+        SocketAddr::from((LB_IP, 80)),
+        10,
+    )?;
+    cluster.route_from_outside(LB_IP, 1)?;
+    println!("    (the load balancer moves {LB_IP} to node1)");
+    show_round(
+        "via node1, requests per pod:",
+        cluster.outside(),
+        SocketAddr::from((LB_IP, 80)),
+        10,
+    )?;
+    println!("    every pod sees the client's own address; each node only uses its own pods");
+    println!("    the load balancer's health checks:");
+    show_health(&cluster)?;
 
-    step("Scaling nginx to 2 replicas (editing the EndpointSlice in the manifest directory)");
-    cluster.write_manifest("nginx.yaml", &manifest(&cluster, 2))?;
-    cluster.wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &all[..2])?;
-    print_counts("20 new connections per pod:", &tcp_round(&cluster, 20)?);
+    step("Scaling nginx to 2 replicas: nginx-0 goes, node0 has no local pod left");
+    cluster.write_manifest("nginx.yaml", &manifest(&cluster, &all[1..], true))?;
+    cluster.wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &backends[1..])?;
+    show_health(&cluster)?;
+    println!("    (node0 answers 503: the load balancer stops sending it traffic, which it would drop)");
 
-    step("Data path counters (`kpr stats`)");
+    step("Data path counters on node0 (`kpr stats`)");
     show_kpr(&cluster, "stats")?;
 
     step("Cleaning up");
     drop(cluster);
-    println!("    done: namespaces, links, pins and the daemon are gone");
+    println!("    done: namespaces, links, pins and the daemons are gone");
     Ok(())
 }
