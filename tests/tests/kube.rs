@@ -480,3 +480,83 @@ fn internal_traffic_policy_local_and_zone_hints_follow_this_node() {
         assert_eq!(connections(&cluster, frontend, 4, &mut keep), even(&pods, 2), "{vip}");
     }
 }
+
+/// A LoadBalancer Service from the API: its nodePort answers on the Node's
+/// InternalIP, and its ingress IP is programmed when the load balancer
+/// writes it into the status, and dropped when it goes; externally
+/// reachable from the outside host.
+#[test]
+fn a_load_balancer_service_from_the_api_follows_its_status_and_the_node() {
+    use kpr_testbed::{
+        cluster::{node_ip, OUTSIDE_IP},
+        manifests::{exposed_service_with_endpoints, Exposure},
+    };
+    let cluster = cluster();
+    let lb_ip = Ipv4Addr::new(203, 0, 113, 40);
+    cluster.route_from_outside(lb_ip, 0).unwrap();
+    let objects = |ingress: &[Ipv4Addr]| {
+        let on_node0: Vec<Endpoint> = cluster.pods[..3]
+            .iter()
+            .map(|p| Endpoint::ready(p.ip).on("node0"))
+            .collect();
+        exposed_service_with_endpoints(
+            "web",
+            VIP,
+            &[tcp("http", 80)],
+            &Exposure {
+                type_: Some("LoadBalancer"),
+                node_ports: &[30080],
+                ingress_ips: ingress,
+                ..Exposure::default()
+            },
+            POD_PORT,
+            &on_node0,
+        )
+    };
+    let api = cluster.api();
+    api.apply(&objects(&[])).unwrap();
+    let node_port = SocketAddr::from((node_ip(0), 30080));
+    cluster
+        .wait_for_backends(node_port, IPPROTO_TCP, &backends(&cluster, &[0, 1, 2]))
+        .unwrap();
+    let reply = connect(cluster.outside(), node_port).unwrap().request().unwrap();
+    assert_eq!(
+        reply.peer.ip(),
+        std::net::IpAddr::V4(OUTSIDE_IP),
+        "a local backend sees the client"
+    );
+    assert!(cluster
+        .programmed(SocketAddr::from((lb_ip, 80)), IPPROTO_TCP)
+        .unwrap()
+        .is_none());
+
+    // The load balancer assigns its address.
+    api.apply(&objects(&[lb_ip])).unwrap();
+    cluster
+        .wait_for_backends(
+            SocketAddr::from((lb_ip, 80)),
+            IPPROTO_TCP,
+            &backends(&cluster, &[0, 1, 2]),
+        )
+        .unwrap();
+    let mut keep = Vec::new();
+    let replies: Vec<Reply> = (0..3)
+        .map(|_| {
+            let mut c = connect(cluster.outside(), SocketAddr::from((lb_ip, 80))).unwrap();
+            let r = c.request().unwrap();
+            keep.push(c);
+            r
+        })
+        .collect();
+    assert_eq!(tally(replies), even(&[0, 1, 2], 1));
+
+    // ... and takes it back.
+    api.apply(&objects(&[])).unwrap();
+    cluster
+        .wait_until("the ingress IP to be gone", || {
+            Ok(cluster
+                .programmed(SocketAddr::from((lb_ip, 80)), IPPROTO_TCP)?
+                .is_none())
+        })
+        .unwrap();
+}
