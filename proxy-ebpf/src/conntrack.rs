@@ -61,17 +61,9 @@ fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
         // Evicted meanwhile: free.
         return true;
     };
-    let request_key = flow_key(
-        Endpoint {
-            addr: reply.nat_addr,
-            port: reply.nat_port,
-        },
-        Endpoint {
-            addr: reply.addr,
-            port: reply.port,
-        },
-        proto,
-    );
+    // Reply entries of NATed flows always carry the client.
+    let client = other_end(&reply, Endpoint { addr: 0, port: 0 });
+    let request_key = flow_key(client, rewritten_to(&reply), proto);
     let request = lookup(&request_key);
     if !NatEntry::flow_ended(&reply, request.as_ref(), proto, now_secs()) {
         return false;
@@ -79,6 +71,30 @@ fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
     let _ = CONNTRACK.remove(&request_key);
     let _ = CONNTRACK.remove(reply_key);
     true
+}
+
+/// The address and port an entry writes over the one it is keyed by: the
+/// backend for requests, the service for replies.
+#[inline(always)]
+pub fn rewritten_to(entry: &NatEntry) -> Endpoint {
+    Endpoint {
+        addr: entry.addr,
+        port: entry.port,
+    }
+}
+
+/// The other end of a source-NATed entry (the node's NAT address for a
+/// request, the client for a reply); `unchanged` for any other entry.
+#[inline(always)]
+pub fn other_end(entry: &NatEntry, unchanged: Endpoint) -> Endpoint {
+    if entry.flags & NAT_SNAT != 0 {
+        Endpoint {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+        }
+    } else {
+        unchanged
+    }
 }
 
 /// A flow's translation: where its requests go, with which source, and
@@ -98,22 +114,11 @@ pub struct Flow {
 impl Flow {
     /// The flow an existing request entry describes.
     pub fn of_entry(pkt: &Packet, entry: &NatEntry) -> Self {
-        let source = if entry.flags & NAT_SNAT != 0 {
-            Endpoint {
-                addr: entry.nat_addr,
-                port: entry.nat_port,
-            }
-        } else {
-            pkt.source()
-        };
         Flow {
             service_id: entry.service_id,
             slot: entry.slot,
-            backend: Endpoint {
-                addr: entry.addr,
-                port: entry.port,
-            },
-            source,
+            backend: rewritten_to(entry),
+            source: other_end(entry, pkt.source()),
             redirect_replies: entry.flags & NAT_REPLY_REDIRECT != 0,
         }
     }
@@ -250,17 +255,6 @@ pub fn forget_stale_flow(pkt: &Packet) {
     }
     let _ = CONNTRACK.remove(&reply);
     // The request as the client sent it.
-    let client = if stale.flags & NAT_SNAT != 0 {
-        Endpoint {
-            addr: stale.nat_addr,
-            port: stale.nat_port,
-        }
-    } else {
-        pkt.source()
-    };
-    let service = Endpoint {
-        addr: stale.addr,
-        port: stale.port,
-    };
-    let _ = CONNTRACK.remove(&flow_key(client, service, pkt.proto));
+    let client = other_end(&stale, pkt.source());
+    let _ = CONNTRACK.remove(&flow_key(client, rewritten_to(&stale), pkt.proto));
 }

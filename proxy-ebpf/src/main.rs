@@ -204,18 +204,8 @@ fn translate<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat:
 /// A backend's reply: from the address the client dialled, to the client.
 #[inline(always)]
 fn reverse_translate(ctx: &TcContext, pkt: &Packet, entry: &NatEntry) -> Verdict {
-    let service = Endpoint {
-        addr: entry.addr,
-        port: entry.port,
-    };
-    let client = if entry.flags & NAT_SNAT != 0 {
-        Endpoint {
-            addr: entry.nat_addr,
-            port: entry.nat_port,
-        }
-    } else {
-        pkt.destination()
-    };
+    let service = conntrack::rewritten_to(entry);
+    let client = conntrack::other_end(entry, pkt.destination());
     if nat::rewrite(ctx, pkt, service, client).is_err() {
         return Verdict::Drop(Stat::Error);
     }
