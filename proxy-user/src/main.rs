@@ -190,7 +190,7 @@ fn main() -> Result<()> {
         Command::Services => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
             println!(
-                "{:<24} {:<5} {:<12} {:>4} {:>8}  BACKENDS",
+                "{:<24} {:<5} {:<25} {:>4} {:>8}  BACKENDS",
                 "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
             );
             for (key, value, backends) in maps.frontends()? {
@@ -227,7 +227,7 @@ fn main() -> Result<()> {
                     backends.join(", ")
                 };
                 println!(
-                    "{:<24} {:<5} {:<12} {:>4} {:>8}  {}",
+                    "{:<24} {:<5} {:<25} {:>4} {:>8}  {}",
                     format!("{}:{}", key.ip(), key.port()),
                     proto,
                     kind,
