@@ -1,7 +1,11 @@
-//! The TC data path: DNAT to service backends and reverse NAT of replies.
+//! The TC data path: DNAT to service backends, source NAT where the reply
+//! would not come back otherwise, and reverse translation of replies.
 //!
-//! Stages, as in Cilium's lb.h: parse -> conntrack -> lookup service ->
-//! select backend -> translate (or reverse-translate a reply).
+//! Stages, as in Cilium's lb.h and nodeport.h: parse -> conntrack -> lookup
+//! service -> source ranges -> select backend -> source NAT (port
+//! allocation) -> translate (or reverse-translate a reply) -> forward by
+//! the FIB where the stack must not see the packet. Three entry points, one
+//! per origin of the packets they see, share every stage.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -20,7 +24,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_SOURCE_RANGES,
+    FrontendKind, NatEntry, ServiceValue, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL,
+    SVC_SOURCE_RANGES,
+};
+
+use crate::{
+    conntrack::{Flow, NatError},
+    nat::Endpoint,
+    parse::{Packet, ParseError, MAX_HEADERS},
 };
 
 /// Where the packets a program sees come from (its attachment).
@@ -32,12 +43,6 @@ mod origin {
     /// Egress of an external interface or of `lo`: the node's own processes.
     pub const HOST: u8 = 2;
 }
-
-use crate::{
-    conntrack::{Flow, NatError},
-    nat::Endpoint,
-    parse::{Packet, ParseError, MAX_HEADERS},
-};
 
 /// What became of a packet: every packet is counted under exactly one stat.
 enum Verdict {
@@ -91,7 +96,6 @@ pub fn kpr_noop(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
-    let from_outside = ORIGIN == origin::OUTSIDE;
     let pkt = match parse_packet(ctx) {
         Ok(pkt) => pkt,
         Err(ParseError::NotIpv4) => return Verdict::Untouched(Stat::NotIpv4),
@@ -145,10 +149,19 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
         }
         return Verdict::Untouched(Stat::NoMatch);
     };
+    open_flow::<ORIGIN>(ctx, &pkt, &svc)
+}
+
+/// The first packet of a flow to a service: who may, which backend, whether
+/// the source must be translated too; then the flow is recorded and its
+/// first packet translated.
+#[inline(always)]
+fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Verdict {
+    let from_outside = ORIGIN == origin::OUTSIDE;
     if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
         return Verdict::Drop(Stat::SourceDenied);
     }
-    let Some((slot, backend)) = lb::select_backend(&svc, from_outside) else {
+    let Some((slot, backend)) = lb::select_backend(svc, from_outside) else {
         if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
             return Verdict::Drop(Stat::NoLocalBackend);
         }
@@ -176,15 +189,15 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
         let Some(node) = maps::snat_addr() else {
             return Verdict::Drop(Stat::Error);
         };
-        match conntrack::create_nated(&pkt, &mut flow, node) {
+        match conntrack::create_nated(pkt, &mut flow, node) {
             Ok(()) => {}
             Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
             Err(NatError::Map) => return Verdict::Drop(Stat::Error),
         }
-    } else if conntrack::create(&pkt, &flow).is_err() {
+    } else if conntrack::create(pkt, &flow).is_err() {
         return Verdict::Drop(Stat::Error);
     }
-    translate::<ORIGIN>(ctx, &pkt, &flow, Stat::NewFlow)
+    translate::<ORIGIN>(ctx, pkt, &flow, Stat::NewFlow)
 }
 
 /// A request of a tracked (or just created) flow: to its backend, from the
