@@ -21,6 +21,7 @@ pub mod map_name {
     pub const FILTER: &str = "FILTER";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const AFFINITY: &str = "AFFINITY";
     pub const NODE: &str = "NODE";
 }
 
@@ -53,6 +54,10 @@ pub const MAX_SERVICES: u32 = 262_144;
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Tracked flows; each connection takes two entries (one per direction).
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Remembered (frontend, client) -> backend choices of ClientIP affinity,
+/// least recently used evicted first.
+pub const MAX_AFFINITY: u32 = 262_144;
+
 /// Source ranges (loadBalancerSourceRanges) over all services.
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 
@@ -384,6 +389,31 @@ pub struct SourceRange {
     pub addr: u32,
 }
 
+/// Key of `AFFINITY`: a client of a frontend with sessionAffinity ClientIP.
+/// The client is its IPv4 address (network order) on the per-packet path;
+/// on the socket path, where `connect()` has no source address yet, its
+/// network namespace cookie with `AFFINITY_NETNS` set (a pod is one
+/// namespace and one address, as Cilium's socket balancer also keys it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub _pad: u32,
+    pub client: u64,
+}
+
+pub const AFFINITY_NETNS: u64 = 1 << 63;
+
+/// Value of `AFFINITY`: the backend the client got, from which slot, and
+/// when it last opened a flow (seconds of the kernel's monotonic clock).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    pub slot: u32,
+    pub last_used: u32,
+}
+
 /// Value of the one-entry `NODE` array: what the data path must know of
 /// the node it runs on.
 #[repr(C)]
@@ -508,6 +538,8 @@ mod pod {
     unsafe impl aya::Pod for SocketPeer {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]

@@ -1,13 +1,11 @@
 //! Connection tracking: both directions of a translated flow, keyed by the
 //! tuple each direction's packets carry on arrival; and the allocation of
 //! NAT ports for flows whose source is translated too.
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
-};
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT};
 
 use crate::{
+    clock::now_secs,
     maps::{self, CONNTRACK},
     nat::Endpoint,
     parse::Packet,
@@ -21,14 +19,6 @@ pub const NAT_REPLY_REDIRECT: u8 = 8;
 pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     // SAFETY: copied out at once.
     unsafe { CONNTRACK.get(key).copied() }
-}
-
-/// Seconds of the kernel's monotonic clock (the coarse one: a tick's
-/// precision is plenty for timeouts in seconds, and it is cheaper).
-#[inline(always)]
-fn now_secs() -> u32 {
-    // SAFETY: no arguments, no preconditions.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 /// Records a packet of a source-NATed flow in its entry for this

@@ -2,9 +2,12 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::maps::lpm_trie::Key;
-use proxy_common::{Backend, BackendKey, NatEntry, ServiceKey, ServiceValue, SourceRange};
+use proxy_common::{AffinityKey, AffinityValue, Backend, BackendKey, NatEntry, ServiceKey, ServiceValue, SourceRange};
 
-use crate::maps::{BACKENDS, RR_CURSORS, SERVICES, SOURCE_RANGES};
+use crate::{
+    clock::now_secs,
+    maps::{AFFINITY, BACKENDS, RR_CURSORS, SERVICES, SOURCE_RANGES},
+};
 
 /// The service addressed by (address, port, protocol), all as the packet
 /// or socket holds them (network order).
@@ -34,10 +37,51 @@ pub fn source_allowed(service_id: u32, client: u32) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
+/// The backend for a new flow of `client` (see `AffinityKey`): with
+/// sessionAffinity ClientIP, the one this client got before while it still
+/// stands (in its slot, within the endpoint set this origin uses) and the
+/// timeout has not passed since the client's last new flow; otherwise the
+/// next in round-robin, remembered for the client.
+#[inline(always)]
+pub fn select_backend(svc: &ServiceValue, from_outside: bool, client: u64) -> Option<(u32, Backend)> {
+    if svc.affinity_timeout == 0 {
+        return round_robin(svc, from_outside);
+    }
+    let key = AffinityKey {
+        service_id: svc.id,
+        _pad: 0,
+        client,
+    };
+    let now = now_secs();
+    if let Some(remembered) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a live map value, read once here.
+        let seen = unsafe { *remembered };
+        let (first, count) = svc.slots(from_outside);
+        let in_set = seen.slot >= first && seen.slot - first < count;
+        let fresh = now.wrapping_sub(seen.last_used) < svc.affinity_timeout;
+        if in_set && fresh && backend_at(svc.id, seen.slot) == Some(seen.backend) {
+            if seen.last_used != now {
+                // SAFETY: as above; a racing writer stores a time as good.
+                unsafe { (*remembered).last_used = now };
+            }
+            return Some((seen.slot, seen.backend));
+        }
+    }
+    let (slot, backend) = round_robin(svc, from_outside)?;
+    let chosen = AffinityValue {
+        backend,
+        slot,
+        last_used: now,
+    };
+    // Without the record the client is only balanced afresh next time.
+    let _ = AFFINITY.insert(&key, &chosen, 0);
+    Some((slot, backend))
+}
+
 /// Exact round-robin: every new flow of the service takes the next slot of
 /// the endpoint set its origin uses (see `ServiceValue::slots`).
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, from_outside: bool) -> Option<(u32, Backend)> {
+fn round_robin(svc: &ServiceValue, from_outside: bool) -> Option<(u32, Backend)> {
     let (first, count) = svc.slots(from_outside);
     if count == 0 {
         return None;

@@ -11,6 +11,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod clock;
 mod conntrack;
 mod lb;
 mod maps;
@@ -161,7 +162,7 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
     if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
         return Verdict::Drop(Stat::SourceDenied);
     }
-    let Some((slot, backend)) = lb::select_backend(svc, from_outside) else {
+    let Some((slot, backend)) = lb::select_backend(svc, from_outside, pkt.src as u64) else {
         if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
             return Verdict::Drop(Stat::NoLocalBackend);
         }

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    filter_bits, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey, ServiceValue, SocketPeer, SourceRange,
-    Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES,
-    MAX_SOCKET_PEERS, MAX_SOURCE_RANGES,
+    filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey,
+    ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, MAX_AFFINITY,
+    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS, MAX_SOURCE_RANGES,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -36,6 +36,10 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CON
 /// `CONNTRACK`.
 #[map]
 pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
+
+/// ClientIP affinity: which backend each client of such a frontend got.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 /// loadBalancerSourceRanges of every service that has them, by service id.
 #[map]

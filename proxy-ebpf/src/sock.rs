@@ -6,8 +6,12 @@
 //!
 //! UDP is left to the TC path: its flows must move when a backend goes away,
 //! which a connected UDP socket pointed at that backend could not do.
-use aya_ebpf::{helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
-use proxy_common::{SocketPeer, Stat, IPPROTO_TCP};
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{SocketPeer, Stat, AFFINITY_NETNS, IPPROTO_TCP};
 
 use crate::{lb, maps};
 
@@ -44,7 +48,14 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         return None;
     }
     let svc = lb::lookup_service(addr, port, IPPROTO_TCP)?;
-    let Some((_, backend)) = lb::select_backend(&svc, false) else {
+    // The client, for affinity only: a helper call the others need not pay.
+    let client = if svc.affinity_timeout != 0 {
+        // SAFETY: a sock_addr context is what the cookie helper takes.
+        (unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }) | AFFINITY_NETNS
+    } else {
+        0
+    };
+    let Some((_, backend)) = lb::select_backend(&svc, false, client) else {
         return Some(Stat::SocketNoBackend);
     };
     let peer = SocketPeer {

@@ -27,7 +27,7 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> String {
     exposed_service(name, cluster_ip, ports, &Exposure::default())
 }
 
-/// How a Service is reached from outside the cluster.
+/// How a Service is reached (from outside the cluster too) and balanced.
 #[derive(Default)]
 pub struct Exposure<'a> {
     /// `NodePort` or `LoadBalancer` (default: `ClusterIP`).
@@ -41,6 +41,8 @@ pub struct Exposure<'a> {
     pub local: bool,
     pub health_check_node_port: Option<u16>,
     pub source_ranges: &'a [&'a str],
+    /// `sessionAffinity: ClientIP` with this timeout in seconds.
+    pub affinity_timeout: Option<u32>,
 }
 
 pub fn exposed_service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port], exposure: &Exposure) -> String {
@@ -68,6 +70,12 @@ pub fn exposed_service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port], exposur
     }
     if let Some(port) = exposure.health_check_node_port {
         let _ = writeln!(yaml, "  healthCheckNodePort: {port}");
+    }
+    if let Some(timeout) = exposure.affinity_timeout {
+        let _ = writeln!(
+            yaml,
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {timeout}"
+        );
     }
     if !exposure.source_ranges.is_empty() {
         let ranges = exposure.source_ranges.iter().map(|r| format!("'{r}'")).collect();

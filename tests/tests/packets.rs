@@ -565,3 +565,53 @@ fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
         "a new flow to the service"
     );
 }
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_expires_or_leaves() {
+    let mut dp = Loaded::new().expect("load the programs");
+    let three = [backend(0), backend(1), backend(2)];
+    let mut web = frontend(VIP, 80, Protocol::Tcp, &three);
+    web.1.affinity_timeout = Some(60);
+    dp.program(&desired(vec![web.clone()])).unwrap();
+    let first_choice = |dp: &Loaded, client: Ipv4Addr, sport: u16| {
+        let out = dp
+            .run(&packet::tcp((client, sport), (VIP, 80), TCP_SYN).frame())
+            .unwrap();
+        backend_of(&out.frame)
+    };
+    let a = first_choice(&dp, CLIENT, 46000);
+    for sport in 46001..46006 {
+        assert_eq!(
+            first_choice(&dp, CLIENT, sport),
+            a,
+            "new connection from the same client"
+        );
+    }
+    let b = first_choice(&dp, OTHER, 46000);
+    assert_ne!(a, b, "another client is balanced as usual");
+
+    // Expired: the client's last new connection is older than the timeout.
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
+    let (key, mut remembered) = flows
+        .affinities()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.client == u32::from_ne_bytes(CLIENT.octets()) as u64)
+        .expect("the client's choice is remembered");
+    remembered.last_used -= 61;
+    flows.remember(&key, &remembered).unwrap();
+    let fresh = first_choice(&dp, CLIENT, 46010);
+    assert_ne!(fresh, a, "expired: the next in the rotation");
+    assert_eq!(first_choice(&dp, CLIENT, 46011), fresh, "and that one is remembered");
+
+    // The remembered backend leaves: the client moves at once.
+    let survivors: Vec<BackendAddr> = three.iter().copied().filter(|b| b.ip != fresh.0).collect();
+    web.1.backends = survivors.iter().copied().collect();
+    dp.program(&desired(vec![web])).unwrap();
+    let moved = first_choice(&dp, CLIENT, 46012);
+    assert!(
+        survivors.iter().any(|b| b.ip == moved.0),
+        "{moved:?} is not a current backend"
+    );
+    assert_eq!(first_choice(&dp, CLIENT, 46013), moved);
+}

@@ -12,9 +12,9 @@ use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
 };
 use proxy_common::{
-    addr_from_map, addr_to_map, filter_bits, map_name, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey,
-    ServiceValue, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP,
-    NAT_REPLY,
+    addr_from_map, addr_to_map, filter_bits, map_name, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey,
+    NatEntry, NodeConfig, ServiceKey, ServiceValue, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF,
+    IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
 };
 
 use super::sys;
@@ -336,10 +336,12 @@ pub fn read_stats(pin_dir: &Path) -> Result<Vec<(Stat, u64)>> {
         .collect()
 }
 
-/// CONNTRACK and RR_CURSORS: the data path's own per-flow and per-service state.
+/// CONNTRACK, RR_CURSORS and AFFINITY: the data path's own per-flow and
+/// per-service state.
 pub struct FlowMaps {
     conntrack: HashMap<MapData, FlowKey, NatEntry>,
     cursors: Array<MapData, u64>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 impl FlowMaps {
@@ -347,6 +349,7 @@ impl FlowMaps {
         Ok(Self {
             conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_name::CONNTRACK)?))?,
             cursors: Array::try_from(Map::Array(open(pin_dir, map_name::RR_CURSORS)?))?,
+            affinity: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_name::AFFINITY)?))?,
         })
     }
 
@@ -369,10 +372,23 @@ impl FlowMaps {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
 
+    /// The remembered choices of ClientIP affinity.
+    pub fn affinities(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
+        Ok(self.affinity.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Adds or replaces one remembered choice (for tests of what the data
+    /// path does with state it finds).
+    pub fn remember(&mut self, key: &AffinityKey, value: &AffinityValue) -> Result<()> {
+        Ok(self.affinity.insert(key, value, 0)?)
+    }
+
     /// Forgets what the data path kept for services that are gone: their
     /// UDP flows (as kube-proxy clears UDP conntrack entries of a deleted
     /// service; established TCP connections are left to finish, as with
-    /// kube-proxy) and their round-robin cursors. Returns the flows removed.
+    /// kube-proxy), their round-robin cursors and their clients' affinity
+    /// (so a service that gets the id next starts afresh). Returns the flows
+    /// removed.
     pub fn forget_services(&mut self, ids: &BTreeSet<u32>) -> Result<usize> {
         if ids.is_empty() {
             return Ok(0);
@@ -389,6 +405,15 @@ impl FlowMaps {
         }
         for &id in ids {
             self.cursors.set(id, 0, 0)?;
+        }
+        let clients: Vec<AffinityKey> = self
+            .affinities()?
+            .into_iter()
+            .filter(|(k, _)| ids.contains(&k.service_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &clients {
+            let _ = self.affinity.remove(key);
         }
         Ok(stale.len())
     }
