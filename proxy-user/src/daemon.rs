@@ -313,6 +313,11 @@ impl SyncLoop {
         let mut attach = tokio::time::interval(Duration::from_secs(1));
         let mut pending: Vec<Instant> = Vec::new();
         let mut full = false;
+        // The first sync writes the whole desired state: whatever the maps
+        // kept from before (a Service deleted, a port changed, an endpoint
+        // removed while no daemon ran) goes as soon as the daemon is ready,
+        // not at the first periodic resync. The maps were just read.
+        let mut complete = true;
         let mut retry: Option<tokio::time::Instant> = None;
         let mut last_sync: Option<Instant> = None;
         loop {
@@ -357,11 +362,12 @@ impl SyncLoop {
             while let Ok(at) = changes.try_recv() {
                 pending.push(at);
             }
-            let ok = self.sync(full, &pending);
+            let ok = self.sync(full, complete, &pending);
             last_sync = Some(Instant::now());
             if ok {
                 pending.clear();
                 full = false;
+                complete = false;
             } else {
                 // Keep the changes pending (health goes stale if this lasts)
                 // and try again with a full resync.
@@ -373,8 +379,9 @@ impl SyncLoop {
 
     /// One sync: only what changed since the last one, or, when `full`,
     /// everything after re-reading the maps, so that drift (entries changed
-    /// behind our back) is repaired. `false` when a write failed.
-    fn sync(&mut self, full: bool, pending: &[Instant]) -> bool {
+    /// behind our back) is repaired; when `complete`, everything against the
+    /// maps as last read. `false` when a write failed.
+    fn sync(&mut self, full: bool, complete: bool, pending: &[Instant]) -> bool {
         let started = Instant::now();
         let metrics = &self.telemetry.metrics;
         // Re-reading every map takes a while at scale: done before taking
@@ -397,7 +404,7 @@ impl SyncLoop {
         for note in &changes.notes {
             tracing::warn!("not served: {note}");
         }
-        let report = if full {
+        let report = if full || complete {
             self.syncer.sync(&state.desired(), &mut self.maps)
         } else {
             let frontends: Vec<_> = changes.frontends.iter().map(|(f, s)| (*f, s.as_ref())).collect();
