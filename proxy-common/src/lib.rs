@@ -211,6 +211,10 @@ pub const SVC_EXTERNAL_LOCAL: u32 = 1 << 2;
 /// loadBalancerSourceRanges: traffic from outside is served only from the
 /// ranges in `SOURCE_RANGES` under this service's id.
 pub const SVC_SOURCE_RANGES: u32 = 1 << 3;
+/// No usable endpoint anywhere: a new connection is refused (ICMP port
+/// unreachable, ECONNREFUSED at `connect()`), as kube-proxy's REJECT does.
+/// Without it an empty endpoint set is a local-only policy's: dropped.
+pub const SVC_REJECT: u32 = 1 << 4;
 
 /// Value of `SERVICES`.
 ///
@@ -477,10 +481,15 @@ pub enum Stat {
     NoLocalBackend = 12,
     /// Every NAT port tried for a new source-NATed flow was taken: dropped.
     NatExhausted = 13,
+    /// A service without any endpoint: answered with ICMP port unreachable.
+    Rejected = 14,
+    /// A socket connecting to a service without any endpoint: refused at
+    /// `connect()` (ECONNREFUSED).
+    SocketRejected = 15,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NewFlow,
         Stat::Established,
@@ -496,12 +505,14 @@ impl Stat {
         Stat::SourceDenied,
         Stat::NoLocalBackend,
         Stat::NatExhausted,
+        Stat::Rejected,
+        Stat::SocketRejected,
     ];
 
     /// Whether the stat counts connections made through the socket-level
     /// balancer rather than packets of the TC path.
     pub fn is_socket(self) -> bool {
-        matches!(self, Stat::SocketConnect | Stat::SocketNoBackend)
+        matches!(self, Stat::SocketConnect | Stat::SocketNoBackend | Stat::SocketRejected)
     }
 
     pub fn name(self) -> &'static str {
@@ -520,6 +531,8 @@ impl Stat {
             Stat::SourceDenied => "source_denied",
             Stat::NoLocalBackend => "no_local_backend",
             Stat::NatExhausted => "nat_exhausted",
+            Stat::Rejected => "rejected",
+            Stat::SocketRejected => "socket_rejected",
         }
     }
 }

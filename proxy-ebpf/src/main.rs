@@ -17,6 +17,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod sock;
 
 use aya_ebpf::{
@@ -25,7 +26,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, ServiceValue, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL,
+    FrontendKind, NatEntry, ServiceValue, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_REJECT,
     SVC_SOURCE_RANGES,
 };
 
@@ -52,6 +53,8 @@ enum Verdict {
     /// Translated, to be sent out by the FIB (new source `src`, new
     /// destination `dst`), bypassing the stack.
     Redirected(Stat, u32, u32),
+    /// Turned into an answer to its sender, sent with this action.
+    Answered(Stat, i32),
     /// Not ours: left untouched for whatever comes next on the hook.
     Untouched(Stat),
     Drop(Stat),
@@ -81,6 +84,7 @@ fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
     let (stat, action) = match process::<ORIGIN>(ctx) {
         Verdict::Translated(s) => (s, TC_ACT_OK as i32),
         Verdict::Redirected(s, src, dst) => (s, nat::forward_by_fib(ctx, src, dst)),
+        Verdict::Answered(s, action) => (s, action),
         Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),
         Verdict::Drop(s) => (s, TC_ACT_SHOT as i32),
     };
@@ -163,6 +167,14 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
         return Verdict::Drop(Stat::SourceDenied);
     }
     let Some((slot, backend)) = lb::select_backend(svc, from_outside, pkt.src as u64) else {
+        // No endpoint anywhere: refused. An empty local-only set (a Local
+        // traffic policy) is dropped, as kube-proxy does.
+        if svc.flags & SVC_REJECT != 0 {
+            return match reject::port_unreachable(ctx, pkt, ORIGIN == origin::HOST) {
+                Ok(action) => Verdict::Answered(Stat::Rejected, action),
+                Err(_) => Verdict::Drop(Stat::Error),
+            };
+        }
         if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
             return Verdict::Drop(Stat::NoLocalBackend);
         }

@@ -7,21 +7,30 @@
 //! UDP is left to the TC path: its flows must move when a backend goes away,
 //! which a connected UDP socket pointed at that backend could not do.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use proxy_common::{SocketPeer, Stat, AFFINITY_NETNS, IPPROTO_TCP};
+use proxy_common::{SocketPeer, Stat, AFFINITY_NETNS, IPPROTO_TCP, SVC_REJECT};
 
 use crate::{lb, maps};
 
-/// What the kernel expects from a sock_addr hook: 1 lets the call proceed.
+/// What the kernel expects from a sock_addr hook: 1 lets the call proceed,
+/// 0 fails it (with the error set by `bpf_set_retval`).
 const PROCEED: i32 = 1;
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn kpr_connect4(ctx: SockAddrContext) -> i32 {
-    if let Some(stat) = balance_connect(&ctx) {
-        maps::count(stat);
+    let Some(stat) = balance_connect(&ctx) else {
+        return PROCEED;
+    };
+    maps::count(stat);
+    if stat == Stat::SocketRejected {
+        // SAFETY: sets the error the refused connect() returns.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
     }
     PROCEED
 }
@@ -56,6 +65,9 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         0
     };
     let Some((_, backend)) = lb::select_backend(&svc, false, client) else {
+        if svc.flags & SVC_REJECT != 0 {
+            return Some(Stat::SocketRejected);
+        }
         return Some(Stat::SocketNoBackend);
     };
     let peer = SocketPeer {

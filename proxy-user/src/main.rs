@@ -221,8 +221,10 @@ fn main() -> Result<()> {
                     0 => "-".to_string(),
                     t => format!("{t}s"),
                 };
-                let backends = if backends.is_empty() {
-                    "(none: traffic dropped)".to_string()
+                let backends = if backends.is_empty() && value.flags & proxy_common::SVC_REJECT != 0 {
+                    "(none: new connections refused)".to_string()
+                } else if backends.is_empty() {
+                    "(none here: traffic dropped)".to_string()
                 } else {
                     backends.join(", ")
                 };

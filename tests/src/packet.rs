@@ -202,6 +202,32 @@ impl Ipv4 {
     }
 }
 
+/// The ICMP port unreachable kpr answers `request` with, from `request`'s
+/// destination to its source, Ethernet addresses swapped: the request's
+/// IPv4 header and L4 header quoted (RFC 792 asks for 8 bytes or more; a
+/// TCP header is quoted whole).
+pub fn port_unreachable(request: &Ipv4) -> Vec<u8> {
+    let original = request.bytes();
+    let l4 = if request.proto() == 6 { 20 } else { 8 };
+    let quote = &original[..20 + request.options.len() + l4];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&request.dst.octets());
+    ip.extend_from_slice(&request.src.octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    let mut frame = ethernet(ETH_P_IP, &ip);
+    let (dst, src) = frame.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    frame
+}
+
 /// Source and destination (address, port) of a TCP or UDP frame.
 pub fn endpoints_of(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     let ihl = (frame[14] & 0x0f) as usize * 4;

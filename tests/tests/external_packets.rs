@@ -30,6 +30,7 @@ const DENIED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 50);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 
 const LOCAL: BackendAddr = BackendAddr {
     ip: Ipv4Addr::new(10, 244, 0, 10),
@@ -45,7 +46,8 @@ const REMOTE: BackendAddr = BackendAddr {
 /// Frontends: NodePort 30090 to REMOTE only, 30091 to LOCAL only, 30081
 /// both with externalTrafficPolicy Local (LOCAL for outside), 30082 REMOTE
 /// under Local (none for outside); LB_IP:80 to LOCAL with a source range;
-/// VIP:53/UDP to LOCAL (hairpin).
+/// VIP:53/UDP to LOCAL (hairpin); EMPTY:80/TCP, EMPTY:53/UDP and
+/// NODE:30093/TCP without any endpoint (refused).
 fn frontends() -> DesiredState {
     let state = |kind, backends: &[BackendAddr], local: Option<&[BackendAddr]>, ranges: Vec<Cidr>| FrontendState {
         service: ObjectName {
@@ -57,6 +59,7 @@ fn frontends() -> DesiredState {
         external_local: local.map(|l| l.iter().copied().collect()),
         affinity_timeout: None,
         source_ranges: ranges,
+        reject: false,
     };
     let at = |ip, port, protocol| Frontend { ip, port, protocol };
     let mut frontends = vec![
@@ -77,6 +80,15 @@ fn frontends() -> DesiredState {
             state(FrontendKind::ClusterIp, &[LOCAL], None, vec![]),
         ),
     ];
+    for (frontend, kind) in [
+        (at(EMPTY, 80, Protocol::Tcp), FrontendKind::ClusterIp),
+        (at(EMPTY, 53, Protocol::Udp), FrontendKind::ClusterIp),
+        (at(NODE, 30093, Protocol::Tcp), FrontendKind::NodePort),
+    ] {
+        let mut refused = state(kind, &[], None, vec![]);
+        refused.reject = true;
+        frontends.push((frontend, refused));
+    }
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         frontends.extend([
             (
@@ -150,9 +162,13 @@ impl Node {
     }
 
     fn expect(&self, program: &str, name: &str, input: &Ipv4, verdict: i32, output: &Ipv4, stat: Stat) {
-        let (input, output) = (input.frame(), output.frame());
+        self.expect_frame(program, name, input, verdict, &output.frame(), stat);
+    }
+
+    fn expect_frame(&self, program: &str, name: &str, input: &Ipv4, verdict: i32, output: &[u8], stat: Stat) {
+        let input = input.frame();
         self.ns
-            .run(|| self.dp.expect_from(program, name, &input, verdict, &output, stat))
+            .run(|| self.dp.expect_from(program, name, &input, verdict, output, stat))
             .unwrap();
     }
 
@@ -395,4 +411,34 @@ fn the_nodes_own_requests_are_translated_at_egress_and_routed_again() {
         "back in through lo"
     );
     assert_ne!(before, node.dp.stats().unwrap());
+}
+
+#[test]
+fn a_service_without_any_endpoint_answers_port_unreachable() {
+    let node = Node::new();
+    let cases = [
+        (TC_PROGRAM, packet::tcp((POD_CLIENT, 47000), (EMPTY, 80), TCP_SYN)),
+        (TC_PROGRAM, packet::udp((POD_CLIENT, 47001), (EMPTY, 53))),
+        (
+            TC_EXTERNAL_PROGRAM,
+            packet::tcp((CLIENT, 47002), (NODE, 30093), TCP_SYN),
+        ),
+    ];
+    for (program, request) in cases {
+        // Back out of the interface it came in by.
+        let answer = packet::port_unreachable(&request);
+        node.expect_frame(program, program, &request, TC_ACT_REDIRECT, &answer, Stat::Rejected);
+    }
+    // The node's own: into the node through lo, addressed to lo's MAC.
+    let request = packet::udp((NODE, 47003), (EMPTY, 53));
+    let mut answer = packet::port_unreachable(&request);
+    answer[..12].fill(0);
+    node.expect_frame(
+        TC_HOST_PROGRAM,
+        "the node's own",
+        &request,
+        TC_ACT_REDIRECT,
+        &answer,
+        Stat::Rejected,
+    );
 }

@@ -45,6 +45,7 @@ fn frontend(ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[BackendAddr
             external_local: None,
             affinity_timeout: None,
             source_ranges: Vec::new(),
+            reject: false,
         },
     )
 }
@@ -283,7 +284,7 @@ fn fixtures_that_pass_untouched_or_drop() {
     assert_eq!(
         dp.run(&no_backend).unwrap().verdict,
         TC_ACT_SHOT,
-        "a service without backends drops"
+        "an empty endpoint set that is not a refusal (a local-only policy's) drops"
     );
     assert_eq!(stats(&dp)["no_backend"], before["no_backend"] + 1);
 }

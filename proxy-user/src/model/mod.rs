@@ -57,6 +57,9 @@ pub struct FrontendState {
     pub affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges` of a LoadBalancer IP (empty: any source).
     pub source_ranges: Vec<Cidr>,
+    /// No usable endpoint anywhere: new connections are refused (kube-proxy's
+    /// REJECT); otherwise an empty set (a Local policy's) drops them.
+    pub reject: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -111,6 +114,7 @@ pub fn service_frontends(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node:
                 } else {
                     Vec::new()
                 },
+                reject: !categorized.has_any,
             };
         let mut claim = |ip, at: u16, kind, field: String, backends, external_local| {
             claims.push(Claim {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES, SVC_EXTERNAL_LOCAL, SVC_SOURCE_RANGES,
+    Backend, BackendKey, ServiceKey, ServiceValue, MAX_SERVICES, SVC_EXTERNAL_LOCAL, SVC_REJECT, SVC_SOURCE_RANGES,
 };
 
 use crate::model::{
@@ -119,6 +119,9 @@ fn layout(state: &FrontendState) -> Layout {
     };
     if !state.source_ranges.is_empty() {
         flags |= SVC_SOURCE_RANGES;
+    }
+    if state.reject {
+        flags |= SVC_REJECT;
     }
     let [only_local, both, only_cluster] = &groups;
     Layout {

@@ -46,6 +46,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
                         external_local: None,
                         affinity_timeout: None,
                         source_ranges: Vec::new(),
+                        reject: false,
                     },
                 )
             })

@@ -147,6 +147,7 @@ pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState 
                         external_local: None,
                         affinity_timeout: None,
                         source_ranges: Vec::new(),
+                        reject: false,
                     },
                 )
             })
