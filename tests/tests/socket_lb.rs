@@ -153,15 +153,13 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
 }
 
 #[test]
-fn a_service_without_endpoints_is_left_to_the_tc_path() {
+fn a_service_without_endpoints_is_refused_at_connect() {
     let cluster = cluster_with_web(0);
     let client = cluster.pod("client");
     let results = cluster.socket_clients(&client.ns, FRONTEND, 1).unwrap();
-    assert!(results[0].is_err(), "nothing may answer: {results:?}");
-    assert_eq!(stat(&cluster, Stat::SocketNoBackend), 1);
+    let error = results[0].as_ref().expect_err("nothing may answer");
+    assert!(error.contains("refused"), "ECONNREFUSED from connect(): {error}");
+    assert_eq!(stat(&cluster, Stat::SocketRejected), 1);
     assert_eq!(stat(&cluster, Stat::SocketConnect), 0);
-    assert!(
-        stat(&cluster, Stat::NoBackend) >= 1,
-        "the SYN meets the TC path's verdict"
-    );
+    assert_eq!(stat(&cluster, Stat::Rejected), 0, "no packet was sent");
 }
