@@ -58,7 +58,10 @@ pub fn select_backend(svc: &ServiceValue, from_outside: bool, client: u64) -> Op
         let seen = unsafe { *remembered };
         let (first, count) = svc.slots(from_outside);
         let in_set = seen.slot >= first && seen.slot - first < count;
-        let fresh = now.wrapping_sub(seen.last_used) < svc.affinity_timeout;
+        // Whole seconds: "not more than the timeout" keeps a client for at
+        // least the timeout, whatever the clock's phase (and at most a
+        // second longer).
+        let fresh = now.wrapping_sub(seen.last_used) <= svc.affinity_timeout;
         if in_set && fresh && backend_at(svc.id, seen.slot) == Some(seen.backend) {
             if seen.last_used != now {
                 // SAFETY: as above; a racing writer stores a time as good.
