@@ -21,7 +21,7 @@ mod reject;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -48,7 +48,7 @@ mod origin {
 
 /// What became of a packet: every packet is counted under exactly one stat.
 enum Verdict {
-    /// Translated; accepted, for the stack to route.
+    /// Translated; on to the next program on the hook, then the stack.
     Translated(Stat),
     /// Translated, to be sent out by the FIB (new source `src`, new
     /// destination `dst`), bypassing the stack.
@@ -81,8 +81,11 @@ pub fn kpr_tc_host(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
+    // A translated packet goes on through the hook (TC_ACT_UNSPEC: the next
+    // program, a CNI's network policy say, still sees it; with none, it
+    // passes), as an untouched one does.
     let (stat, action) = match process::<ORIGIN>(ctx) {
-        Verdict::Translated(s) => (s, TC_ACT_OK as i32),
+        Verdict::Translated(s) => (s, TC_ACT_UNSPEC),
         Verdict::Redirected(s, src, dst) => (s, nat::forward_by_fib(ctx, src, dst)),
         Verdict::Answered(s, action) => (s, action),
         Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -139,13 +139,13 @@ pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
         // Addressed to lo's MAC (all zeros), or lo takes it for another
         // host's frame and the stack drops it.
         if ctx.store(0, &[0u8; 6], 0).is_err() {
-            return TC_ACT_OK as i32;
+            return TC_ACT_UNSPEC;
         }
         // SAFETY: a plain redirect to an interface that always exists.
         return unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 };
     }
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 && found != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: no neighbour parameters: the helper resolves the next hop.
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }

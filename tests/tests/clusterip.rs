@@ -293,3 +293,40 @@ fn a_malformed_manifest_is_reported_and_everything_else_keeps_forwarding() {
         "web-0"
     );
 }
+
+/// A translated packet goes on through the hook (TC_ACT_UNSPEC), so a
+/// program attached after kpr's (a CNI's network policy, say) still sees
+/// it: here a second, empty dataplane of its own, counting what reaches it.
+#[test]
+fn a_translated_packet_goes_on_to_the_next_program_on_the_hook() {
+    use proxy_common::Stat;
+    use proxy_user::dataplane::loader;
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let veth = format!("vpod{}", cluster.pods.iter().position(|p| p.name == "client").unwrap());
+    let second = cluster.pin_dir.parent().unwrap().join("second");
+    let mut ebpf = loader::load(&second).unwrap();
+    cluster
+        .node()
+        .run(|| loader::attach(&mut ebpf, &second, &veth, loader::Role::Pods))
+        .unwrap()
+        .unwrap();
+    let seen = || {
+        read_stats(&second)
+            .unwrap()
+            .into_iter()
+            .find(|(s, _)| *s == Stat::NoMatch)
+            .map_or(0, |(_, n)| n)
+    };
+    let before = seen();
+    let mut conn = connect(&client.ns, vip(80)).unwrap();
+    for _ in 0..3 {
+        conn.request().unwrap();
+    }
+    let reached = seen() - before;
+    loader::uninstall(&second).unwrap();
+    assert!(
+        reached >= 4,
+        "the SYN, the handshake's ACK and the requests, translated, reach the next program: {reached}"
+    );
+}

@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 
 use kpr_testbed::{
-    dataplane::{hold_nat_ports, monotonic_secs, Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    dataplane::{hold_nat_ports, monotonic_secs, Loaded, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     netns::Netns,
     packet::{self, endpoints_of, hex, Ipv4, TCP_ACK, TCP_SYN},
     sh, unique_id,
@@ -241,7 +241,7 @@ fn a_local_backend_sees_the_client_and_its_reply_leaves_by_the_fib() {
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         let first = request(protocol, (CLIENT, 40001), (NODE, 30091), TCP_SYN);
         let translated = first.clone().with_dst((LOCAL.ip, LOCAL.port));
-        node.expect_outside("request", &first, TC_ACT_OK, &translated, Stat::NewFlow);
+        node.expect_outside("request", &first, TC_ACT_UNSPEC, &translated, Stat::NewFlow);
         // The reply arrives from the pod with the node's address to restore:
         // the stack would drop it as martian, so the FIB sends it.
         let reply = request(protocol, (LOCAL.ip, LOCAL.port), (CLIENT, 40001), TCP_SYN | TCP_ACK);
@@ -257,7 +257,13 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
         for sport in 41000..41004 {
             let from_outside = request(protocol, (CLIENT, sport), (NODE, 30081), TCP_SYN);
             let translated = from_outside.clone().with_dst((LOCAL.ip, LOCAL.port));
-            node.expect_outside("outside, Local", &from_outside, TC_ACT_OK, &translated, Stat::NewFlow);
+            node.expect_outside(
+                "outside, Local",
+                &from_outside,
+                TC_ACT_UNSPEC,
+                &translated,
+                Stat::NewFlow,
+            );
         }
         // From a pod: every endpoint of the cluster (kube-proxy's short-circuit).
         let chosen: std::collections::BTreeSet<Ipv4Addr> = (42000..42004)
@@ -266,7 +272,7 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
                     TC_PROGRAM,
                     &request(protocol, (POD_CLIENT, sport), (NODE, 30081), TCP_SYN),
                 );
-                assert_eq!(verdict, TC_ACT_OK);
+                assert_eq!(verdict, TC_ACT_UNSPEC);
                 endpoints_of(&out).1 .0
             })
             .collect();
@@ -290,7 +296,7 @@ fn external_traffic_policy_local_keeps_outside_traffic_on_this_node() {
             TC_PROGRAM,
             "pod, Local, none on this node",
             &from_pod,
-            TC_ACT_OK,
+            TC_ACT_UNSPEC,
             &translated,
             Stat::NewFlow,
         );
@@ -302,12 +308,19 @@ fn load_balancer_source_ranges_admit_only_their_clients_from_outside() {
     let node = Node::new();
     let allowed = packet::tcp((CLIENT, 44000), (LB_IP, 80), TCP_SYN);
     let translated = allowed.clone().with_dst((LOCAL.ip, LOCAL.port));
-    node.expect_outside("inside the range", &allowed, TC_ACT_OK, &translated, Stat::NewFlow);
+    node.expect_outside("inside the range", &allowed, TC_ACT_UNSPEC, &translated, Stat::NewFlow);
     let denied = packet::tcp((DENIED, 44000), (LB_IP, 80), TCP_SYN);
     node.expect_outside("outside the range", &denied, TC_ACT_SHOT, &denied, Stat::SourceDenied);
     let pod = packet::tcp((POD_CLIENT, 44000), (LB_IP, 80), TCP_SYN);
     let translated = pod.clone().with_dst((LOCAL.ip, LOCAL.port));
-    node.expect(TC_PROGRAM, "from a pod", &pod, TC_ACT_OK, &translated, Stat::NewFlow);
+    node.expect(
+        TC_PROGRAM,
+        "from a pod",
+        &pod,
+        TC_ACT_UNSPEC,
+        &translated,
+        Stat::NewFlow,
+    );
 }
 
 #[test]
@@ -385,7 +398,7 @@ fn the_nodes_own_requests_are_translated_at_egress_and_routed_again() {
     // service address, which is not the node's.
     let answer = packet::udp((LOCAL.ip, LOCAL.port), (NODE, 5353));
     let restored = answer.clone().with_src((VIP, 53));
-    node.expect(TC_PROGRAM, "reply", &answer, TC_ACT_OK, &restored, Stat::Reply);
+    node.expect(TC_PROGRAM, "reply", &answer, TC_ACT_UNSPEC, &restored, Stat::Reply);
 
     // To one of its own NodePorts (through lo): the reply has the node's
     // address at both ends, so it goes back in through lo, addressed to

@@ -7,7 +7,7 @@ use std::{
 };
 
 use kpr_testbed::{
-    dataplane::{Loaded, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    dataplane::{Loaded, TC_ACT_SHOT, TC_ACT_UNSPEC},
     packet::{self, checksum, ethernet, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
 };
 use proxy_common::{Stat, TC_PROGRAM};
@@ -83,7 +83,7 @@ fn expect(dp: &Loaded, name: &str, input: &[u8], verdict: i32, output: &[u8], st
 /// A backend's reply must come out with the service address as its source.
 fn expect_reverse_nat(dp: &Loaded, name: &str, reply: Ipv4, service: (Ipv4Addr, u16)) {
     let expected = reply.clone().with_src(service).frame();
-    expect(dp, name, &reply.frame(), TC_ACT_OK, &expected, Stat::Reply);
+    expect(dp, name, &reply.frame(), TC_ACT_UNSPEC, &expected, Stat::Reply);
 }
 
 /// Which backend a translated request went to.
@@ -103,7 +103,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
     let (ip, port) = backend_of(&first.frame);
     let chosen = BackendAddr { ip, port, local: false };
     assert!([backend(0), backend(1), backend(2)].contains(&chosen));
-    assert_eq!(first.verdict, TC_ACT_OK);
+    assert_eq!(first.verdict, TC_ACT_UNSPEC);
     assert_eq!(hex(&first.frame), hex(&with_dst(syn, chosen).frame()), "SYN after DNAT");
 
     // Later packets of the flow: same backend, checksums still exact.
@@ -112,7 +112,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
         &dp,
         "established ACK",
         &ack.frame(),
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
         &with_dst(ack.clone(), chosen).frame(),
         Stat::Established,
     );
@@ -138,7 +138,7 @@ fn a_service_keeping_its_port_translates_only_the_address_with_exact_checksums()
     for (flags, stat) in [(TCP_SYN, Stat::NewFlow), (TCP_ACK, Stat::Established)] {
         let request = packet::tcp((CLIENT, 40001), (VIP, 80), flags);
         let expected = with_dst(request.clone(), same_port).frame();
-        expect(&dp, "TCP request", &request.frame(), TC_ACT_OK, &expected, stat);
+        expect(&dp, "TCP request", &request.frame(), TC_ACT_UNSPEC, &expected, stat);
     }
     let reply = packet::tcp((same_port.ip, 80), (CLIENT, 40001), TCP_SYN | TCP_ACK);
     expect_reverse_nat(&dp, "TCP reply", reply, (VIP, 80));
@@ -149,7 +149,7 @@ fn a_service_keeping_its_port_translates_only_the_address_with_exact_checksums()
         &dp,
         "UDP request",
         &datagram.frame(),
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
         &expected,
         Stat::NewFlow,
     );
@@ -194,7 +194,7 @@ fn ip_options_are_skipped_and_kept() {
     // Router alert (RFC 2113), 4 bytes: IHL 6.
     syn.options = vec![0x94, 0x04, 0x00, 0x00];
     let out = dp.run(&syn.frame()).unwrap();
-    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.verdict, TC_ACT_UNSPEC);
     let (ip, port) = backend_of(&out.frame);
     assert_eq!(
         hex(&out.frame),
@@ -416,7 +416,7 @@ fn established_connections_of_a_deleted_service_keep_working() {
         &dp,
         "request",
         &ack.frame(),
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
         &with_dst(ack.clone(), BackendAddr { ip, port, local: false }).frame(),
         Stat::Established,
     );
@@ -555,14 +555,14 @@ fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
         &dp,
         "request of that flow",
         &ack.frame(),
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
         &expected,
         Stat::Established,
     );
     let new = packet::tcp((CLIENT, 49001), (VIP, 80), TCP_SYN);
     assert_eq!(
         dp.run(&new.frame()).unwrap().verdict,
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
         "a new flow to the service"
     );
 }
