@@ -2,7 +2,10 @@
 //! tuple each direction's packets carry on arrival; and the allocation of
 //! NAT ports for flows whose source is translated too.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use proxy_common::{FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT};
+use proxy_common::{
+    FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SEEN_FIN,
+    SEEN_RST,
+};
 
 use crate::{
     clock::now_secs,
@@ -21,26 +24,47 @@ pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     unsafe { CONNTRACK.get(key).copied() }
 }
 
-/// Records a packet of a source-NATed flow in its entry for this
-/// direction (`key`): when, and whether it ends the connection, so that
-/// its NAT port is freed once the flow is over. Written only when it
-/// changes, so most packets of a busy flow only read the entry.
+/// Records what a packet of a tracked flow says of its lifetime in its
+/// entry for this direction (`key`): whether it ends the connection (TCP
+/// FIN or RST), and, for a source-NATed flow (`timed`), when it was seen,
+/// so that its NAT port is freed once the flow is over. Written only when
+/// it changes, so most packets only read the entry, and packets of other
+/// flows that end nothing do not touch it at all.
 #[inline(always)]
-pub fn note_nated_packet(key: &FlowKey, pkt: &Packet) {
+pub fn note_packet(key: &FlowKey, pkt: &Packet, timed: bool) {
+    let end = pkt.end_flags();
+    if !timed && end == 0 {
+        return;
+    }
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return;
     };
-    let (now, end) = (now_secs(), pkt.end_flags());
     // SAFETY: a live map value; a racing update of these two plain fields
     // from another CPU leaves either value, both of which are right.
     unsafe {
-        if (*entry).last_seen != now {
-            (*entry).last_seen = now;
+        if timed {
+            let now = now_secs();
+            if (*entry).last_seen != now {
+                (*entry).last_seen = now;
+            }
         }
         if (*entry).seen & end != end {
             (*entry).seen |= end;
         }
     }
+}
+
+/// Whether the TCP connection a request entry tracks has ended (a FIN
+/// each way, or a RST either way), so that a SYN on its tuple opens a new
+/// connection, balanced afresh, as netfilter does.
+#[inline(always)]
+pub fn connection_closed(pkt: &Packet, request: &NatEntry) -> bool {
+    let reply_key = flow_key(rewritten_to(request), other_end(request, pkt.source()), pkt.proto);
+    // A reply entry lost (evicted) says nothing: a SYN then is taken for a
+    // retransmission of the same connection, which keeps its backend.
+    let back = lookup(&reply_key).map_or(0, |r| r.seen);
+    let forth = request.seen;
+    (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0
 }
 
 /// A NAT port held by a flow that has ended is taken over: its entries are

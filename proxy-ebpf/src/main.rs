@@ -122,13 +122,14 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
     }
 
     if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
-        if entry.flags & NAT_SNAT != 0 {
-            conntrack::note_nated_packet(&pkt.flow_key(), &pkt);
-        }
+        conntrack::note_packet(&pkt.flow_key(), &pkt, entry.flags & NAT_SNAT != 0);
         if entry.flags & NAT_REPLY != 0 {
             return reverse_translate(ctx, &pkt, &entry);
         }
-        if !pkt.may_open_flow() || lb::still_selected(&entry) {
+        // A SYN on the tuple of a connection that has closed opens a new
+        // one: balanced afresh, not pinned to where the old one went.
+        let reopened = pkt.is_syn() && conntrack::connection_closed(&pkt, &entry);
+        if !pkt.may_open_flow() || (lb::still_selected(&entry) && !reopened) {
             let flow = Flow::of_entry(&pkt, &entry);
             if pkt.is_syn() {
                 // A new connection keeping the tracked backend: record both
@@ -137,8 +138,8 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
             }
             return translate::<ORIGIN>(ctx, &pkt, &flow, Stat::Established);
         }
-        // A new connection on a reused tuple whose backend has gone: choose
-        // again below.
+        // A new connection on a reused tuple whose connection closed or
+        // whose backend has gone: choose again below.
     }
 
     // The pre-filter has already ruled out a service for most untracked

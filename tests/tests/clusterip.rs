@@ -330,3 +330,61 @@ fn a_translated_packet_goes_on_to_the_next_program_on_the_hook() {
         "the SYN, the handshake's ACK and the requests, translated, reach the next program: {reached}"
     );
 }
+
+/// One request on a new connection from `ns` to `to`, from local port
+/// `port`, closed with a RST (SO_LINGER 0) so that the tuple is free for
+/// the next connection at once: the pod that answered.
+fn request_from_port(ns: &Netns, port: u16, to: SocketAddr) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    ns.run(|| -> anyhow::Result<String> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        socket.connect_timeout(&to.into(), std::time::Duration::from_secs(3))?;
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        stream.write_all(b"hello\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(Reply::parse(&line)?.pod)
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// A client reusing a few source ports for thousands of sequential
+/// connections (as a load tool cycling through its ports does): each new
+/// connection on a closed connection's tuple is balanced afresh, so a pod
+/// added by a scale-up gets its share at once.
+#[test]
+fn connections_reusing_closed_tuples_are_balanced_afresh() {
+    let mut spec = ClusterSpec::pods("web", 4);
+    spec.pods.push("client".into());
+    let cluster = Cluster::start(spec).expect("cluster");
+    let ips = cluster.pod_ips();
+    write_web(&cluster, &ips[..3]);
+    let client = &cluster.pod("client").ns;
+    let ports = [41001, 41002, 41003, 41004];
+    let mut before = BTreeMap::new();
+    for i in 0..60 {
+        *before
+            .entry(request_from_port(client, ports[i % 4], vip(80)))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(before, even(20), "exact round-robin over three pods");
+    write_web(&cluster, &ips[..4]);
+    let mut after: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..200 {
+        *after
+            .entry(request_from_port(client, ports[i % 4], vip(80)))
+            .or_insert(0) += 1;
+    }
+    for pod in ["web-0", "web-1", "web-2", "web-3"] {
+        let share = after.get(pod).copied().unwrap_or(0);
+        assert!(
+            (40..=60).contains(&share),
+            "{pod} got {share} of 200 after the scale-up: {after:?}"
+        );
+    }
+}

@@ -8,7 +8,9 @@ use std::{
 
 use kpr_testbed::{
     dataplane::{Loaded, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    packet::{self, checksum, ethernet, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_SYN},
+    packet::{
+        self, checksum, ethernet, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
 };
 use proxy_common::{Stat, TC_PROGRAM};
 use proxy_user::{
@@ -615,4 +617,30 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_expires_or_leaves()
         "{moved:?} is not a current backend"
     );
     assert_eq!(first_choice(&dp, CLIENT, 46013), moved);
+}
+
+#[test]
+fn a_syn_on_the_tuple_of_a_closed_connection_is_balanced_afresh() {
+    let dp = loaded();
+    let ack = |flags| packet::tcp((CLIENT, 48000), (VIP, 80), flags);
+    let syn = || dp.run(&ack(TCP_SYN).frame()).unwrap();
+    let first = backend_of(&syn().frame);
+    // Retransmitted while nothing closed: the same backend.
+    assert_eq!(backend_of(&syn().frame), first);
+    // A FIN each way: the connection is over; the next SYN takes the next slot.
+    dp.run(&ack(TCP_ACK | TCP_FIN).frame()).unwrap();
+    dp.run(&packet::tcp(first, (CLIENT, 48000), TCP_ACK | TCP_FIN).frame())
+        .unwrap();
+    let second = backend_of(&syn().frame);
+    assert_ne!(second, first, "closed with FINs: balanced afresh");
+    // A RST from the backend ends it too.
+    dp.run(&packet::tcp(second, (CLIENT, 48000), TCP_RST).frame()).unwrap();
+    let third = backend_of(&syn().frame);
+    assert!(
+        third != second && third != first,
+        "closed with a RST: the rotation goes on"
+    );
+    // Its reply direction is the new backend's.
+    let reply = packet::tcp(third, (CLIENT, 48000), TCP_SYN | TCP_ACK);
+    expect_reverse_nat(&dp, "reply of the new connection", reply, (VIP, 80));
 }
