@@ -486,10 +486,14 @@ pub enum Stat {
     /// A socket connecting to a service without any endpoint: refused at
     /// `connect()` (ECONNREFUSED).
     SocketRejected = 15,
+    /// A TCP packet to a service that is not a SYN, of no tracked flow (its
+    /// entry lost): dropped, never sent to a backend chosen anew, which
+    /// could only reset the connection.
+    NoFlow = 16,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NewFlow,
         Stat::Established,
@@ -507,6 +511,7 @@ impl Stat {
         Stat::NatExhausted,
         Stat::Rejected,
         Stat::SocketRejected,
+        Stat::NoFlow,
     ];
 
     /// Whether the stat counts connections made through the socket-level
@@ -533,6 +538,7 @@ impl Stat {
             Stat::NatExhausted => "nat_exhausted",
             Stat::Rejected => "rejected",
             Stat::SocketRejected => "socket_rejected",
+            Stat::NoFlow => "no_flow",
         }
     }
 }

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, ServiceValue, Stat, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_REJECT,
+    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_REJECT,
     SVC_SOURCE_RANGES,
 };
 
@@ -166,6 +166,12 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
 /// first packet translated.
 #[inline(always)]
 fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Verdict {
+    // Only a SYN opens a TCP connection. Any other TCP packet here belongs
+    // to a connection whose entry is gone: a backend chosen now would not
+    // know it and could only reset it.
+    if pkt.proto == IPPROTO_TCP && !pkt.is_syn() {
+        return Verdict::Drop(Stat::NoFlow);
+    }
     let from_outside = ORIGIN == origin::OUTSIDE;
     if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
         return Verdict::Drop(Stat::SourceDenied);

@@ -644,3 +644,49 @@ fn a_syn_on_the_tuple_of_a_closed_connection_is_balanced_afresh() {
     let reply = packet::tcp(third, (CLIENT, 48000), TCP_SYN | TCP_ACK);
     expect_reverse_nat(&dp, "reply of the new connection", reply, (VIP, 80));
 }
+
+#[test]
+fn a_tcp_packet_of_no_tracked_flow_is_not_sent_to_a_backend_chosen_anew() {
+    let dp = loaded();
+    let stray = packet::tcp((CLIENT, 49400), (VIP, 80), TCP_ACK).frame();
+    expect(&dp, "ACK of no tracked flow", &stray, TC_ACT_SHOT, &stray, Stat::NoFlow);
+}
+
+/// Idle garbage (a DNS query per pair of entries) far beyond the table's
+/// size must not push out a long-lived connection that keeps talking: the
+/// LRU keeps what is used.
+#[test]
+fn a_long_lived_connection_survives_far_more_idle_flows_than_the_table_holds() {
+    let dp = loaded();
+    let syn = packet::tcp((CLIENT, 49500), (VIP, 80), TCP_SYN);
+    let backend = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    let ack = packet::tcp((CLIENT, 49500), (VIP, 80), TCP_ACK);
+    let translated = ack.clone().with_dst(backend).frame();
+    // Twice the table's size in entries (each flow takes two).
+    let flows = proxy_common::MAX_CONNTRACK as usize;
+    for i in 0..flows {
+        let client = Ipv4Addr::from(0x0AFA_0000 + (i / 1000) as u32);
+        let query = packet::udp((client, 10_000 + (i % 1000) as u16), (VIP, 53));
+        dp.run(&query.frame()).unwrap();
+        if i % 2000 == 0 {
+            // A request and its answer: the connection talks both ways.
+            let out = dp.run(&ack.frame()).unwrap();
+            assert_eq!(
+                hex(&out.frame),
+                hex(&translated),
+                "the connection lost its flow after {i} idle ones"
+            );
+            let answer = packet::tcp(backend, (CLIENT, 49500), TCP_ACK);
+            let out = dp.run(&answer.frame()).unwrap();
+            assert_eq!(
+                hex(&out.frame),
+                hex(&answer.with_src((VIP, 80)).frame()),
+                "the connection's answers lost their flow after {i} idle ones"
+            );
+        }
+    }
+    let out = dp.run(&ack.frame()).unwrap();
+    assert_eq!(hex(&out.frame), hex(&translated));
+    let reply = packet::tcp(backend, (CLIENT, 49500), TCP_ACK);
+    expect_reverse_nat(&dp, "its reply", reply, (VIP, 80));
+}
