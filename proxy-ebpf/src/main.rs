@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL, SVC_REJECT,
-    SVC_SOURCE_RANGES,
+    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL,
+    SVC_REJECT, SVC_SOURCE_RANGES,
 };
 
 use crate::{
