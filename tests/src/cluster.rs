@@ -467,6 +467,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills every daemon (SIGKILL: no chance to clean up) and waits for
+    /// them; pins stay.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.daemon.take() {
+                child.kill()?;
+                child.wait()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every daemon's log (with a header per node when there are several).
     pub fn log(&self) -> String {
         if self.nodes.len() == 1 {

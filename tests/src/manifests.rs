@@ -94,6 +94,8 @@ pub fn exposed_service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port], exposur
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub ready: bool,
+    /// Shutting down: not ready, still serving.
+    pub terminating: bool,
     pub node: Option<String>,
     pub zone_hint: Option<String>,
 }
@@ -103,9 +105,17 @@ impl Endpoint {
         Endpoint {
             ip,
             ready: true,
+            terminating: false,
             node: None,
             zone_hint: None,
         }
+    }
+
+    /// A pod shutting down: not ready, still serving what it has.
+    pub fn terminating(mut self) -> Self {
+        self.ready = false;
+        self.terminating = true;
+        self
     }
 
     pub fn not_ready(mut self) -> Self {
@@ -143,8 +153,11 @@ pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[En
     for e in endpoints {
         let _ = write!(
             yaml,
-            "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: false\n",
-            e.ip, e.ready, e.ready
+            "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: {}\n",
+            e.ip,
+            e.ready,
+            e.ready || e.terminating,
+            e.terminating
         );
         if let Some(node) = &e.node {
             let _ = writeln!(yaml, "  nodeName: {node}");

@@ -8,14 +8,28 @@ use crate::sh;
 /// A named network namespace (`ip netns`), deleted on drop.
 pub struct Netns {
     pub name: String,
+    /// Deleted on drop; a handle to one someone else owns is not.
+    owned: bool,
 }
 
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
         sh("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+            owned: true,
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle to a namespace another value owns (for a thread that
+    /// outlives a borrow of it); dropping it deletes nothing.
+    pub fn handle(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            owned: false,
+        }
     }
 
     /// `ip -n <ns> ...`
@@ -55,6 +69,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = sh("ip", &["netns", "del", &self.name]);
     }
 }
