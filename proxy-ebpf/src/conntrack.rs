@@ -217,6 +217,26 @@ pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
     insert_request(pkt, flow)
 }
 
+/// Records a new flow that keeps its source, unless another flow's replies
+/// already come back on the same tuple (one client port reaching two
+/// services that share a backend address and port): then its source port
+/// is translated too, as netfilter remaps it, so that neither flow's
+/// replies are taken for the other's. This client's own earlier flow to
+/// the same frontend on the tuple (a reused tuple) is simply replaced.
+#[inline(always)]
+pub fn create_new(pkt: &Packet, flow: &mut Flow) -> Result<(), NatError> {
+    if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
+        return insert_request(pkt, flow).map_err(|_| NatError::Map);
+    }
+    let reply_key = flow_key(flow.backend, flow.source, pkt.proto);
+    let ours = lookup(&reply_key)
+        .is_none_or(|held| rewritten_to(&held) == pkt.destination() && other_end(&held, pkt.source()) == pkt.source());
+    if ours {
+        return create(pkt, flow).map_err(|_| NatError::Map);
+    }
+    create_nated(pkt, flow, pkt.src)
+}
+
 /// Why a source-NATed flow could not be recorded.
 pub enum NatError {
     /// Every port tried is held by another flow to the same backend.

@@ -217,8 +217,12 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
             Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
             Err(NatError::Map) => return Verdict::Drop(Stat::Error),
         }
-    } else if conntrack::create(pkt, &flow).is_err() {
-        return Verdict::Drop(Stat::Error);
+    } else {
+        match conntrack::create_new(pkt, &mut flow) {
+            Ok(()) => {}
+            Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
+            Err(NatError::Map) => return Verdict::Drop(Stat::Error),
+        }
     }
     translate::<ORIGIN>(ctx, pkt, &flow, Stat::NewFlow)
 }

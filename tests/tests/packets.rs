@@ -690,3 +690,60 @@ fn a_long_lived_connection_survives_far_more_idle_flows_than_the_table_holds() {
     let reply = packet::tcp(backend, (CLIENT, 49500), TCP_ACK);
     expect_reverse_nat(&dp, "its reply", reply, (VIP, 80));
 }
+
+/// One client port reaching two services that share a backend: the second
+/// flow's source port is remapped, so each reply is taken for its own flow.
+#[test]
+fn two_flows_never_share_a_translated_tuple() {
+    let mut dp = Loaded::new().expect("load the programs");
+    let other_vip = Ipv4Addr::new(10, 96, 0, 13);
+    let shared = [backend(0)];
+    dp.program(&desired(vec![
+        frontend(VIP, 80, Protocol::Tcp, &shared),
+        frontend(other_vip, 80, Protocol::Tcp, &shared),
+    ]))
+    .unwrap();
+    let b = (backend(0).ip, backend(0).port);
+    let first = packet::tcp((CLIENT, 50000), (VIP, 80), TCP_SYN);
+    expect(
+        &dp,
+        "first flow",
+        &first.frame(),
+        TC_ACT_UNSPEC,
+        &first.clone().with_dst(b).frame(),
+        Stat::NewFlow,
+    );
+    let second = packet::tcp((CLIENT, 50000), (other_vip, 80), TCP_SYN);
+    let out = dp.run(&second.frame()).unwrap();
+    let ((src, port), dst) = packet::endpoints_of(&out.frame);
+    assert_eq!((src, dst), (CLIENT, b), "the second flow keeps its address");
+    assert!(
+        (proxy_common::NAT_PORT_MIN..=proxy_common::NAT_PORT_MAX).contains(&port),
+        "its source port is remapped: {port}"
+    );
+    assert_eq!(
+        hex(&out.frame),
+        hex(&second.with_src((CLIENT, port)).with_dst(b).frame())
+    );
+    // Each reply goes to its own flow.
+    expect_reverse_nat(
+        &dp,
+        "reply of the first",
+        packet::tcp(b, (CLIENT, 50000), TCP_SYN | TCP_ACK),
+        (VIP, 80),
+    );
+    let reply = packet::tcp(b, (CLIENT, port), TCP_SYN | TCP_ACK);
+    let restored = reply
+        .clone()
+        .with_src((other_vip, 80))
+        .with_dst((CLIENT, 50000))
+        .frame();
+    expect(
+        &dp,
+        "reply of the second",
+        &reply.frame(),
+        TC_ACT_UNSPEC,
+        &restored,
+        Stat::Reply,
+    );
+}
