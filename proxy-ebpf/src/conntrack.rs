@@ -75,6 +75,11 @@ fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
         // Evicted meanwhile: free.
         return true;
     };
+    // Only a NATed flow keeps the times to judge by; any other flow on the
+    // tuple (the node's own, from a port in the range) is left alone.
+    if reply.flags & NAT_SNAT == 0 {
+        return false;
+    }
     // Reply entries of NATed flows always carry the client.
     let client = other_end(&reply, Endpoint { addr: 0, port: 0 });
     let request_key = flow_key(client, rewritten_to(&reply), proto);

@@ -132,7 +132,8 @@ pub fn monotonic_secs() -> u32 {
 }
 
 /// Makes every NAT port towards `backend` (TCP) from `node` look held by
-/// another flow, last seen at `last_seen`, its reply direction having seen
+/// another flow (source-NATed when `nated`, else one that kept its own
+/// port there), last seen at `last_seen`, its reply direction having seen
 /// `seen` (`SEEN_*`), as a busy node's conntrack would be.
 pub fn hold_nat_ports(
     pin_dir: &std::path::Path,
@@ -140,6 +141,7 @@ pub fn hold_nat_ports(
     node: std::net::Ipv4Addr,
     last_seen: u32,
     seen: u8,
+    nated: bool,
 ) -> Result<()> {
     use proxy_common::{FlowKey, NatEntry, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, NAT_SNAT};
     let mut flows = maps::FlowMaps::open(pin_dir)?;
@@ -153,7 +155,7 @@ pub fn hold_nat_ports(
             _pad: [0; 3],
         };
         let held = NatEntry {
-            flags: NAT_REPLY | NAT_SNAT,
+            flags: if nated { NAT_REPLY | NAT_SNAT } else { NAT_REPLY },
             nat_port: port.to_be(),
             seen,
             last_seen,

@@ -586,7 +586,15 @@ fn running_out_of_nat_ports_is_counted_and_logged() {
         .unwrap();
     assert!(connect(cluster.outside(), frontend).unwrap().request().is_ok());
     // Every NAT port of node0 towards web-1 is held by a live flow.
-    hold_nat_ports(&cluster.pin_dir, (remote, POD_PORT), node_ip(0), monotonic_secs(), 0).unwrap();
+    hold_nat_ports(
+        &cluster.pin_dir,
+        (remote, POD_PORT),
+        node_ip(0),
+        monotonic_secs(),
+        0,
+        true,
+    )
+    .unwrap();
     assert!(connect(cluster.outside(), frontend).is_err(), "no port: dropped");
     cluster
         .wait_until("the exhaustion to be logged", || {

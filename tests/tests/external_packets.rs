@@ -343,7 +343,7 @@ fn a_pod_reaching_itself_through_its_service_gets_its_answers() {
 
 /// Every NAT port towards REMOTE held by another flow.
 fn hold_every_nat_port(node: &Node, last_seen: u32, seen: u8) {
-    hold_nat_ports(&node.dp.pin_dir, (REMOTE.ip, REMOTE.port), NODE, last_seen, seen).unwrap();
+    hold_nat_ports(&node.dp.pin_dir, (REMOTE.ip, REMOTE.port), NODE, last_seen, seen, true).unwrap();
 }
 
 #[test]
@@ -377,6 +377,12 @@ fn the_nat_port_of_a_flow_that_ended_is_taken_over() {
     let node = Node::new();
     hold_every_nat_port(&node, monotonic_secs(), SEEN_RST);
     node.expect_outside("closed a moment ago", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
+
+    // Flows that are not source-NATed (the node's own, from ports in the
+    // range) keep no times to judge by: never taken over.
+    let node = Node::new();
+    hold_nat_ports(&node.dp.pin_dir, (REMOTE.ip, REMOTE.port), NODE, 0, SEEN_RST, false).unwrap();
+    node.expect_outside("the node's own flows", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
 }
 
 #[test]
