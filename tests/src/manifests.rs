@@ -204,3 +204,16 @@ pub fn exposed_service_with_endpoints(
         endpoint_slice(&format!("{name}-abc12"), name, &slice_ports, endpoints)
     )
 }
+
+/// The tests' usual Service: `web` with `http` 80/TCP and `dns` 53/UDP,
+/// both targeting the pods' server port, exposed as `exposure` says.
+pub fn web(vip: Ipv4Addr, exposure: &Exposure, endpoints: &[Endpoint]) -> String {
+    exposed_service_with_endpoints(
+        "web",
+        vip,
+        &[tcp("http", 80), udp("dns", 53)],
+        exposure,
+        crate::cluster::POD_PORT,
+        endpoints,
+    )
+}

@@ -12,7 +12,7 @@ use std::{
 
 use kpr_testbed::{
     cluster::{node_ip, POD_PORT},
-    manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
+    manifests::{web, Endpoint, Exposure},
     netns::Netns,
     pod::{connect, Conn, Datagrams},
     Cluster, ClusterSpec,
@@ -44,14 +44,7 @@ fn program(cluster: &Cluster, pods: &[&str], timeout: Option<u32>) {
         affinity_timeout: timeout,
         ..Exposure::default()
     };
-    let yaml = exposed_service_with_endpoints(
-        "web",
-        VIP,
-        &[tcp("http", 80), udp("dns", 53)],
-        &exposure,
-        POD_PORT,
-        &endpoints,
-    );
+    let yaml = web(VIP, &exposure, &endpoints);
     cluster.write_manifest("web.yaml", &yaml).unwrap();
     let want: Vec<SocketAddr> = pods.iter().map(|p| at(cluster.pod(p).ip, POD_PORT)).collect();
     cluster.wait_for_backends(at(VIP, 80), IPPROTO_TCP, &want).unwrap();

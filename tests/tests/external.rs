@@ -14,7 +14,7 @@ use std::{
 use kpr_testbed::{
     cluster::{node_ip, OUTSIDE_IP, POD_PORT},
     dataplane::{hold_nat_ports, monotonic_secs},
-    manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
+    manifests::{exposed_service_with_endpoints, tcp, udp, web, Endpoint, Exposure},
     netns::Netns,
     pod::{connect, http_get, Datagrams, Reply},
     Cluster, ClusterSpec,
@@ -64,14 +64,7 @@ fn expose(cluster: &Cluster, exposure: Exposure, ready: &[&str]) {
         ingress_ips: &[LB_IP],
         ..exposure
     };
-    let yaml = exposed_service_with_endpoints(
-        "web",
-        VIP,
-        &[tcp("http", 80), udp("dns", 53)],
-        &exposure,
-        POD_PORT,
-        &endpoints,
-    );
+    let yaml = web(VIP, &exposure, &endpoints);
     cluster.write_manifest("web.yaml", &yaml).unwrap();
     for node in 0..2 {
         // Inside the cluster a NodePort uses every ready endpoint.

@@ -11,7 +11,7 @@ use std::{
 
 use kpr_testbed::{
     cluster::{node_ip, POD_PORT},
-    manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
+    manifests::{web, Endpoint, Exposure},
     netns::Netns,
     Cluster, ClusterSpec,
 };
@@ -31,15 +31,7 @@ fn program(cluster: &Cluster, endpoints: &[Endpoint], extra: &str) {
         node_ports: &[NODE_PORT, 30096],
         ..Exposure::default()
     };
-    let yaml = exposed_service_with_endpoints(
-        "web",
-        VIP,
-        &[tcp("http", 80), udp("dns", 53)],
-        &exposure,
-        POD_PORT,
-        endpoints,
-    )
-    .replace("  ports:\n", &format!("{extra}  ports:\n"));
+    let yaml = web(VIP, &exposure, endpoints).replace("  ports:\n", &format!("{extra}  ports:\n"));
     cluster.write_manifest("web.yaml", &yaml).unwrap();
     let want: Vec<SocketAddr> = endpoints
         .iter()
