@@ -77,6 +77,22 @@ impl Churn {
     }
 }
 
+/// TCP segments the namespace's stack has retransmitted (a stall: a SYN or
+/// request that got no answer in time), from its own /proc/net/snmp.
+fn retransmitted(ns: &Netns) -> u64 {
+    let snmp = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .unwrap()
+        .unwrap();
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "RetransSegs")
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("RetransSegs in /proc/net/snmp")
+}
+
 #[test]
 fn ten_restarts_under_load_reset_nothing() {
     let mut spec = ClusterSpec::pods("web", 3);
@@ -97,6 +113,7 @@ fn ten_restarts_under_load_reset_nothing() {
             (c, pod)
         })
         .collect();
+    let retransmitted_before = retransmitted(client);
     let churn = Churn::start(client);
     let mut slowest_restart = Duration::ZERO;
     for round in 0..10 {
@@ -116,15 +133,18 @@ fn ten_restarts_under_load_reset_nothing() {
         }
     }
     let (made, failed, slowest) = churn.finish();
+    let stalls = retransmitted(&cluster.pod("client").ns) - retransmitted_before;
     println!(
-        "10 restarts (5 SIGTERM, 5 SIGKILL), slowest restart {slowest_restart:?}: 100 established connections all kept; {made} new connections meanwhile, {} failed, slowest {slowest:?}",
+        "10 restarts (5 SIGTERM, 5 SIGKILL), slowest restart {slowest_restart:?}: 100 established connections all kept; {made} new connections meanwhile, {} failed, slowest {slowest:?}, {stalls} TCP segments retransmitted",
         failed.len()
     );
     assert!(failed.is_empty(), "new connections failed: {failed:?}");
     assert!(made >= 100, "the client kept connecting throughout: {made}");
-    assert!(
-        slowest < Duration::from_secs(1),
-        "a new connection stalled: {slowest:?}"
+    // A stall is a segment that went unanswered until the client sent it
+    // again: counted by the client's stack, not timed by the test.
+    assert_eq!(
+        stalls, 0,
+        "the client had to retransmit (slowest connection {slowest:?})"
     );
 }
 
