@@ -70,6 +70,9 @@ pub struct ClusterState {
     /// What of each service the model reported as not served, last time.
     model_notes: BTreeMap<ObjectName, Vec<String>>,
     pending_notes: Vec<String>,
+    /// The health checks Services ask of this node, kept current as dirty
+    /// Services are recomputed.
+    health_checks: BTreeMap<ObjectName, HealthCheck>,
 }
 
 impl ClusterState {
@@ -135,14 +138,10 @@ impl ClusterState {
             .copied()
     }
 
-    /// Every health check server this node must run, with its answer.
+    /// Every health check server this node must run, with its answer, as of
+    /// the last computation of the changes.
     pub fn health_checks(&self) -> Vec<HealthCheck> {
-        self.snapshot
-            .services
-            .values()
-            .filter(|s| s.health_check_node_port.is_some())
-            .filter_map(|svc| model::health_check(svc, &self.slices_of_service(&svc.name), &self.node))
-            .collect()
+        self.health_checks.values().cloned().collect()
     }
 
     fn slices_of_service(&self, service: &ObjectName) -> Vec<&EndpointSliceInfo> {
@@ -200,16 +199,21 @@ impl ClusterState {
     fn flush(&mut self) -> BTreeSet<Frontend> {
         let mut changed = BTreeSet::new();
         for service in std::mem::take(&mut self.dirty) {
-            let (claims, notes) = match self.snapshot.services.get(&service) {
+            let (claims, notes, health_check) = match self.snapshot.services.get(&service) {
                 Some(info) => {
                     let slices = self.slices_of_service(&service);
                     let notes: Vec<String> = model::service_notes(info, &self.node)
                         .into_iter()
                         .map(|(field, why)| format!("Service {service}: {field}: {why}"))
                         .collect();
-                    (model::service_frontends(info, &slices, &self.node), notes)
+                    let health_check = model::health_check(info, &slices, &self.node);
+                    (model::service_frontends(info, &slices, &self.node), notes, health_check)
                 }
-                None => (Vec::new(), Vec::new()),
+                None => (Vec::new(), Vec::new(), None),
+            };
+            match health_check {
+                Some(check) => self.health_checks.insert(service.clone(), check),
+                None => self.health_checks.remove(&service),
             };
             let created = self.snapshot.services.get(&service).and_then(|s| s.created);
             self.desired.set_service(&service, created, claims, &mut changed);
