@@ -121,8 +121,9 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
         return Verdict::Untouched(Stat::NoMatch);
     }
 
-    if let Some(entry) = conntrack::lookup(&pkt.flow_key()) {
-        conntrack::note_packet(&pkt.flow_key(), &pkt, entry.flags & NAT_SNAT != 0);
+    let key = pkt.flow_key();
+    if let Some(entry) = conntrack::lookup(&key) {
+        conntrack::note_packet(&key, &pkt, entry.flags & NAT_SNAT != 0);
         if entry.flags & NAT_REPLY != 0 {
             return reverse_translate(ctx, &pkt, &entry);
         }

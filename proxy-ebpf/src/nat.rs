@@ -110,6 +110,14 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, src: Endpoint, dst: Endpoint) -> R
     Ok(())
 }
 
+/// Hands a frame already addressed to lo's MAC (all zeros) to the node
+/// itself, through lo's ingress: the verdict to return.
+#[inline(always)]
+pub fn into_node_through_lo() -> i32 {
+    // SAFETY: a plain redirect to an interface that always exists.
+    unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
+}
+
 /// Sends a rewritten packet out of the interface the FIB routes its new
 /// destination through, the neighbour subsystem filling in the Ethernet
 /// header: the stack would drop a packet arriving with one of the node's
@@ -141,8 +149,7 @@ pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
         if ctx.store(0, &[0u8; 6], 0).is_err() {
             return TC_ACT_UNSPEC;
         }
-        // SAFETY: a plain redirect to an interface that always exists.
-        return unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 };
+        return into_node_through_lo();
     }
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 && found != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return TC_ACT_UNSPEC;

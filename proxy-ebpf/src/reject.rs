@@ -11,13 +11,16 @@
 //! quoted whole (20 bytes), since a packet from a local socket still carries
 //! a partial checksum there that the kernel will not let us cut.
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_INGRESS},
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::{checksum, IPPROTO_TCP};
 
-use crate::parse::{Packet, ETH_HLEN};
+use crate::{
+    nat,
+    parse::{Packet, ETH_HLEN},
+};
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -27,8 +30,6 @@ const ADDED: usize = 20 + 8;
 /// What of the client's L4 header is quoted, by protocol.
 const QUOTED_UDP: usize = 8;
 const QUOTED_TCP: usize = 20;
-/// `lo` has this index in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The headers written in front of the quote, as the packet holds them.
 #[repr(C, packed)]
@@ -114,12 +115,10 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet, to_host: bool) -> Result<
     // For the node itself the frame enters through lo, whose address
     // (all zeros) it must carry to be taken in.
     ctx.store(0, &swapped, 0)?;
-    let (ifindex, flags) = if to_host {
-        (LOOPBACK_IFINDEX, BPF_F_INGRESS as u64)
-    } else {
-        // SAFETY: the context is the kernel's skb for this run.
-        (unsafe { (*ctx.skb.skb).ifindex }, 0)
-    };
-    // SAFETY: a plain redirect to an interface that exists.
-    Ok(unsafe { bpf_redirect(ifindex, flags) } as i32)
+    if to_host {
+        return Ok(nat::into_node_through_lo());
+    }
+    // SAFETY: the context is the kernel's skb for this run; a plain
+    // redirect to the egress of the interface the packet came in by.
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
 }
