@@ -85,14 +85,19 @@ impl Attacher {
             .collect();
         let mut wanted = vec![("lo".to_string(), Role::Host)];
         for iface in &present {
-            if loader::link_type(iface) != Some(loader::ARPHRD_ETHER) {
-                if self.not_ethernet.insert(iface.clone()) {
-                    tracing::info!(
-                        %iface,
-                        link_type = ?loader::link_type(iface),
-                        "not attached: no Ethernet header (tun, WireGuard, IPIP); its traffic is handled where it enters or leaves as Ethernet"
-                    );
-                }
+            if self.not_ethernet.contains(iface) {
+                continue;
+            }
+            // A link type never changes: read once, for an interface not
+            // attached yet.
+            let known = self.attached.contains_key(&(iface.clone(), false));
+            if !known && loader::link_type(iface) != Some(loader::ARPHRD_ETHER) {
+                tracing::info!(
+                    %iface,
+                    link_type = ?loader::link_type(iface),
+                    "not attached: no Ethernet header (tun, WireGuard, IPIP); its traffic is handled where it enters or leaves as Ethernet"
+                );
+                self.not_ethernet.insert(iface.clone());
                 continue;
             }
             let holds_node_addr = addresses.iter().any(|(i, a)| i == iface && node_addrs.contains(a));
