@@ -326,17 +326,31 @@ pub const NAT_REDIRECT: u8 = 4;
 /// `NatEntry::seen`: this direction sent a FIN, or a RST.
 pub const SEEN_FIN: u8 = 1;
 pub const SEEN_RST: u8 = 2;
+/// `NatEntry::seen` of a UDP reply entry: replies came in two different
+/// seconds, so the flow is a stream rather than one exchange (netfilter's
+/// "assured" UDP flow: still replied to after its first moments).
+pub const SEEN_STREAM: u8 = 4;
 
-/// When a source-NATed flow has ended, so that a new flow may take its NAT
-/// port: a TCP flow this long after a FIN in both directions or a RST in
-/// either (the backend's side may linger in TIME_WAIT a moment longer, and
-/// a new SYN on its tuple is accepted there); a UDP flow after this long
-/// without a packet (netfilter's timeout for a UDP flow seen both ways); a
-/// TCP flow that vanished without closing after netfilter's established
-/// timeout (5 days).
-pub const NAT_TCP_CLOSED_SECS: u32 = 10;
-pub const NAT_UDP_IDLE_SECS: u32 = 120;
-pub const NAT_TCP_IDLE_SECS: u32 = 432_000;
+/// How long a flow is kept without a packet, by protocol and state, as
+/// netfilter's timeouts are set; the daemon's sweep removes what expired,
+/// and a NAT port of an expired flow is taken over by the next flow that
+/// needs it.
+///
+/// A TCP connection after a FIN in both directions or a RST in either (the
+/// backend's side may linger in TIME_WAIT a moment longer, and a new SYN on
+/// its tuple is accepted there).
+pub const FLOW_TCP_CLOSED_SECS: u32 = 10;
+/// A TCP connection never answered: a SYN to a backend that is gone, a
+/// scan (netfilter keeps SYN_SENT 120 s; Cilium 60 s).
+pub const FLOW_TCP_UNREPLIED_SECS: u32 = 60;
+/// An established TCP connection (netfilter's established timeout: 5 days;
+/// connections idle longer are gone from both ends' tables too).
+pub const FLOW_TCP_IDLE_SECS: u32 = 432_000;
+/// A UDP flow of one exchange or never answered (a DNS query): netfilter's
+/// unreplied/unassured UDP timeout.
+pub const FLOW_UDP_SECS: u32 = 30;
+/// A UDP stream (`SEEN_STREAM`): netfilter's replied UDP timeout.
+pub const FLOW_UDP_STREAM_SECS: u32 = 120;
 
 /// Value of `CONNTRACK`: the address and port to write into the packet.
 #[repr(C)]
@@ -347,7 +361,7 @@ pub struct NatEntry {
     /// Network order.
     pub port: u16,
     pub flags: u8,
-    /// Source-NATed flows: `SEEN_*` of this direction's packets.
+    /// `SEEN_*` of this direction's packets.
     pub seen: u8,
     /// Service and slot the backend was chosen from (request direction), so
     /// a new connection reusing the tuple can tell whether the choice still
@@ -358,27 +372,76 @@ pub struct NatEntry {
     pub nat_addr: u32,
     pub nat_port: u16,
     pub _pad: u16,
-    /// Source-NATed flows: when this direction last carried a packet, in
-    /// seconds of the kernel's monotonic clock.
+    /// When this direction last carried a packet, in seconds of the kernel's
+    /// monotonic clock; 0 for a reply direction that never has (and for
+    /// entries of a version that kept no times).
     pub last_seen: u32,
 }
 
 impl NatEntry {
-    /// Whether the source-NATed flow whose reply entry is `reply` (and
-    /// request entry `request`, if still there) has ended by `now`.
-    pub fn flow_ended(reply: &NatEntry, request: Option<&NatEntry>, proto: u8, now: u32) -> bool {
-        let last = match request {
-            Some(r) if r.last_seen > reply.last_seen => r.last_seen,
-            _ => reply.last_seen,
+    /// The key of the other direction of the flow this entry, keyed by
+    /// `key`, belongs to: a request entry's reply tuple (backend to the
+    /// source requests leave with), a reply entry's request tuple (client
+    /// to the address it dialled).
+    pub fn other_direction(&self, key: &FlowKey) -> FlowKey {
+        let nated = self.flags & NAT_SNAT != 0;
+        let (src_addr, src_port, dst_addr, dst_port) = if self.flags & NAT_REPLY != 0 {
+            // Replies come from the backend to the source requests left
+            // with: the client, or this node's NAT address and port.
+            let (client_addr, client_port) = if nated {
+                (self.nat_addr, self.nat_port)
+            } else {
+                (key.dst_addr, key.dst_port)
+            };
+            (client_addr, client_port, self.addr, self.port)
+        } else {
+            let (source_addr, source_port) = if nated {
+                (self.nat_addr, self.nat_port)
+            } else {
+                (key.src_addr, key.src_port)
+            };
+            (self.addr, self.port, source_addr, source_port)
         };
-        let idle = now.saturating_sub(last);
-        if proto == IPPROTO_UDP {
-            return idle >= NAT_UDP_IDLE_SECS;
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto: key.proto,
+            _pad: [0; 3],
         }
-        let seen = |e: Option<&NatEntry>| e.map_or(SEEN_FIN | SEEN_RST, |e| e.seen);
-        let (back, forth) = (reply.seen, seen(request));
-        let closed = (back | forth) & SEEN_RST != 0 || (back & forth & SEEN_FIN != 0);
-        (closed && idle >= NAT_TCP_CLOSED_SECS) || idle >= NAT_TCP_IDLE_SECS
+    }
+
+    /// Whether the flow with these entries (either may be gone) has expired
+    /// by `now` (`FLOW_*`). A flow whose entries carry no times at all
+    /// (recorded by a version that kept none) is never judged expired: its
+    /// first packet, or the daemon's sweep, gives it one.
+    pub fn flow_expired(request: Option<&NatEntry>, reply: Option<&NatEntry>, proto: u8, now: u32) -> bool {
+        let last_seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.last_seen);
+        let last = core::cmp::max(last_seen(request), last_seen(reply));
+        if last == 0 {
+            return false;
+        }
+        let idle = now.saturating_sub(last);
+        // A direction whose entry is gone (evicted) says nothing: the flow
+        // is judged by the one left, as a live one, since the next packet
+        // of a live flow restores the other (its reply might yet be).
+        let replied = reply.is_none_or(|r| r.last_seen != 0);
+        let seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.seen);
+        if proto == IPPROTO_UDP {
+            let stream = seen(reply) & SEEN_STREAM != 0;
+            return idle >= if stream { FLOW_UDP_STREAM_SECS } else { FLOW_UDP_SECS };
+        }
+        let (back, forth) = (seen(reply), seen(request));
+        let closed = (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0;
+        let limit = if closed {
+            FLOW_TCP_CLOSED_SECS
+        } else if !replied {
+            FLOW_TCP_UNREPLIED_SECS
+        } else {
+            FLOW_TCP_IDLE_SECS
+        };
+        idle >= limit
     }
 }
 
@@ -574,68 +637,169 @@ mod tests {
     }
 
     #[test]
-    fn when_a_nated_flow_has_ended() {
+    fn when_a_flow_expires() {
         let now = 1_000_000;
-        let closed = NAT_TCP_CLOSED_SECS;
-        // (reply, request, protocol, ended)
+        let closed = FLOW_TCP_CLOSED_SECS;
+        let (tcp, udp) = (IPPROTO_TCP, IPPROTO_UDP);
+        // (request, reply, protocol, expired)
         let cases = [
-            (entry(0, now), Some(entry(0, now)), IPPROTO_TCP, false),
+            ("open, active", Some(entry(0, now)), Some(entry(0, now)), tcp, false),
             (
-                entry(SEEN_FIN, now - closed),
+                "FIN one way",
                 Some(entry(0, now - closed)),
-                IPPROTO_TCP,
-                false,
-            ),
-            (
-                entry(SEEN_FIN, now - closed),
                 Some(entry(SEEN_FIN, now - closed)),
-                IPPROTO_TCP,
+                tcp,
+                false,
+            ),
+            (
+                "FIN both ways",
+                Some(entry(SEEN_FIN, now - closed)),
+                Some(entry(SEEN_FIN, now - closed)),
+                tcp,
                 true,
             ),
             (
-                entry(SEEN_FIN, now - closed),
+                "FIN both ways, a packet since",
                 Some(entry(SEEN_FIN, now - 1)),
-                IPPROTO_TCP,
+                Some(entry(SEEN_FIN, now - closed)),
+                tcp,
                 false,
             ),
             (
-                entry(SEEN_RST, now - closed),
+                "RST back",
                 Some(entry(0, now - closed)),
-                IPPROTO_TCP,
-                true,
-            ),
-            (
-                entry(0, now - closed),
                 Some(entry(SEEN_RST, now - closed)),
-                IPPROTO_TCP,
-                true,
-            ),
-            (entry(0, now - closed), None, IPPROTO_TCP, true),
-            (
-                entry(0, now - NAT_TCP_IDLE_SECS),
-                Some(entry(0, now - NAT_TCP_IDLE_SECS)),
-                IPPROTO_TCP,
+                tcp,
                 true,
             ),
             (
-                entry(0, now - NAT_UDP_IDLE_SECS + 1),
-                Some(entry(0, now - NAT_UDP_IDLE_SECS)),
-                IPPROTO_UDP,
+                "RST forth",
+                Some(entry(SEEN_RST, now - closed)),
+                Some(entry(0, now - closed)),
+                tcp,
+                true,
+            ),
+            (
+                "RST, too recent",
+                Some(entry(SEEN_RST, now - closed + 1)),
+                Some(entry(0, now - closed)),
+                tcp,
                 false,
             ),
             (
-                entry(0, now - NAT_UDP_IDLE_SECS),
-                Some(entry(0, now - NAT_UDP_IDLE_SECS)),
-                IPPROTO_UDP,
+                "never answered",
+                Some(entry(0, now - FLOW_TCP_UNREPLIED_SECS)),
+                Some(entry(0, 0)),
+                tcp,
+                true,
+            ),
+            (
+                "answered, idle as long",
+                Some(entry(0, now - FLOW_TCP_UNREPLIED_SECS)),
+                Some(entry(0, now - FLOW_TCP_UNREPLIED_SECS)),
+                tcp,
+                false,
+            ),
+            (
+                "established, idle too long",
+                Some(entry(0, now - FLOW_TCP_IDLE_SECS)),
+                Some(entry(0, now - FLOW_TCP_IDLE_SECS)),
+                tcp,
+                true,
+            ),
+            (
+                "reply entry evicted: judged as live",
+                Some(entry(0, now - FLOW_TCP_UNREPLIED_SECS)),
+                None,
+                tcp,
+                false,
+            ),
+            (
+                "request entry evicted, reply reset",
+                None,
+                Some(entry(SEEN_RST, now - closed)),
+                tcp,
+                true,
+            ),
+            ("kept no times", Some(entry(0, 0)), Some(entry(0, 0)), tcp, false),
+            (
+                "UDP exchange, fresh",
+                Some(entry(0, now - FLOW_UDP_SECS + 1)),
+                Some(entry(0, now - FLOW_UDP_SECS)),
+                udp,
+                false,
+            ),
+            (
+                "UDP exchange, idle",
+                Some(entry(0, now - FLOW_UDP_SECS)),
+                Some(entry(0, now - FLOW_UDP_SECS)),
+                udp,
+                true,
+            ),
+            (
+                "UDP never answered",
+                Some(entry(0, now - FLOW_UDP_SECS)),
+                Some(entry(0, 0)),
+                udp,
+                true,
+            ),
+            (
+                "UDP stream, idle as long",
+                Some(entry(0, now - FLOW_UDP_SECS)),
+                Some(entry(SEEN_STREAM, now - FLOW_UDP_SECS)),
+                udp,
+                false,
+            ),
+            (
+                "UDP stream, idle",
+                Some(entry(0, now - FLOW_UDP_STREAM_SECS)),
+                Some(entry(SEEN_STREAM, now - FLOW_UDP_STREAM_SECS)),
+                udp,
                 true,
             ),
         ];
-        for (i, (reply, request, proto, ended)) in cases.iter().enumerate() {
+        for (name, request, reply, proto, expired) in cases {
             assert_eq!(
-                NatEntry::flow_ended(reply, request.as_ref(), *proto, now),
-                *ended,
-                "case {i}"
+                NatEntry::flow_expired(request.as_ref(), reply.as_ref(), proto, now),
+                expired,
+                "{name}"
             );
         }
+    }
+
+    #[test]
+    fn each_direction_finds_the_other() {
+        let (client, service, backend, node) = (
+            (addr_to_map(Ipv4Addr::new(10, 0, 0, 1)), 40000u16.to_be()),
+            (addr_to_map(Ipv4Addr::new(10, 96, 0, 1)), 80u16.to_be()),
+            (addr_to_map(Ipv4Addr::new(10, 1, 0, 5)), 8080u16.to_be()),
+            (addr_to_map(Ipv4Addr::new(192, 168, 0, 2)), 61000u16.to_be()),
+        );
+        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey {
+            src_addr: src.0,
+            src_port: src.1,
+            dst_addr: dst.0,
+            dst_port: dst.1,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let to = |at: (u32, u16), flags: u8, nat: (u32, u16)| NatEntry {
+            addr: at.0,
+            port: at.1,
+            flags,
+            nat_addr: nat.0,
+            nat_port: nat.1,
+            ..Default::default()
+        };
+        // Keeping the client's source.
+        let request = to(backend, 0, (0, 0));
+        let reply = to(service, NAT_REPLY, (0, 0));
+        assert_eq!(request.other_direction(&key(client, service)), key(backend, client));
+        assert_eq!(reply.other_direction(&key(backend, client)), key(client, service));
+        // Source-NATed to the node.
+        let request = to(backend, NAT_SNAT, node);
+        let reply = to(service, NAT_REPLY | NAT_SNAT, client);
+        assert_eq!(request.other_direction(&key(client, service)), key(backend, node));
+        assert_eq!(reply.other_direction(&key(backend, node)), key(client, service));
     }
 }

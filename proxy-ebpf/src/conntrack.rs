@@ -3,8 +3,8 @@
 //! NAT ports for flows whose source is translated too.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    FlowKey, NatEntry, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SEEN_FIN,
-    SEEN_RST,
+    FlowKey, NatEntry, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT,
+    SEEN_FIN, SEEN_RST, SEEN_STREAM,
 };
 
 use crate::{
@@ -24,34 +24,71 @@ pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     unsafe { CONNTRACK.get(key).copied() }
 }
 
-/// Records what a packet of a tracked flow says of its lifetime in its
-/// entry for this direction (`key`): whether it ends the connection (TCP
-/// FIN or RST), and, for a source-NATed flow (`timed`), when it was seen,
-/// so that its NAT port is freed once the flow is over. Written only when
-/// it changes, so most packets only read the entry, and packets of other
-/// flows that end nothing do not touch it at all.
+/// The entry itself, for `note_packet` to update in place.
 #[inline(always)]
-pub fn note_packet(key: &FlowKey, pkt: &Packet, timed: bool) {
-    let end = pkt.end_flags();
-    if !timed && end == 0 {
-        return;
+pub fn lookup_mut(key: &FlowKey) -> Option<*mut NatEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Records what a packet of a tracked flow says of its lifetime in its
+/// entry for this direction (`key`): when it was seen, and whether it ends
+/// the connection (TCP FIN or RST). Written only when it changes (a TCP
+/// end, a new second), so most packets only read the entry. Once a second
+/// per direction, the other direction is looked at too: it is restored if
+/// it was lost (evicted, say), and the look keeps it from being evicted
+/// as the least recently used even when its own direction is quiet.
+#[inline(always)]
+pub fn note_packet(key: &FlowKey, pkt: &Packet, tracked: *mut NatEntry, entry: &NatEntry) {
+    let now = now_secs();
+    let mut seen = entry.seen | pkt.end_flags();
+    let new_second = entry.last_seen != now;
+    // Replies in two different seconds: a UDP stream, kept longer.
+    if new_second && pkt.proto == IPPROTO_UDP && entry.flags & NAT_REPLY != 0 && entry.last_seen != 0 {
+        seen |= SEEN_STREAM;
     }
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return;
-    };
-    // SAFETY: a live map value; a racing update of these two plain fields
-    // from another CPU leaves either value, both of which are right.
+    // SAFETY: a live map value; a racing update of these plain fields from
+    // another CPU leaves either value, each of which is right.
     unsafe {
-        if timed {
-            let now = now_secs();
-            if (*entry).last_seen != now {
-                (*entry).last_seen = now;
-            }
+        if seen != entry.seen {
+            (*tracked).seen = seen;
         }
-        if (*entry).seen & end != end {
-            (*entry).seen |= end;
+        if !new_second {
+            return;
         }
+        (*tracked).last_seen = now;
     }
+    keep_other_direction(key, pkt, entry);
+}
+
+/// Restores the other direction of the flow `entry` (keyed by `key`, for
+/// `pkt`) belongs to if it is gone: a UDP flow whose reply entry was
+/// evicted would have its answers pass untranslated; a TCP connection
+/// whose request entry was would have its packets dropped (`NoFlow`).
+///
+/// A function of its own for the verifier: inlined, each of its outcomes
+/// would go on as a path of its own through every later stage.
+#[inline(never)]
+fn keep_other_direction(key: &FlowKey, pkt: &Packet, entry: &NatEntry) {
+    let other = entry.other_direction(key);
+    // SAFETY: only tested for presence.
+    if unsafe { CONNTRACK.get(&other) }.is_some() {
+        return;
+    }
+    // Claimed only if still free: a flow that took the tuple meanwhile
+    // keeps it.
+    if entry.flags & NAT_REPLY == 0 {
+        let _ = insert_reply(pkt, &Flow::of_entry(pkt, entry), BPF_NOEXIST as u64);
+        return;
+    }
+    // A reply: from the backend to the source the requests leave with.
+    let flow = Flow {
+        service_id: entry.service_id,
+        slot: entry.slot,
+        backend: pkt.source(),
+        source: pkt.destination(),
+        redirect_replies: entry.flags & NAT_REDIRECT != 0,
+    };
+    let _ = insert_request(&other, &flow, entry.flags & NAT_SNAT != 0, 0, BPF_NOEXIST as u64);
 }
 
 /// Whether the TCP connection a request entry tracks has ended (a FIN
@@ -59,32 +96,30 @@ pub fn note_packet(key: &FlowKey, pkt: &Packet, timed: bool) {
 /// connection, balanced afresh, as netfilter does.
 #[inline(always)]
 pub fn connection_closed(pkt: &Packet, request: &NatEntry) -> bool {
-    let reply_key = flow_key(rewritten_to(request), other_end(request, pkt.source()), pkt.proto);
     // A reply entry lost (evicted) says nothing: a SYN then is taken for a
     // retransmission of the same connection, which keeps its backend.
-    let back = lookup(&reply_key).map_or(0, |r| r.seen);
+    let back = lookup(&request.other_direction(&pkt.flow_key())).map_or(0, |r| r.seen);
     let forth = request.seen;
     (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0
 }
 
-/// A NAT port held by a flow that has ended is taken over: its entries are
-/// removed so that the new flow's reply entry can claim the port.
-#[inline(always)]
+/// A NAT port held by a flow that has expired is taken over: its entries
+/// are removed so that the new flow's reply entry can claim the port.
+/// Not inlined, for the verifier: it runs in the port search's loop.
+#[inline(never)]
 fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
     let Some(reply) = lookup(reply_key) else {
         // Evicted meanwhile: free.
         return true;
     };
-    // Only a NATed flow keeps the times to judge by; any other flow on the
-    // tuple (the node's own, from a port in the range) is left alone.
+    // Only a NATed flow is taken over; any other flow on the tuple (the
+    // node's own, from a port in the range) is left alone.
     if reply.flags & NAT_SNAT == 0 {
         return false;
     }
-    // Reply entries of NATed flows always carry the client.
-    let client = other_end(&reply, Endpoint { addr: 0, port: 0 });
-    let request_key = flow_key(client, rewritten_to(&reply), proto);
+    let request_key = reply.other_direction(reply_key);
     let request = lookup(&request_key);
-    if !NatEntry::flow_ended(&reply, request.as_ref(), proto, now_secs()) {
+    if !NatEntry::flow_expired(request.as_ref(), Some(&reply), proto, now_secs()) {
         return false;
     }
     let _ = CONNTRACK.remove(&request_key);
@@ -159,7 +194,8 @@ fn flow_key(src: Endpoint, dst: Endpoint, proto: u8) -> FlowKey {
 }
 
 /// Records the reply direction of `flow` (`flags`: `BPF_NOEXIST` to claim a
-/// NAT port, which fails when another flow holds it).
+/// NAT port, which fails when another flow holds it). It has seen no
+/// packet yet (`last_seen` 0): a flow never answered expires sooner.
 #[inline(always)]
 fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
     let snat = flow.source_nated(pkt);
@@ -180,36 +216,50 @@ fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
         nat_addr: pkt.src,
         nat_port: pkt.sport,
         _pad: 0,
-        last_seen: if snat { now_secs() } else { 0 },
+        last_seen: 0,
     };
     CONNTRACK.insert(&flow_key(flow.backend, flow.source, pkt.proto), &to_client, flags)?;
     maps::mark_backend(flow.backend.addr, flow.backend.port, pkt.proto);
     Ok(())
 }
 
+/// Records the request direction of `flow` under `key` (the tuple as the
+/// client sends it), `snat` when its source is translated too, having seen
+/// `seen` (`SEEN_*`).
 #[inline(always)]
-fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
-    let mut flags = 0;
-    let snat = flow.source_nated(pkt);
+fn insert_request(key: &FlowKey, flow: &Flow, snat: bool, seen: u8, flags: u64) -> Result<(), i32> {
+    let mut nat_flags = 0;
     if snat {
-        flags |= NAT_SNAT | NAT_REDIRECT;
+        nat_flags |= NAT_SNAT | NAT_REDIRECT;
     }
     if flow.redirect_replies {
-        flags |= NAT_REPLY_REDIRECT;
+        nat_flags |= NAT_REPLY_REDIRECT;
     }
     let to_backend = NatEntry {
         addr: flow.backend.addr,
         port: flow.backend.port,
-        flags,
-        seen: pkt.end_flags(),
+        flags: nat_flags,
+        seen,
         service_id: flow.service_id,
         slot: flow.slot,
         nat_addr: flow.source.addr,
         nat_port: flow.source.port,
         _pad: 0,
-        last_seen: if snat { now_secs() } else { 0 },
+        last_seen: now_secs(),
     };
-    CONNTRACK.insert(&pkt.flow_key(), &to_backend, BPF_ANY as u64)
+    CONNTRACK.insert(key, &to_backend, flags)
+}
+
+/// The request direction of `flow`, as `pkt` opens it.
+#[inline(always)]
+fn insert_opening_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
+    insert_request(
+        &pkt.flow_key(),
+        flow,
+        flow.source_nated(pkt),
+        pkt.end_flags(),
+        BPF_ANY as u64,
+    )
 }
 
 /// Records both directions of `flow`, which keeps the source it has.
@@ -219,7 +269,7 @@ fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
 #[inline(always)]
 pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
     insert_reply(pkt, flow, BPF_ANY as u64)?;
-    insert_request(pkt, flow)
+    insert_opening_request(pkt, flow)
 }
 
 /// Records a new flow that keeps its source, unless another flow's replies
@@ -231,7 +281,7 @@ pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
 #[inline(always)]
 pub fn create_new(pkt: &Packet, flow: &mut Flow) -> Result<(), NatError> {
     if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
-        return insert_request(pkt, flow).map_err(|_| NatError::Map);
+        return insert_opening_request(pkt, flow).map_err(|_| NatError::Map);
     }
     let reply_key = flow_key(flow.backend, flow.source, pkt.proto);
     let ours = lookup(&reply_key)
@@ -278,7 +328,7 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
     if !claimed {
         return Err(NatError::Exhausted);
     }
-    insert_request(pkt, flow).map_err(|_| NatError::Map)
+    insert_opening_request(pkt, flow).map_err(|_| NatError::Map)
 }
 
 /// A new connection straight to an address that once answered for a
@@ -293,7 +343,5 @@ pub fn forget_stale_flow(pkt: &Packet) {
         return;
     }
     let _ = CONNTRACK.remove(&reply);
-    // The request as the client sent it.
-    let client = other_end(&stale, pkt.source());
-    let _ = CONNTRACK.remove(&flow_key(client, rewritten_to(&stale), pkt.proto));
+    let _ = CONNTRACK.remove(&stale.other_direction(&reply));
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL,
-    SVC_REJECT, SVC_SOURCE_RANGES,
+    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, SVC_EXTERNAL_LOCAL, SVC_REJECT,
+    SVC_SOURCE_RANGES,
 };
 
 use crate::{
@@ -122,8 +122,10 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
     }
 
     let key = pkt.flow_key();
-    if let Some(entry) = conntrack::lookup(&key) {
-        conntrack::note_packet(&key, &pkt, entry.flags & NAT_SNAT != 0);
+    if let Some(tracked) = conntrack::lookup_mut(&key) {
+        // SAFETY: a live map value, copied before the packet is noted in it.
+        let entry = unsafe { *tracked };
+        conntrack::note_packet(&key, &pkt, tracked, &entry);
         if entry.flags & NAT_REPLY != 0 {
             return reverse_translate(ctx, &pkt, &entry);
         }

@@ -52,6 +52,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// The cgroup the socket-level balancer is attached to; none: TC only.
     pub socket_lb: Option<PathBuf>,
+    /// How often expired flows are swept from the flow table.
+    pub flow_sweep_interval: Duration,
 }
 
 fn matches(patterns: &[String], iface: &str) -> bool {
@@ -222,6 +224,8 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
+    spawn_flow_sweeper(&config, telemetry.clone())?;
+
     let mut sync = SyncLoop {
         maps,
         flows,
@@ -277,6 +281,32 @@ struct SyncLoop {
     snat_addr: Option<Option<Ipv4Addr>>,
     /// New flows dropped for want of a NAT port, as last reported.
     nat_exhausted: u64,
+}
+
+/// Sweeps expired flows from the flow table every `flow_sweep_interval`,
+/// on a thread of its own: a full table takes a while to read, and syncs
+/// must not wait for it.
+fn spawn_flow_sweeper(config: &Config, telemetry: Arc<Telemetry>) -> Result<()> {
+    let mut flows = FlowMaps::open(&config.pin_dir)?;
+    let interval = config.flow_sweep_interval;
+    std::thread::Builder::new()
+        .name("flow-sweeper".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            match flows.sweep(crate::dataplane::monotonic_secs()) {
+                Ok(report) => {
+                    let metrics = &telemetry.metrics;
+                    metrics.flow_entries.set(report.entries as i64);
+                    metrics.flows_expired.inc_by(report.removed as u64);
+                    if report.removed > 0 || report.stamped > 0 {
+                        tracing::debug!(?report, "flow table swept");
+                    }
+                }
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping the flow table"),
+            }
+        })
+        .context("starting the flow sweeper")?;
+    Ok(())
 }
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);

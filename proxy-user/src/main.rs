@@ -69,6 +69,11 @@ enum Command {
         /// waited twice this long).
         #[arg(long, default_value_t = 120)]
         sync_period_s: u64,
+        /// How often flows past their timeout (TCP closed: 10 s, never
+        /// answered: 60 s, idle: 5 days; UDP: 30 s, streams 120 s) are
+        /// swept from the flow table, in seconds.
+        #[arg(long, default_value_t = 10)]
+        flow_sweep_interval_s: u64,
         /// Where /healthz (and /metrics) are served; "" to disable.
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: String,
@@ -147,6 +152,7 @@ fn main() -> Result<()> {
             poll_ms,
             min_sync_interval_ms,
             sync_period_s,
+            flow_sweep_interval_s,
             healthz_bind_address,
             metrics_bind_address,
             socket_lb_cgroup,
@@ -173,6 +179,7 @@ fn main() -> Result<()> {
                 node_port_range: port_range(&service_node_port_range)?,
                 min_sync_interval: Duration::from_millis(min_sync_interval_ms),
                 sync_period: Duration::from_secs(sync_period_s.max(1)),
+                flow_sweep_interval: Duration::from_secs(flow_sweep_interval_s.max(1)),
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
                 metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
                 socket_lb: match (no_socket_lb, socket_lb_cgroup) {

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub ignored_slices: Family<Labels, Gauge>,
     pub unsupported_ports: Family<Labels, Gauge>,
     pub watch_errors: Family<Labels, Counter>,
+    pub flow_entries: Gauge,
+    pub flows_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,8 @@ impl Default for Metrics {
             ignored_slices: Family::default(),
             unsupported_ports: Family::default(),
             watch_errors: Family::default(),
+            flow_entries: Gauge::default(),
+            flows_expired: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +119,16 @@ impl Default for Metrics {
             "kpr_watch_errors",
             "Failed lists and watches of the API server, by resource",
             m.watch_errors.clone(),
+        );
+        registry.register(
+            "kpr_conntrack_entries",
+            "Entries in the flow table (two per flow) after the last sweep",
+            m.flow_entries.clone(),
+        );
+        registry.register(
+            "kpr_conntrack_expired_entries",
+            "Flow table entries removed by the sweep because their flow expired",
+            m.flows_expired.clone(),
         );
         Metrics { registry, ..m }
     }

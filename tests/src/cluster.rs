@@ -426,7 +426,14 @@ impl Cluster {
             command.arg("--socket-lb-cgroup").arg(&node.cgroup.path);
         }
         if self.test_timings {
-            command.args(["--min-sync-interval-ms", "20", "--sync-period-s", "5"]);
+            command.args([
+                "--min-sync-interval-ms",
+                "20",
+                "--sync-period-s",
+                "5",
+                "--flow-sweep-interval-s",
+                "1",
+            ]);
         }
         if self.api.is_some() {
             command.arg("--kubeconfig").arg(&self.kubeconfig);

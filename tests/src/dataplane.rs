@@ -123,13 +123,7 @@ impl Loaded {
     }
 }
 
-/// The kernel's coarse monotonic clock, in seconds, as the data path reads it.
-pub fn monotonic_secs() -> u32 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
-}
+pub use proxy_user::dataplane::monotonic_secs;
 
 /// Makes every NAT port towards `backend` (TCP) from `node` look held by
 /// another flow (source-NATed when `nated`, else one that kept its own

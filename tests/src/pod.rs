@@ -161,6 +161,10 @@ impl Datagrams {
         Ok(Datagrams(socket))
     }
 
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("bound")
+    }
+
     pub fn request(&self, to: SocketAddr) -> Result<Reply> {
         self.0.send_to(b"hello\n", to)?;
         let mut buf = [0u8; 512];

@@ -1,19 +1,20 @@
 //! ClusterIP traffic through the real dataplane, from pods of a namespace
 //! cluster, asserted on what real clients receive.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
 };
 
 use kpr_testbed::{
     cluster::POD_PORT,
+    dataplane::monotonic_secs,
     manifests::{ready, service_with_endpoints, tcp, udp},
     netns::Netns,
     pod::{connect, Conn, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
-use proxy_user::dataplane::maps::read_stats;
+use proxy_common::{addr_to_map, FlowKey, NatEntry, IPPROTO_TCP, IPPROTO_UDP, SEEN_FIN};
+use proxy_user::dataplane::maps::{read_stats, FlowMaps};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -387,4 +388,71 @@ fn connections_reusing_closed_tuples_are_balanced_afresh() {
             "{pod} got {share} of 200 after the scale-up: {after:?}"
         );
     }
+}
+
+/// The daemon sweeps the flow table: a closed connection's entries and an
+/// answered UDP query's go once their timeouts have passed (simulated by
+/// ageing every entry of the client by an hour), while an open connection
+/// idle as long stays, and keeps working.
+#[test]
+fn the_daemon_sweeps_expired_flows_and_keeps_open_connections() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let mut open = connect(&client.ns, vip(80)).unwrap();
+    let pod = open.request().unwrap().pod;
+    let mut closed = connect(&client.ns, vip(80)).unwrap();
+    closed.request().unwrap();
+    let closed_port = closed.local_addr().port();
+    drop(closed);
+    let query = Datagrams::open(&client.ns).unwrap();
+    query.request(vip(53)).unwrap();
+    let query_port = query.local_addr().port();
+
+    let client_ip = addr_to_map(client.ip);
+    let ports_of_client = |flows: &FlowMaps| -> Vec<(u16, FlowKey, NatEntry)> {
+        flows
+            .entries()
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, e)| match (k.src_addr == client_ip, k.dst_addr == client_ip) {
+                (true, _) => Some((u16::from_be(k.src_port), k, e)),
+                (_, true) => Some((u16::from_be(k.dst_port), k, e)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut flows = FlowMaps::open(&cluster.pin_dir).unwrap();
+    // The closed connection's FINs have been seen both ways.
+    cluster
+        .wait_until("the closed connection's FINs", || {
+            Ok(ports_of_client(&flows)
+                .iter()
+                .filter(|(port, _, e)| *port == closed_port && e.seen & SEEN_FIN != 0)
+                .count()
+                == 2)
+        })
+        .unwrap();
+    let hour_ago = monotonic_secs() - 3600;
+    for (_, key, entry) in ports_of_client(&flows) {
+        if entry.last_seen != 0 {
+            flows
+                .insert(
+                    &key,
+                    &NatEntry {
+                        last_seen: hour_ago,
+                        ..entry
+                    },
+                )
+                .unwrap();
+        }
+    }
+    let open_port = open.local_addr().port();
+    cluster
+        .wait_until("the sweep", || {
+            let ports: BTreeSet<u16> = ports_of_client(&flows).iter().map(|(p, _, _)| *p).collect();
+            anyhow::ensure!(ports.contains(&open_port), "the open connection's flow was swept");
+            Ok(!ports.contains(&closed_port) && !ports.contains(&query_port))
+        })
+        .unwrap();
+    assert_eq!(open.request().unwrap().pod, pod, "the open connection kept its backend");
 }

@@ -16,7 +16,7 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    Stat, NAT_PORT_MAX, NAT_PORT_MIN, NAT_TCP_CLOSED_SECS, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
+    Stat, FLOW_TCP_CLOSED_SECS, NAT_PORT_MAX, NAT_PORT_MIN, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
 };
 use proxy_user::model::{
     objects::{Cidr, ObjectName, Protocol},
@@ -358,7 +358,7 @@ fn running_out_of_nat_ports_is_counted_and_dropped() {
 fn the_nat_port_of_a_flow_that_ended_is_taken_over() {
     let node = Node::new();
     // Reset, and quiet for longer than the grace period.
-    hold_every_nat_port(&node, monotonic_secs() - NAT_TCP_CLOSED_SECS - 1, SEEN_RST);
+    hold_every_nat_port(&node, monotonic_secs() - FLOW_TCP_CLOSED_SECS - 1, SEEN_RST);
     let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
     let (verdict, out) = node.run(TC_EXTERNAL_PROGRAM, &syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);

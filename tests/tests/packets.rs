@@ -7,12 +7,16 @@ use std::{
 };
 
 use kpr_testbed::{
-    dataplane::{Loaded, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    dataplane::{monotonic_secs, Loaded, TC_ACT_SHOT, TC_ACT_UNSPEC},
     packet::{
-        self, checksum, ethernet, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        self, checksum, ethernet, flow_key, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
     },
 };
-use proxy_common::{Stat, TC_PROGRAM};
+use proxy_common::{
+    NatEntry, Stat, FLOW_TCP_CLOSED_SECS, FLOW_TCP_IDLE_SECS, FLOW_TCP_UNREPLIED_SECS, FLOW_UDP_SECS,
+    FLOW_UDP_STREAM_SECS, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY, TC_PROGRAM,
+};
 use proxy_user::{
     dataplane::maps::{FlowMaps, ServiceMaps},
     model::{
@@ -390,15 +394,9 @@ fn a_syn_reusing_a_tracked_tuple_restores_a_lost_reply_entry() {
     let (ip, port) = backend_of(&dp.run(&syn.frame()).unwrap().frame);
     // The LRU evicted the reply side only (simulated).
     let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
-    let reply_key = proxy_common::FlowKey {
-        src_addr: proxy_common::addr_to_map(ip),
-        dst_addr: proxy_common::addr_to_map(CLIENT),
-        src_port: port.to_be(),
-        dst_port: 45000u16.to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    };
-    assert!(flows.remove(&reply_key).unwrap());
+    assert!(flows
+        .remove(&flow_key((ip, port), (CLIENT, 45000), IPPROTO_TCP))
+        .unwrap());
     // A new connection on the same tuple (port reuse, or the SYN retransmitted).
     let out = dp.run(&syn.frame()).unwrap();
     assert_eq!(backend_of(&out.frame), (ip, port));
@@ -746,4 +744,164 @@ fn two_flows_never_share_a_translated_tuple() {
         &restored,
         Stat::Reply,
     );
+}
+
+/// Waits for the data path's clock (whole seconds) to move on.
+fn next_second() {
+    let now = monotonic_secs();
+    while monotonic_secs() == now {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A flow whose entry for one direction was lost (evicted) gets it back
+/// from the other direction's next packet in a later second: a UDP flow's
+/// answers are translated again; a TCP connection's packets reach the same
+/// backend instead of being dropped.
+#[test]
+fn a_flow_that_lost_one_direction_heals_within_a_second() {
+    let dp = loaded();
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
+
+    let query = packet::udp((CLIENT, 5300), (VIP, 53));
+    let backend = backend_of(&dp.run(&query.frame()).unwrap().frame);
+    assert!(flows.remove(&flow_key(backend, (CLIENT, 5300), IPPROTO_UDP)).unwrap());
+    next_second();
+    let translated = query.clone().with_dst(backend).frame();
+    expect(
+        &dp,
+        "the next query",
+        &query.frame(),
+        TC_ACT_UNSPEC,
+        &translated,
+        Stat::Established,
+    );
+    expect_reverse_nat(&dp, "its answer", packet::udp(backend, (CLIENT, 5300)), (VIP, 53));
+
+    let syn = packet::tcp((CLIENT, 45100), (VIP, 80), TCP_SYN);
+    let backend = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    assert!(flows
+        .remove(&flow_key((CLIENT, 45100), (VIP, 80), IPPROTO_TCP))
+        .unwrap());
+    next_second();
+    let answer = packet::tcp(backend, (CLIENT, 45100), TCP_SYN | TCP_ACK);
+    expect_reverse_nat(&dp, "the backend's next packet", answer, (VIP, 80));
+    let ack = packet::tcp((CLIENT, 45100), (VIP, 80), TCP_ACK);
+    let translated = ack.clone().with_dst(backend).frame();
+    expect(
+        &dp,
+        "the client's next packet",
+        &ack.frame(),
+        TC_ACT_UNSPEC,
+        &translated,
+        Stat::Established,
+    );
+}
+
+/// Client ports of the flows in the table, each with both its entries.
+fn tracked_client_ports(flows: &FlowMaps) -> BTreeSet<u16> {
+    let mut entries: BTreeMap<u16, usize> = BTreeMap::new();
+    for (key, entry) in flows.entries().unwrap() {
+        let port = if entry.flags & NAT_REPLY != 0 {
+            key.dst_port
+        } else {
+            key.src_port
+        };
+        *entries.entry(u16::from_be(port)).or_default() += 1;
+    }
+    for (port, n) in &entries {
+        assert_eq!(*n, 2, "flow from port {port}: both directions or neither");
+    }
+    entries.into_keys().collect()
+}
+
+/// Runs a TCP exchange: `(from the client, flags)` per packet.
+fn tcp_exchange(dp: &Loaded, port: u16, packets: &[(bool, u8)]) {
+    let syn = packet::tcp((CLIENT, port), (VIP, 80), TCP_SYN);
+    let backend = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    for &(from_client, flags) in packets {
+        let frame = if from_client {
+            packet::tcp((CLIENT, port), (VIP, 80), flags).frame()
+        } else {
+            packet::tcp(backend, (CLIENT, port), flags).frame()
+        };
+        dp.run(&frame).unwrap();
+    }
+}
+
+/// Runs UDP queries from `port`, each answered, `seconds` apart (0: one).
+fn udp_exchanges(dp: &Loaded, port: u16, seconds: usize) {
+    for i in 0..=seconds {
+        if i > 0 {
+            next_second();
+        }
+        let query = packet::udp((CLIENT, port), (VIP, 53));
+        let backend = backend_of(&dp.run(&query.frame()).unwrap().frame);
+        dp.run(&packet::udp(backend, (CLIENT, port)).frame()).unwrap();
+    }
+}
+
+/// The daemon's sweep, judged at later and later times: each kind of flow
+/// goes when its timeout has passed, both directions together, and not
+/// before.
+#[test]
+fn the_sweep_removes_each_flow_when_its_timeout_has_passed() {
+    let dp = loaded();
+    let (open, reset, finished, unanswered, exchange, stream) = (46001, 46002, 46003, 46004, 5301, 5302);
+    tcp_exchange(&dp, open, &[(false, TCP_SYN | TCP_ACK), (true, TCP_ACK)]);
+    tcp_exchange(&dp, reset, &[(false, TCP_SYN | TCP_ACK), (true, TCP_RST)]);
+    tcp_exchange(
+        &dp,
+        finished,
+        &[
+            (false, TCP_SYN | TCP_ACK),
+            (true, TCP_FIN | TCP_ACK),
+            (false, TCP_FIN | TCP_ACK),
+            (true, TCP_ACK),
+        ],
+    );
+    tcp_exchange(&dp, unanswered, &[]);
+    udp_exchanges(&dp, exchange, 0);
+    udp_exchanges(&dp, stream, 1);
+    let now = monotonic_secs();
+
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
+    let mut left: BTreeSet<u16> = [open, reset, finished, unanswered, exchange, stream].into();
+    assert_eq!(tracked_client_ports(&flows), left);
+    let steps = [
+        (0, vec![]),
+        (FLOW_TCP_CLOSED_SECS, vec![reset, finished]),
+        (FLOW_UDP_SECS, vec![exchange]),
+        (FLOW_TCP_UNREPLIED_SECS, vec![unanswered]),
+        (FLOW_UDP_STREAM_SECS, vec![stream]),
+        (FLOW_TCP_IDLE_SECS, vec![open]),
+    ];
+    for (after, gone) in steps {
+        let report = flows.sweep(now + after).unwrap();
+        for port in &gone {
+            left.remove(port);
+        }
+        assert_eq!(tracked_client_ports(&flows), left, "{after} s later");
+        assert_eq!(report.removed, 2 * gone.len(), "{after} s later: entries removed");
+        assert_eq!(report.entries, 2 * left.len(), "{after} s later: entries left");
+    }
+}
+
+/// Flows recorded by a version that kept no times are not taken for
+/// expired: the sweep gives them the time it runs at, and judges them from
+/// there.
+#[test]
+fn the_sweep_gives_flows_without_times_one() {
+    let dp = loaded();
+    tcp_exchange(&dp, 46010, &[(false, TCP_SYN | TCP_ACK), (true, TCP_ACK)]);
+    let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
+    for (key, entry) in flows.entries().unwrap() {
+        flows.insert(&key, &NatEntry { last_seen: 0, ..entry }).unwrap();
+    }
+    let later = monotonic_secs() + FLOW_TCP_IDLE_SECS;
+    let report = flows.sweep(later).unwrap();
+    assert_eq!((report.removed, report.stamped), (0, 2));
+    assert!(flows.entries().unwrap().iter().all(|(_, e)| e.last_seen == later));
+    let report = flows.sweep(later + FLOW_TCP_IDLE_SECS).unwrap();
+    assert_eq!((report.removed, report.entries), (2, 0));
 }

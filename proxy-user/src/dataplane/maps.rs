@@ -336,6 +336,20 @@ pub fn read_stats(pin_dir: &Path) -> Result<Vec<(Stat, u64)>> {
         .collect()
 }
 
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+const SWEEP_BATCH: usize = 4096;
+
+/// What one sweep of the flow table did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries left in the table.
+    pub entries: usize,
+    /// Entries of expired flows removed.
+    pub removed: usize,
+    /// Entries recorded without a time, given one.
+    pub stamped: usize,
+}
+
 /// CONNTRACK, RR_CURSORS and AFFINITY: the data path's own per-flow and
 /// per-service state.
 pub struct FlowMaps {
@@ -370,6 +384,46 @@ impl FlowMaps {
 
     pub fn entries(&self) -> Result<Vec<(FlowKey, NatEntry)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Removes the flows that have expired by `now` (seconds of the
+    /// monotonic clock; see `sweep`), and gives a time to flows recorded
+    /// without one. The table is read in batches; an entry the data path
+    /// changed since (a packet, a new flow on the tuple) is left for the
+    /// next sweep.
+    pub fn sweep(&mut self, now: u32) -> Result<SweepReport> {
+        let entries: std::collections::HashMap<FlowKey, NatEntry> =
+            sys::lookup_batch::<FlowKey, NatEntry>(self.conntrack.map().fd(), SWEEP_BATCH)
+                .context("reading CONNTRACK")?
+                .into_iter()
+                .collect();
+        let judgement = super::sweep::judge(&entries, now);
+        let unchanged = |maps: &Self, key: &FlowKey| maps.conntrack.get(key, 0).ok() == entries.get(key).copied();
+        let mut stamped = 0;
+        for key in &judgement.untimed {
+            if !unchanged(self, key) {
+                continue;
+            }
+            let entry = NatEntry {
+                last_seen: now,
+                ..entries[key]
+            };
+            // BPF_EXIST: only while it is still there.
+            if self.conntrack.insert(key, entry, 2).is_ok() {
+                stamped += 1;
+            }
+        }
+        let expired: Vec<FlowKey> = judgement
+            .expired
+            .into_iter()
+            .filter(|key| unchanged(self, key))
+            .collect();
+        let removed = sys::delete_batch(self.conntrack.map().fd(), &expired).context("removing expired flows")?;
+        Ok(SweepReport {
+            entries: entries.len() - removed,
+            removed,
+            stamped,
+        })
     }
 
     /// The remembered choices of ClientIP affinity.

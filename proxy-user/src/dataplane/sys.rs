@@ -11,7 +11,9 @@ use std::{
 };
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -132,6 +134,68 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
         .map(drop)
         .map_err(|e| (attr.count as usize, e))
+}
+
+/// Every entry of a hash map, `chunk` per `BPF_MAP_LOOKUP_BATCH` call
+/// instead of two syscalls per entry. Entries added or removed meanwhile may
+/// or may not be in it, as with any walk of a live map.
+pub fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &impl AsFd,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut entries = Vec::new();
+    // The kernel's position in the map (a bucket index for hash maps).
+    let (mut position, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &mut position as *mut u64 as u64 },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        entries.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+        match result {
+            Ok(_) => {}
+            // The end of the map.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(e) => return Err(e),
+        }
+        position = next;
+        first = false;
+    }
+}
+
+/// Removes `keys` in as few `BPF_MAP_DELETE_BATCH` calls as it can (the
+/// kernel stops at a key already gone, which is skipped); returns how many
+/// were removed.
+pub fn delete_batch<K: aya::Pod>(map: &impl AsFd, keys: &[K]) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = attr.count as usize;
+        removed += done;
+        match result {
+            Ok(_) => return Ok(removed),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// The values of a `BPF_F_MMAPABLE` array of `u64`, shared with the data
