@@ -13,6 +13,14 @@ pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum `check` after a 16-bit field it covers changes from `old`
+/// to `new`.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    !fold(sum)
+}
+
 /// The Internet checksum of data given as 32-bit values (the packet's bytes
 /// loaded in the machine's order), for headers the data path writes whole.
 /// At most a few dozen values: two folds absorb their carries.
@@ -115,6 +123,21 @@ mod tests {
                 [expected[10], expected[11]],
                 "{src:?} -> {dst:?} rewritten to {new_dst:?}"
             );
+        }
+    }
+
+    #[test]
+    fn rewriting_a_16_bit_field_matches_a_full_recompute() {
+        for (old, new) in [(1u16, 0xffff), (0x1234, 0x4321), (0, 0), (0xffff, 0), (80, 8080)] {
+            let before = header([10, 1, 2, 3], [10, 96, 0, 1], 64, old);
+            let expected = header([10, 1, 2, 3], [10, 96, 0, 1], 64, new);
+            let check = u16::from_ne_bytes([before[10], before[11]]);
+            let updated = replace2(
+                check,
+                u16::from_ne_bytes([before[4], before[5]]),
+                u16::from_ne_bytes([expected[4], expected[5]]),
+            );
+            assert_eq!(updated.to_ne_bytes(), [expected[10], expected[11]], "id {old} -> {new}");
         }
     }
 

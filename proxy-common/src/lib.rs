@@ -20,6 +20,7 @@ pub mod map_name {
     pub const STATS: &str = "STATS";
     pub const FILTER: &str = "FILTER";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const AFFINITY: &str = "AFFINITY";
     pub const NODE: &str = "NODE";
@@ -119,6 +120,7 @@ pub fn filter_bits(addr: u32, port: u16, proto: u8) -> [u32; 2] {
     ]
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -445,6 +447,32 @@ impl NatEntry {
     }
 }
 
+/// Datagrams whose first fragment was translated, for their later
+/// fragments (which carry no ports) to follow it; least recent evicted.
+pub const MAX_FRAGMENTS: u32 = 8_192;
+
+/// Key of `FRAGMENTS`: what identifies a datagram's fragments (RFC 791),
+/// as they arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// The IPv4 identification, network order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the ports the first fragment carried (network
+/// order), which find the datagram's flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
 /// Data of a `SOURCE_RANGES` key (an LPM trie): the service id, matched
 /// whole, then the client address, matched by the range's prefix. The
 /// prefix length counts both: 32 + the range's.
@@ -523,7 +551,8 @@ pub enum Stat {
     NoMatch = 3,
     /// Not IPv4 (ARP, IPv6, ...): passed untouched.
     NotIpv4 = 4,
-    /// An IPv4 fragment: passed untouched (no L4 header to translate by).
+    /// A later fragment (no L4 header) of no datagram this program
+    /// translated, or whose first fragment it has not seen: passed untouched.
     Fragment = 5,
     /// Headers shorter than they claim: passed untouched for the kernel to drop.
     Truncated = 6,
@@ -553,10 +582,17 @@ pub enum Stat {
     /// entry lost): dropped, never sent to a backend chosen anew, which
     /// could only reset the connection.
     NoFlow = 16,
+    /// An ICMP error about a tracked flow (port unreachable, fragmentation
+    /// needed, time exceeded, parameter problem): translated as the flow's
+    /// packets are, the packet it quotes included.
+    IcmpError = 17,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
+    /// Slots of the `STATS` array: room for stats to come, so that adding
+    /// one does not change the pinned map's layout.
+    pub const CAPACITY: u32 = 32;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NewFlow,
         Stat::Established,
@@ -575,6 +611,7 @@ impl Stat {
         Stat::Rejected,
         Stat::SocketRejected,
         Stat::NoFlow,
+        Stat::IcmpError,
     ];
 
     /// Whether the stat counts connections made through the socket-level
@@ -602,6 +639,7 @@ impl Stat {
             Stat::Rejected => "rejected",
             Stat::SocketRejected => "socket_rejected",
             Stat::NoFlow => "no_flow",
+            Stat::IcmpError => "icmp_error",
         }
     }
 }
@@ -622,6 +660,8 @@ mod pod {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 #[cfg(test)]

@@ -4,8 +4,11 @@
 //! Stages, as in Cilium's lb.h and nodeport.h: parse -> conntrack -> lookup
 //! service -> source ranges -> select backend -> source NAT (port
 //! allocation) -> translate (or reverse-translate a reply) -> forward by
-//! the FIB where the stack must not see the packet. Three entry points, one
-//! per origin of the packets they see, share every stage.
+//! the FIB where the stack must not see the packet. Beside them: ICMP
+//! errors about tracked flows translated back (`icmp`), later fragments of a
+//! translated datagram following its first (`fragments`), and REJECT
+//! (`reject`). Three entry points, one per origin of the packets they see,
+//! share every stage.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -13,6 +16,8 @@
 
 mod clock;
 mod conntrack;
+mod fragments;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -26,14 +31,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, SVC_EXTERNAL_LOCAL, SVC_REJECT,
-    SVC_SOURCE_RANGES,
+    FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_ICMP, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, SVC_EXTERNAL_LOCAL,
+    SVC_REJECT, SVC_SOURCE_RANGES,
 };
 
 use crate::{
     conntrack::{Flow, NatError},
     nat::Endpoint,
-    parse::{Packet, ParseError, MAX_HEADERS},
+    parse::{Fragment, Packet, ParseError, MAX_HEADERS},
 };
 
 /// Where the packets a program sees come from (its attachment).
@@ -46,18 +51,64 @@ mod origin {
     pub const HOST: u8 = 2;
 }
 
-/// What became of a packet: every packet is counted under exactly one stat.
-enum Verdict {
+/// What became of a packet: every packet is counted under exactly one
+/// stat, and leaves with a TC action, or by the FIB.
+///
+/// A struct whose every field is always set, not an enum with payloads:
+/// LLVM leaves the fields a variant lacks undefined, and may then spill and
+/// reload such a value on the way to the join, which the verifier rejects
+/// as a read of an uninitialised register.
+struct Verdict {
+    stat: Stat,
+    /// The TC action, or `BY_FIB`.
+    action: i32,
+    /// With `BY_FIB`: the addresses the FIB lookup is for.
+    src: u32,
+    dst: u32,
+}
+
+/// Not a TC action: the packet is sent out by `nat::forward_by_fib`.
+const BY_FIB: i32 = i32::MIN;
+
+impl Verdict {
+    fn with(stat: Stat, action: i32) -> Self {
+        Verdict {
+            stat,
+            action,
+            src: 0,
+            dst: 0,
+        }
+    }
+
     /// Translated; on to the next program on the hook, then the stack.
-    Translated(Stat),
+    fn translated(stat: Stat) -> Self {
+        Self::with(stat, TC_ACT_UNSPEC)
+    }
+
     /// Translated, to be sent out by the FIB (new source `src`, new
     /// destination `dst`), bypassing the stack.
-    Redirected(Stat, u32, u32),
+    fn redirected(stat: Stat, src: u32, dst: u32) -> Self {
+        Verdict {
+            stat,
+            action: BY_FIB,
+            src,
+            dst,
+        }
+    }
+
     /// Turned into an answer to its sender, sent with this action.
-    Answered(Stat, i32),
+    fn answered(stat: Stat, action: i32) -> Self {
+        Self::with(stat, action)
+    }
+
     /// Not ours: left untouched for whatever comes next on the hook.
-    Untouched(Stat),
-    Drop(Stat),
+    fn untouched(stat: Stat) -> Self {
+        Self::with(stat, TC_ACT_UNSPEC)
+    }
+
+    fn drop(stat: Stat) -> Self {
+        Self::with(stat, TC_ACT_SHOT as i32)
+    }
 }
 
 /// Ingress of the node's pod-facing interfaces: traffic from inside.
@@ -84,14 +135,13 @@ fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
     // A translated packet goes on through the hook (TC_ACT_UNSPEC: the next
     // program, a CNI's network policy say, still sees it; with none, it
     // passes), as an untouched one does.
-    let (stat, action) = match process::<ORIGIN>(ctx) {
-        Verdict::Translated(s) => (s, TC_ACT_UNSPEC),
-        Verdict::Redirected(s, src, dst) => (s, nat::forward_by_fib(ctx, src, dst)),
-        Verdict::Answered(s, action) => (s, action),
-        Verdict::Untouched(s) => (s, TC_ACT_UNSPEC),
-        Verdict::Drop(s) => (s, TC_ACT_SHOT as i32),
+    let verdict = process::<ORIGIN>(ctx);
+    let action = if verdict.action == BY_FIB {
+        nat::forward_by_fib(ctx, verdict.src, verdict.dst)
+    } else {
+        verdict.action
     };
-    maps::count(stat);
+    maps::count(verdict.stat);
     action
 }
 
@@ -104,13 +154,18 @@ pub fn kpr_noop(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
-    let pkt = match parse_packet(ctx) {
+    let mut pkt = match parse_packet(ctx) {
         Ok(pkt) => pkt,
-        Err(ParseError::NotIpv4) => return Verdict::Untouched(Stat::NotIpv4),
-        Err(ParseError::Fragment) => return Verdict::Untouched(Stat::Fragment),
-        Err(ParseError::Truncated) => return Verdict::Untouched(Stat::Truncated),
-        Err(ParseError::OtherProtocol) => return Verdict::Untouched(Stat::NoMatch),
+        Err(ParseError::NotIpv4) => return Verdict::untouched(Stat::NotIpv4),
+        Err(ParseError::Truncated) => return Verdict::untouched(Stat::Truncated),
+        Err(ParseError::OtherProtocol) => return Verdict::untouched(Stat::NoMatch),
     };
+    if pkt.proto == IPPROTO_ICMP {
+        return icmp_error::<ORIGIN>(ctx, &pkt);
+    }
+    if pkt.fragment == Fragment::Later {
+        return later_fragment::<ORIGIN>(ctx, &mut pkt);
+    }
 
     // Nothing addressed to a service, nothing from a backend, and no new
     // connection to a backend (which may need stale state cleared): not ours,
@@ -118,7 +173,7 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
     let to_service = maps::may_be_frontend(pkt.dst, pkt.dport, pkt.proto);
     let from_backend = maps::may_be_backend(pkt.src, pkt.sport, pkt.proto);
     if !to_service && !from_backend && !(pkt.may_open_flow() && maps::may_be_backend(pkt.dst, pkt.dport, pkt.proto)) {
-        return Verdict::Untouched(Stat::NoMatch);
+        return Verdict::untouched(Stat::NoMatch);
     }
 
     let key = pkt.flow_key();
@@ -159,9 +214,45 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
         if pkt.may_open_flow() && ORIGIN != origin::HOST {
             conntrack::forget_stale_flow(&pkt);
         }
-        return Verdict::Untouched(Stat::NoMatch);
+        return Verdict::untouched(Stat::NoMatch);
     };
     open_flow::<ORIGIN>(ctx, &pkt, &svc)
+}
+
+/// A fragment after the first of a datagram: it follows the first one's
+/// translation, if that one was translated; it never opens a flow (it has
+/// no L4 header to choose by).
+#[inline(always)]
+fn later_fragment<const ORIGIN: u8>(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
+    if !fragments::follow_first(pkt) {
+        return Verdict::untouched(Stat::Fragment);
+    }
+    let Some(entry) = conntrack::lookup(&pkt.flow_key()) else {
+        return Verdict::untouched(Stat::Fragment);
+    };
+    if entry.flags & NAT_REPLY != 0 {
+        return reverse_translate(ctx, pkt, &entry);
+    }
+    translate::<ORIGIN>(ctx, pkt, &Flow::of_entry(pkt, &entry), Stat::Established)
+}
+
+/// An ICMP error: translated as a packet of the flow it is about, going
+/// the same way, would be.
+#[inline(always)]
+fn icmp_error<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet) -> Verdict {
+    let mut error = icmp::Translated::default();
+    match icmp::translate_error(ctx, pkt, &mut error) {
+        icmp::Outcome::Translated => {
+            let request = error.entry_flags & NAT_REPLY == 0;
+            if error.entry_flags & NAT_REDIRECT != 0 || (request && ORIGIN == origin::HOST) {
+                Verdict::redirected(Stat::IcmpError, error.src, error.dst)
+            } else {
+                Verdict::translated(Stat::IcmpError)
+            }
+        }
+        icmp::Outcome::NotOurs => Verdict::untouched(Stat::NoMatch),
+        icmp::Outcome::Failed => Verdict::drop(Stat::Error),
+    }
 }
 
 /// The first packet of a flow to a service: who may, which backend, whether
@@ -173,25 +264,25 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
     // to a connection whose entry is gone: a backend chosen now would not
     // know it and could only reset it.
     if pkt.proto == IPPROTO_TCP && !pkt.is_syn() {
-        return Verdict::Drop(Stat::NoFlow);
+        return Verdict::drop(Stat::NoFlow);
     }
     let from_outside = ORIGIN == origin::OUTSIDE;
     if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
-        return Verdict::Drop(Stat::SourceDenied);
+        return Verdict::drop(Stat::SourceDenied);
     }
     let Some((slot, backend)) = lb::select_backend(svc, from_outside, pkt.src as u64) else {
         // No endpoint anywhere: refused. An empty local-only set (a Local
         // traffic policy) is dropped, as kube-proxy does.
         if svc.flags & SVC_REJECT != 0 {
             return match reject::port_unreachable(ctx, pkt, ORIGIN == origin::HOST) {
-                Ok(action) => Verdict::Answered(Stat::Rejected, action),
-                Err(_) => Verdict::Drop(Stat::Error),
+                Ok(action) => Verdict::answered(Stat::Rejected, action),
+                Err(_) => Verdict::drop(Stat::Error),
             };
         }
         if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
-            return Verdict::Drop(Stat::NoLocalBackend);
+            return Verdict::drop(Stat::NoLocalBackend);
         }
-        return Verdict::Drop(Stat::NoBackend);
+        return Verdict::drop(Stat::NoBackend);
     };
     let mut flow = Flow {
         service_id: svc.id,
@@ -213,18 +304,18 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
     if needs_snat {
         flow.redirect_replies = true;
         let Some(node) = maps::snat_addr() else {
-            return Verdict::Drop(Stat::Error);
+            return Verdict::drop(Stat::Error);
         };
         match conntrack::create_nated(pkt, &mut flow, node) {
             Ok(()) => {}
-            Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
-            Err(NatError::Map) => return Verdict::Drop(Stat::Error),
+            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted),
+            Err(NatError::Map) => return Verdict::drop(Stat::Error),
         }
     } else {
         match conntrack::create_new(pkt, &mut flow) {
             Ok(()) => {}
-            Err(NatError::Exhausted) => return Verdict::Drop(Stat::NatExhausted),
-            Err(NatError::Map) => return Verdict::Drop(Stat::Error),
+            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted),
+            Err(NatError::Map) => return Verdict::drop(Stat::Error),
         }
     }
     translate::<ORIGIN>(ctx, pkt, &flow, Stat::NewFlow)
@@ -236,12 +327,15 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
 #[inline(always)]
 fn translate<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
     if nat::rewrite(ctx, pkt, flow.source, flow.backend).is_err() {
-        return Verdict::Drop(Stat::Error);
+        return Verdict::drop(Stat::Error);
+    }
+    if pkt.fragment == Fragment::First {
+        fragments::remember(pkt);
     }
     if ORIGIN == origin::HOST || flow.source_nated(pkt) {
-        return Verdict::Redirected(stat, flow.source.addr, flow.backend.addr);
+        return Verdict::redirected(stat, flow.source.addr, flow.backend.addr);
     }
-    Verdict::Translated(stat)
+    Verdict::translated(stat)
 }
 
 /// A backend's reply: from the address the client dialled, to the client.
@@ -250,12 +344,15 @@ fn reverse_translate(ctx: &TcContext, pkt: &Packet, entry: &NatEntry) -> Verdict
     let service = conntrack::rewritten_to(entry);
     let client = conntrack::other_end(entry, pkt.destination());
     if nat::rewrite(ctx, pkt, service, client).is_err() {
-        return Verdict::Drop(Stat::Error);
+        return Verdict::drop(Stat::Error);
+    }
+    if pkt.fragment == Fragment::First {
+        fragments::remember(pkt);
     }
     if entry.flags & NAT_REDIRECT != 0 {
-        return Verdict::Redirected(Stat::Reply, service.addr, client.addr);
+        return Verdict::redirected(Stat::Reply, service.addr, client.addr);
     }
-    Verdict::Translated(Stat::Reply)
+    Verdict::translated(Stat::Reply)
 }
 
 /// Parses the headers from the linear part of the skb; only when they run

@@ -8,9 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, NatEntry, NodeConfig, ServiceKey,
-    ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, MAX_AFFINITY,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCKET_PEERS, MAX_SOURCE_RANGES,
+    filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FragmentKey, FragmentPorts, NatEntry,
+    NodeConfig, ServiceKey, ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS,
+    FRONTEND_HALF, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_SERVICES, MAX_SOCKET_PEERS,
+    MAX_SOURCE_RANGES,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -37,6 +38,10 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CON
 #[map]
 pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
 
+/// The ports of datagrams whose first fragment was translated.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+
 /// ClientIP affinity: which backend each client of such a frontend got.
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
@@ -56,7 +61,7 @@ pub fn snat_addr() -> Option<u32> {
 }
 
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::CAPACITY, 0);
 
 /// Small enough to stay in cache, unlike the hash tables behind it.
 /// Mappable: the data path sets backend bits itself, so the daemon may only

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use proxy_common::{checksum, IPPROTO_UDP};
 
-use crate::parse::{self, Packet};
+use crate::parse::{self, Fragment, Packet};
 
 /// -EFAULT: the IPv4 header parsed before is no longer in the linear data
 /// (it cannot be; the verifier wants the check).
@@ -23,7 +23,7 @@ const AF_INET: u8 = 2;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 /// An address and port as the packet holds them (network order).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct Endpoint {
     pub addr: u32,
     pub port: u16,
@@ -49,10 +49,10 @@ impl Packet {
 /// packet holds them: one store writes the translated addresses and the
 /// header's new checksum together.
 #[repr(C, packed)]
-struct ChecksumAndAddresses {
-    check: u16,
-    src: u32,
-    dst: u32,
+pub struct ChecksumAndAddresses {
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
 }
 
 /// Gives the packet this source and destination. What stays the same costs
@@ -81,6 +81,11 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, src: Endpoint, dst: Endpoint) -> R
         },
         0,
     )?;
+    // A later fragment has no L4 header: its datagram's checksum was
+    // updated in the first fragment.
+    if pkt.fragment == Fragment::Later {
+        return Ok(());
+    }
     // A UDP checksum of zero means "none" and must stay zero.
     let mangled = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64

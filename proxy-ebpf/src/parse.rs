@@ -1,5 +1,5 @@
 //! Bounds-checked header access and the parse stage.
-use proxy_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{FlowKey, FragmentKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -18,13 +18,41 @@ const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// An IPv4 header without options, as the packet holds it (network order).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+pub struct Ipv4Header {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: u16,
+    pub id: u16,
+    pub frag: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
 /// Why a packet cannot be translated; each becomes a counted verdict.
 pub enum ParseError {
     NotIpv4,
-    Fragment,
     Truncated,
-    /// IPv4 but neither TCP nor UDP: services cannot match it.
+    /// IPv4 but neither TCP, UDP nor ICMP: services cannot match it.
     OtherProtocol,
+}
+
+/// Where a packet stands in its datagram's fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the L4 header, and later ones follow
+    /// its translation.
+    First,
+    /// A later fragment: no L4 header; its ports (0 as parsed) are the
+    /// first fragment's, if that one was seen.
+    Later,
 }
 
 /// What the later stages need of a TCP or UDP over IPv4 packet. Addresses and
@@ -37,6 +65,10 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// The IPv4 identification (network order): which datagram a fragment
+    /// belongs to.
+    pub ip_id: u16,
 }
 
 impl Packet {
@@ -52,6 +84,17 @@ impl Packet {
             dst_port: self.dport,
             proto: self.proto,
             _pad: [0; 3],
+        }
+    }
+
+    /// What identifies this packet's datagram among fragments.
+    pub fn fragment_key(&self) -> FragmentKey {
+        FragmentKey {
+            src_addr: self.src,
+            dst_addr: self.dst,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad: 0,
         }
     }
 
@@ -135,14 +178,36 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, ParseError> {
     if total_len < ihl {
         return Err(ParseError::Truncated);
     }
+    let ip_id = read::<u16>(data, data_end, ETH_HLEN + 4)?;
     let frag = u16::from_be(read::<u16>(data, data_end, ETH_HLEN + 6)?);
-    if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Err(ParseError::Fragment);
-    }
     let proto: u8 = read(data, data_end, ETH_HLEN + 9)?;
     let src = read(data, data_end, Packet::IP_SRC_OFF)?;
     let dst = read(data, data_end, Packet::IP_DST_OFF)?;
     let l4_off = ETH_HLEN + ihl;
+    let packet = |sport, dport, tcp_flags, fragment| Packet {
+        l4_off,
+        proto,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+        fragment,
+        ip_id,
+    };
+    let fragment = if frag & IP_OFFSET_MASK != 0 {
+        Fragment::Later
+    } else if frag & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::Whole
+    };
+    if fragment == Fragment::Later {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Err(ParseError::OtherProtocol);
+        }
+        return Ok(packet(0, 0, 0, fragment));
+    }
     // One pointer to the L4 header, checked once for its whole length: the
     // verifier tracks constant offsets from it, which it cannot do for
     // offsets recomputed from the (variable) IP header length.
@@ -162,15 +227,10 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, ParseError> {
             // SAFETY: [l4, l4 + UDP_HLEN) is inside the packet (checked above).
             unsafe { l4_ports(l4, 0) }
         }
+        // The ICMP stage reads what it needs itself; a fragmented ICMP
+        // message is nothing it translates.
+        IPPROTO_ICMP if fragment == Fragment::Whole => (0, 0, 0),
         _ => return Err(ParseError::OtherProtocol),
     };
-    Ok(Packet {
-        l4_off,
-        proto,
-        src,
-        dst,
-        sport,
-        dport,
-        tcp_flags,
-    })
+    Ok(packet(sport, dport, tcp_flags, fragment))
 }

@@ -15,14 +15,13 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use proxy_common::{checksum, IPPROTO_TCP};
+use proxy_common::{checksum, IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
     nat,
-    parse::{Packet, ETH_HLEN},
+    parse::{Ipv4Header, Packet, ETH_HLEN},
 };
 
-const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 /// The new IPv4 header and the ICMP header, inserted before the quote.
@@ -34,16 +33,7 @@ const QUOTED_TCP: usize = 20;
 /// The headers written in front of the quote, as the packet holds them.
 #[repr(C, packed)]
 struct Headers {
-    version_ihl: u8,
-    tos: u8,
-    total_len: u16,
-    id: u16,
-    frag: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    src: u32,
-    dst: u32,
+    ip: Ipv4Header,
     icmp_type: u8,
     icmp_code: u8,
     icmp_check: u16,
@@ -87,23 +77,22 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet, to_host: bool) -> Result<
     ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)?;
 
     let mut headers = Headers {
-        version_ihl: 0x45,
-        tos: 0,
-        total_len: ((ADDED + ihl + quoted) as u16).to_be(),
-        id: 0,
-        frag: 0,
-        ttl: 64,
-        proto: IPPROTO_ICMP,
-        check: 0,
-        src: pkt.dst,
-        dst: pkt.src,
+        ip: Ipv4Header {
+            version_ihl: 0x45,
+            total_len: ((ADDED + ihl + quoted) as u16).to_be(),
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            src: pkt.dst,
+            dst: pkt.src,
+            ..Default::default()
+        },
         icmp_type: ICMP_DEST_UNREACH,
         icmp_code: ICMP_PORT_UNREACH,
         icmp_check: 0,
         unused: 0,
     };
     let words = headers.words();
-    headers.check = checksum::of_words(&words[..5]);
+    headers.ip.check = checksum::of_words(&words[..5]);
     headers.icmp_check = checksum::of_words(&[words[5], words[6], l4[0], l4[1], l4[2], l4[3], l4[4]]);
     ctx.store(ETH_HLEN, &headers, 0)?;
 

@@ -242,6 +242,54 @@ pub fn port_unreachable(request: &Ipv4) -> Vec<u8> {
     frame
 }
 
+/// An ICMP error (`kind`: type and code; `rest`: the 4 bytes after the
+/// checksum, the next-hop MTU of a fragmentation needed) from `from` to
+/// `to` about `about`, quoting its first `quoted` bytes (header included;
+/// Linux quotes as much as fits in 576 bytes, RFC 792 asks for the header
+/// and 8 bytes).
+pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, kind: (u8, u8), rest: u32, about: &Ipv4, quoted: usize) -> Ipv4 {
+    let original = about.bytes();
+    let mut icmp = vec![kind.0, kind.1, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(&original[..quoted.min(original.len())]);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Ipv4 {
+        src: from,
+        dst: to,
+        frag: 0,
+        options: vec![],
+        l4: L4::Raw {
+            proto: 1,
+            payload: icmp,
+        },
+    }
+}
+
+pub const ICMP_PORT_UNREACHABLE: (u8, u8) = (3, 3);
+pub const ICMP_FRAGMENTATION_NEEDED: (u8, u8) = (3, 4);
+pub const ICMP_TTL_EXCEEDED: (u8, u8) = (11, 0);
+
+impl Ipv4 {
+    /// The datagram in two fragments, the first carrying `first` bytes of
+    /// its L4 part (a multiple of 8), the L4 checksum over the whole.
+    pub fn fragmented(&self, first: usize) -> [Ipv4; 2] {
+        assert!(first.is_multiple_of(8), "fragments split at 8-byte boundaries");
+        let l4 = self.l4_bytes();
+        let part = |payload: &[u8], frag: u16| Ipv4 {
+            src: self.src,
+            dst: self.dst,
+            frag,
+            options: self.options.clone(),
+            l4: L4::Raw {
+                proto: self.proto(),
+                payload: payload.to_vec(),
+            },
+        };
+        [part(&l4[..first], IP_MF), part(&l4[first..], (first / 8) as u16)]
+    }
+}
+
 /// Source and destination (address, port) of a TCP or UDP frame.
 pub fn endpoints_of(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     let ihl = (frame[14] & 0x0f) as usize * 4;

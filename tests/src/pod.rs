@@ -165,6 +165,11 @@ impl Datagrams {
         self.0.local_addr().expect("bound")
     }
 
+    /// The socket itself, for exchanges `request` does not make.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.0
+    }
+
     pub fn request(&self, to: SocketAddr) -> Result<Reply> {
         self.0.send_to(b"hello\n", to)?;
         let mut buf = [0u8; 512];

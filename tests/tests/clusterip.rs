@@ -456,3 +456,65 @@ fn the_daemon_sweeps_expired_flows_and_keeps_open_connections() {
         .unwrap();
     assert_eq!(open.request().unwrap().pod, pod, "the open connection kept its backend");
 }
+
+/// A backend's ICMP port unreachable about a translated datagram reaches
+/// the client's socket translated back (about the service it sent to), so
+/// a connected UDP socket learns at once that nothing listens there. Left
+/// untranslated, it would quote the backend's address, which the client's
+/// kernel matches to no socket: the client would wait for its timeout.
+#[test]
+fn a_udp_client_is_told_when_nothing_listens_behind_the_service() {
+    let cluster = web_cluster();
+    let silent = Ipv4Addr::new(10, 96, 0, 20);
+    let backend = cluster.pods[0].ip;
+    // Nothing listens on port 9 in the pods.
+    let yaml = service_with_endpoints("silent", silent, &[udp("dns", 53)], 9, &ready(&[backend]));
+    cluster.write_manifest("silent.yaml", &yaml).unwrap();
+    cluster
+        .wait_for_backends(
+            SocketAddr::from((silent, 53)),
+            IPPROTO_UDP,
+            &[SocketAddr::from((backend, 9))],
+        )
+        .unwrap();
+    let client = cluster.pod("client");
+    let datagrams = Datagrams::open(&client.ns).unwrap();
+    let socket = datagrams.socket();
+    socket.connect((silent, 53)).unwrap();
+    socket.send(b"anyone?").unwrap();
+    let error = socket.recv(&mut [0u8; 64]).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    let errors = read_stats(&cluster.pin_dir)
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| s.name() == "icmp_error")
+        .unwrap()
+        .1;
+    assert!(errors >= 1, "counted as a translated ICMP error");
+}
+
+/// A datagram larger than the pods' MTU leaves the client in fragments:
+/// the first carries the ports and is translated; the later ones follow
+/// it to the same backend, which reassembles the datagram and answers.
+#[test]
+fn a_fragmented_datagram_reaches_its_backend_whole() {
+    let cluster = web_cluster();
+    let client = cluster.pod("client");
+    let datagrams = Datagrams::open(&client.ns).unwrap();
+    let socket = datagrams.socket();
+    for i in 0..3 {
+        socket.send_to(&[b'x'; 4000], vip(53)).unwrap();
+        let mut answer = [0u8; 512];
+        let (n, from) = socket
+            .recv_from(&mut answer)
+            .unwrap_or_else(|e| panic!("datagram {i}: no answer: {e}"));
+        assert_eq!(from, vip(53), "answered by the service");
+        Reply::parse(&String::from_utf8_lossy(&answer[..n])).unwrap();
+    }
+    let stats: BTreeMap<&str, u64> = read_stats(&cluster.pin_dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, n)| (s.name(), n))
+        .collect();
+    assert_eq!(stats["fragment"], 0, "no fragment was left untranslated");
+}

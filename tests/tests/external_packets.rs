@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use kpr_testbed::{
     dataplane::{hold_nat_ports, monotonic_secs, Loaded, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     netns::Netns,
-    packet::{self, endpoints_of, hex, Ipv4, TCP_ACK, TCP_SYN},
+    packet::{self, endpoints_of, hex, icmp_error, Ipv4, ICMP_FRAGMENTATION_NEEDED, TCP_ACK, TCP_SYN},
     sh, unique_id,
 };
 use proxy_common::{
@@ -459,5 +459,29 @@ fn a_service_without_any_endpoint_answers_port_unreachable() {
         TC_ACT_REDIRECT,
         &answer,
         Stat::Rejected,
+    );
+}
+
+/// A router between this node and a remote backend cannot forward a
+/// source-NATed packet whole: its fragmentation needed comes to the node
+/// about the packet as the node sent it, and goes on to the client about
+/// the packet as the client sent it (path-MTU discovery keeps working
+/// through the NodePort), sent out by the FIB like the flow's replies.
+#[test]
+fn a_routers_fragmentation_needed_reaches_a_source_nated_client() {
+    let node = Node::new();
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    let syn = packet::tcp((CLIENT, 40100), (NODE, 30090), TCP_SYN);
+    let (_, out) = node.run(TC_EXTERNAL_PROGRAM, &syn);
+    let port = nat_port(&out);
+    let sent = syn.clone().with_src((NODE, port)).with_dst((REMOTE.ip, REMOTE.port));
+    let error = icmp_error(router, NODE, ICMP_FRAGMENTATION_NEEDED, 1400, &sent, 576);
+    let restored = icmp_error(router, CLIENT, ICMP_FRAGMENTATION_NEEDED, 1400, &syn, 576);
+    node.expect_outside(
+        "fragmentation needed",
+        &error,
+        TC_ACT_REDIRECT,
+        &restored,
+        Stat::IcmpError,
     );
 }

@@ -9,8 +9,8 @@ use std::{
 use kpr_testbed::{
     dataplane::{monotonic_secs, Loaded, TC_ACT_SHOT, TC_ACT_UNSPEC},
     packet::{
-        self, checksum, ethernet, flow_key, hex, Ipv4, ETH_P_ARP, ETH_P_IPV6, IP_MF, L4, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN,
+        self, checksum, ethernet, flow_key, hex, icmp_error, Ipv4, ETH_P_ARP, ETH_P_IPV6, ICMP_FRAGMENTATION_NEEDED,
+        ICMP_PORT_UNREACHABLE, ICMP_TTL_EXCEEDED, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
 };
 use proxy_common::{
@@ -213,8 +213,6 @@ fn fixtures_that_pass_untouched_or_drop() {
     let dp = loaded();
     let to_vip = packet::tcp((CLIENT, 42000), (VIP, 80), TCP_SYN);
 
-    let mut first_fragment = to_vip.clone();
-    first_fragment.frag = IP_MF;
     let mut later_fragment = packet::udp((CLIENT, 42001), (VIP, 53));
     later_fragment.frag = 185; // offset 1480 bytes
     let icmp = Ipv4 {
@@ -251,7 +249,20 @@ fn fixtures_that_pass_untouched_or_drop() {
             packet::udp((CLIENT, 42004), (VIP, 80)).frame(),
             Stat::NoMatch,
         ),
-        ("ICMP to a service address", icmp.frame(), Stat::NoMatch),
+        ("ICMP echo to a service address", icmp.frame(), Stat::NoMatch),
+        (
+            "ICMP error about no tracked flow",
+            packet::icmp_error(
+                OTHER,
+                CLIENT,
+                ICMP_PORT_UNREACHABLE,
+                0,
+                &packet::udp((CLIENT, 42006), (OTHER, 53)),
+                28,
+            )
+            .frame(),
+            Stat::NoMatch,
+        ),
         ("ARP", ethernet(ETH_P_ARP, &arp), Stat::NotIpv4),
         ("IPv6", ethernet(ETH_P_IPV6, &[0x60; 60]), Stat::NotIpv4),
         (
@@ -263,8 +274,11 @@ fn fixtures_that_pass_untouched_or_drop() {
             },
             Stat::NotIpv4,
         ),
-        ("first fragment", first_fragment.frame(), Stat::Fragment),
-        ("later fragment", later_fragment.frame(), Stat::Fragment),
+        (
+            "a later fragment whose first was not seen",
+            later_fragment.frame(),
+            Stat::Fragment,
+        ),
         // (An IPv4 frame with under 20 bytes of header cannot be fed in: the kernel's
         // BPF_PROG_TEST_RUN itself refuses to build such an skb.)
         (
@@ -904,4 +918,110 @@ fn the_sweep_gives_flows_without_times_one() {
     assert!(flows.entries().unwrap().iter().all(|(_, e)| e.last_seen == later));
     let report = flows.sweep(later + FLOW_TCP_IDLE_SECS).unwrap();
     assert_eq!((report.removed, report.entries), (2, 0));
+}
+
+/// A router on the way to the backends.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// ICMP errors about a translated flow reach the socket they are meant
+/// for translated like the flow's packets, the packet they quote included,
+/// every checksum recomputed by the builder: from the backend itself (its
+/// port unreachable comes from the service), from a router on the way
+/// (fragmentation needed, TTL exceeded: still from the router), and from
+/// the client about a reply (to the backend).
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    let dp = loaded();
+    let query = packet::udp((CLIENT, 5400), (VIP, 53));
+    let backend = backend_of(&dp.run(&query.frame()).unwrap().frame);
+    let sent = query.clone().with_dst(backend);
+    let expect_error = |name: &str, error: Ipv4, restored: Ipv4| {
+        expect(
+            &dp,
+            name,
+            &error.frame(),
+            TC_ACT_UNSPEC,
+            &restored.frame(),
+            Stat::IcmpError,
+        );
+    };
+    // The whole datagram quoted, as Linux does.
+    expect_error(
+        "the backend's port unreachable",
+        icmp_error(backend.0, CLIENT, ICMP_PORT_UNREACHABLE, 0, &sent, 576),
+        icmp_error(VIP, CLIENT, ICMP_PORT_UNREACHABLE, 0, &query, 576),
+    );
+    // The header and 8 bytes, as RFC 792 asks: the UDP checksum is in them.
+    expect_error(
+        "a router's TTL exceeded",
+        icmp_error(ROUTER, CLIENT, ICMP_TTL_EXCEEDED, 0, &sent, 28),
+        icmp_error(ROUTER, CLIENT, ICMP_TTL_EXCEEDED, 0, &query, 28),
+    );
+
+    let syn = packet::tcp((CLIENT, 45200), (VIP, 80), TCP_SYN);
+    let backend = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    let sent = syn.clone().with_dst(backend);
+    for quoted in [28, 576] {
+        expect_error(
+            &format!("a router's fragmentation needed, {quoted} bytes quoted"),
+            icmp_error(ROUTER, CLIENT, ICMP_FRAGMENTATION_NEEDED, 1400, &sent, quoted),
+            icmp_error(ROUTER, CLIENT, ICMP_FRAGMENTATION_NEEDED, 1400, &syn, quoted),
+        );
+    }
+
+    // The client's socket is gone when the backend's answer arrives: its
+    // port unreachable, about the answer as it saw it, goes to the backend
+    // about the answer as the backend sent it.
+    let query_backend = {
+        let q = packet::udp((CLIENT, 5401), (VIP, 53));
+        backend_of(&dp.run(&q.frame()).unwrap().frame)
+    };
+    let answer = packet::udp(query_backend, (CLIENT, 5401));
+    let seen = answer.clone().with_src((VIP, 53));
+    expect_error(
+        "the client's port unreachable about an answer",
+        icmp_error(CLIENT, VIP, ICMP_PORT_UNREACHABLE, 0, &seen, 576),
+        icmp_error(CLIENT, query_backend.0, ICMP_PORT_UNREACHABLE, 0, &answer, 576),
+    );
+}
+
+/// A UDP datagram in fragments: the first one carries the ports and is
+/// translated as a whole packet would be (its checksum covers the whole
+/// datagram); the later one follows it; both ways.
+#[test]
+fn fragments_of_a_translated_datagram_follow_the_first() {
+    let dp = loaded();
+    let mut query = packet::udp((CLIENT, 5500), (VIP, 53));
+    if let L4::Udp { payload, .. } = &mut query.l4 {
+        *payload = vec![7; 100];
+    }
+    let [first, later] = query.fragmented(16);
+    let out = dp.run(&first.frame()).unwrap();
+    let backend = backend_of(&out.frame);
+    let [first_sent, later_sent] = query.clone().with_dst(backend).fragmented(16);
+    assert_eq!(hex(&out.frame), hex(&first_sent.frame()), "the first fragment");
+    expect(
+        &dp,
+        "the later fragment",
+        &later.frame(),
+        TC_ACT_UNSPEC,
+        &later_sent.frame(),
+        Stat::Established,
+    );
+
+    let mut answer = packet::udp(backend, (CLIENT, 5500));
+    if let L4::Udp { payload, .. } = &mut answer.l4 {
+        *payload = vec![9; 100];
+    }
+    let restored = answer.clone().with_src((VIP, 53));
+    for (i, (part, expected)) in answer.fragmented(24).iter().zip(restored.fragmented(24)).enumerate() {
+        expect(
+            &dp,
+            &format!("answer fragment {i}"),
+            &part.frame(),
+            TC_ACT_UNSPEC,
+            &expected.frame(),
+            Stat::Reply,
+        );
+    }
 }
