@@ -40,6 +40,16 @@ pub const TC_EXTERNAL_PROGRAM: &str = "kpr_tc_external";
 /// hooks off). Its requests are already routed when it sees them, so each
 /// translated one is sent out again by a FIB lookup.
 pub const TC_HOST_PROGRAM: &str = "kpr_tc_host";
+/// The XDP program on the external interfaces: the stages of
+/// `TC_EXTERNAL_PROGRAM` for new and established flows from outside, before
+/// the kernel builds an skb; what it does not finish (replies, REJECT, ICMP
+/// errors, fragments, forwarding without a neighbour entry) it leaves to
+/// that program.
+pub const XDP_PROGRAM: &str = "kpr_xdp";
+/// An XDP program that passes everything: the floor of `XDP_PROGRAM`'s
+/// benchmarks, and what a test's far end of a veth runs to take in frames
+/// sent by XDP.
+pub const XDP_PASS_PROGRAM: &str = "kpr_xdp_pass";
 /// A classifier that does nothing, for benchmarks' floor.
 pub const NOOP_PROGRAM: &str = "kpr_noop";
 /// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
@@ -324,6 +334,10 @@ pub const NAT_SNAT: u8 = 2;
 /// source (a NodePort's reply, a source-NATed request), which the stack
 /// would drop as martian on input.
 pub const NAT_REDIRECT: u8 = 4;
+/// On a request entry: its replies leave by the FIB (`NAT_REDIRECT` on the
+/// reply entry), kept here so that a reply entry restored from the request
+/// gets it too.
+pub const NAT_REPLY_REDIRECT: u8 = 8;
 
 /// `NatEntry::seen`: this direction sent a FIN, or a RST.
 pub const SEEN_FIN: u8 = 1;
@@ -412,6 +426,50 @@ impl NatEntry {
             proto: key.proto,
             _pad: [0; 3],
         }
+    }
+
+    /// The entry the other direction of this entry's flow (keyed by `key`)
+    /// has, and its key: what restores that direction when its entry was
+    /// lost. A restored reply entry has the request's time, not 0: the flow
+    /// was answered as far as anyone can tell.
+    pub fn partner(&self, key: &FlowKey) -> (FlowKey, NatEntry) {
+        let other = self.other_direction(key);
+        let nated = self.flags & NAT_SNAT != 0;
+        let mut entry = NatEntry {
+            service_id: self.service_id,
+            slot: self.slot,
+            last_seen: self.last_seen,
+            ..Default::default()
+        };
+        if self.flags & NAT_REPLY != 0 {
+            // The request: to the backend this reply came from, leaving
+            // with the source the reply went to.
+            entry.addr = key.src_addr;
+            entry.port = key.src_port;
+            entry.nat_addr = key.dst_addr;
+            entry.nat_port = key.dst_port;
+            if nated {
+                entry.flags |= NAT_SNAT | NAT_REDIRECT;
+            }
+            if self.flags & NAT_REDIRECT != 0 {
+                entry.flags |= NAT_REPLY_REDIRECT;
+            }
+        } else {
+            // The reply: back from the address the client dialled, to the
+            // client.
+            entry.addr = key.dst_addr;
+            entry.port = key.dst_port;
+            entry.nat_addr = key.src_addr;
+            entry.nat_port = key.src_port;
+            entry.flags = NAT_REPLY;
+            if nated {
+                entry.flags |= NAT_SNAT;
+            }
+            if self.flags & NAT_REPLY_REDIRECT != 0 {
+                entry.flags |= NAT_REDIRECT;
+            }
+        }
+        (other, entry)
     }
 
     /// Whether the flow with these entries (either may be gone) has expired
@@ -841,5 +899,52 @@ mod tests {
         let reply = to(service, NAT_REPLY | NAT_SNAT, client);
         assert_eq!(request.other_direction(&key(client, service)), key(backend, node));
         assert_eq!(reply.other_direction(&key(backend, node)), key(client, service));
+    }
+
+    /// What each direction restores of the other is what the data path
+    /// records for it (flags, addresses, ports), for flows that keep their
+    /// source and flows source-NATed with replies sent by the FIB.
+    #[test]
+    fn each_direction_restores_the_other() {
+        let (client, service, backend, node) = ((1, 40000), (2, 80), (3, 8080), (4, 61000));
+        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey {
+            src_addr: src.0,
+            src_port: src.1,
+            dst_addr: dst.0,
+            dst_port: dst.1,
+            proto: IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        let entry = |at: (u32, u16), flags: u8, nat: (u32, u16)| NatEntry {
+            addr: at.0,
+            port: at.1,
+            flags,
+            nat_addr: nat.0,
+            nat_port: nat.1,
+            service_id: 7,
+            slot: 2,
+            last_seen: 99,
+            ..Default::default()
+        };
+        let flows = [
+            (
+                (key(client, service), entry(backend, 0, client)),
+                (key(backend, client), entry(service, NAT_REPLY, client)),
+            ),
+            (
+                (
+                    key(client, service),
+                    entry(backend, NAT_SNAT | NAT_REDIRECT | NAT_REPLY_REDIRECT, node),
+                ),
+                (
+                    key(backend, node),
+                    entry(service, NAT_REPLY | NAT_SNAT | NAT_REDIRECT, client),
+                ),
+            ),
+        ];
+        for ((request_key, request), (reply_key, reply)) in flows {
+            assert_eq!(request.partner(&request_key), (reply_key, reply));
+            assert_eq!(reply.partner(&reply_key), (request_key, request));
+        }
     }
 }

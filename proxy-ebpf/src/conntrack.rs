@@ -3,8 +3,8 @@
 //! NAT ports for flows whose source is translated too.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    FlowKey, NatEntry, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_SNAT,
-    SEEN_FIN, SEEN_RST, SEEN_STREAM,
+    FlowKey, NatEntry, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY,
+    NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
 };
 
 use crate::{
@@ -13,10 +13,6 @@ use crate::{
     nat::Endpoint,
     parse::Packet,
 };
-
-/// `NatEntry::flags` of a request entry: its replies leave by the FIB
-/// (kept on the request so that a flow re-created from it keeps it too).
-pub const NAT_REPLY_REDIRECT: u8 = 8;
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
@@ -33,17 +29,23 @@ pub fn lookup_mut(key: &FlowKey) -> Option<*mut NatEntry> {
 /// Records what a packet of a tracked flow says of its lifetime in its
 /// entry for this direction (`key`): when it was seen, and whether it ends
 /// the connection (TCP FIN or RST). Written only when it changes (a TCP
-/// end, a new second), so most packets only read the entry. Once a second
-/// per direction, the other direction is looked at too: it is restored if
-/// it was lost (evicted, say), and the look keeps it from being evicted
-/// as the least recently used even when its own direction is quiet.
+/// end, a new second), so most packets only read the entry.
+///
+/// Once a second per direction of a UDP flow, the other direction is looked
+/// at too: restored if it was lost (evicted, say), and kept from being the
+/// least recently used while its own direction is quiet (a one-way stream's
+/// replies). TCP talks both ways (every segment is acknowledged), so both
+/// of its entries stay in use; one lost anyway is restored by the daemon's
+/// sweep. That keeps the lookup off the path of most packets.
 #[inline(always)]
 pub fn note_packet(key: &FlowKey, pkt: &Packet, tracked: *mut NatEntry, entry: &NatEntry) {
     let now = now_secs();
     let mut seen = entry.seen | pkt.end_flags();
     let new_second = entry.last_seen != now;
+    let udp = pkt.proto == IPPROTO_UDP;
     // Replies in two different seconds: a UDP stream, kept longer.
-    if new_second && pkt.proto == IPPROTO_UDP && entry.flags & NAT_REPLY != 0 && entry.last_seen != 0 {
+    let replied_before = entry.flags & NAT_REPLY != 0 && entry.last_seen != 0;
+    if new_second && udp && replied_before {
         seen |= SEEN_STREAM;
     }
     // SAFETY: a live map value; a racing update of these plain fields from
@@ -57,38 +59,31 @@ pub fn note_packet(key: &FlowKey, pkt: &Packet, tracked: *mut NatEntry, entry: &
         }
         (*tracked).last_seen = now;
     }
-    keep_other_direction(key, pkt, entry);
+    // A first reply: its request entry was recorded a moment ago.
+    let first_reply = entry.flags & NAT_REPLY != 0 && entry.last_seen == 0;
+    if udp && !first_reply {
+        keep_other_direction(key, entry);
+    }
 }
 
-/// Restores the other direction of the flow `entry` (keyed by `key`, for
-/// `pkt`) belongs to if it is gone: a UDP flow whose reply entry was
-/// evicted would have its answers pass untranslated; a TCP connection
-/// whose request entry was would have its packets dropped (`NoFlow`).
+/// Restores the other direction of the flow `entry` (keyed by `key`)
+/// belongs to if it is gone: a UDP flow whose reply entry was evicted would
+/// have its answers pass untranslated.
 ///
 /// A function of its own for the verifier: inlined, each of its outcomes
 /// would go on as a path of its own through every later stage.
 #[inline(never)]
-fn keep_other_direction(key: &FlowKey, pkt: &Packet, entry: &NatEntry) {
-    let other = entry.other_direction(key);
+fn keep_other_direction(key: &FlowKey, entry: &NatEntry) {
+    let (other, restored) = entry.partner(key);
     // SAFETY: only tested for presence.
     if unsafe { CONNTRACK.get(&other) }.is_some() {
         return;
     }
     // Claimed only if still free: a flow that took the tuple meanwhile
     // keeps it.
-    if entry.flags & NAT_REPLY == 0 {
-        let _ = insert_reply(pkt, &Flow::of_entry(pkt, entry), BPF_NOEXIST as u64);
-        return;
+    if CONNTRACK.insert(&other, &restored, BPF_NOEXIST as u64).is_ok() && restored.flags & NAT_REPLY != 0 {
+        maps::mark_backend(other.src_addr, other.src_port, other.proto);
     }
-    // A reply: from the backend to the source the requests leave with.
-    let flow = Flow {
-        service_id: entry.service_id,
-        slot: entry.slot,
-        backend: pkt.source(),
-        source: pkt.destination(),
-        redirect_replies: entry.flags & NAT_REDIRECT != 0,
-    };
-    let _ = insert_request(&other, &flow, entry.flags & NAT_SNAT != 0, 0, BPF_NOEXIST as u64);
 }
 
 /// Whether the TCP connection a request entry tracks has ended (a FIN

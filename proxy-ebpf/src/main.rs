@@ -17,6 +17,7 @@
 mod clock;
 mod conntrack;
 mod fragments;
+mod frame;
 mod icmp;
 mod lb;
 mod maps;
@@ -24,11 +25,15 @@ mod nat;
 mod parse;
 mod reject;
 mod sock;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     FrontendKind, NatEntry, ServiceValue, Stat, IPPROTO_ICMP, IPPROTO_TCP, NAT_REDIRECT, NAT_REPLY, SVC_EXTERNAL_LOCAL,
@@ -37,8 +42,9 @@ use proxy_common::{
 
 use crate::{
     conntrack::{Flow, NatError},
+    frame::Frame,
     nat::Endpoint,
-    parse::{Fragment, Packet, ParseError, MAX_HEADERS},
+    parse::{Fragment, Packet, ParseError},
 };
 
 /// Where the packets a program sees come from (its attachment).
@@ -69,6 +75,10 @@ struct Verdict {
 
 /// Not a TC action: the packet is sent out by `nat::forward_by_fib`.
 const BY_FIB: i32 = i32::MIN;
+/// Not a TC action: the packet was left as it was, for what comes next
+/// (TC_ACT_UNSPEC on TC; on XDP, the TC program).
+const UNTOUCHED: i32 = i32::MIN + 1;
+const DROP: i32 = TC_ACT_SHOT as i32;
 
 impl Verdict {
     fn with(stat: Stat, action: i32) -> Self {
@@ -101,13 +111,14 @@ impl Verdict {
         Self::with(stat, action)
     }
 
-    /// Not ours: left untouched for whatever comes next on the hook.
+    /// Not ours (or, on XDP, not its to finish): left untouched for
+    /// whatever comes next.
     fn untouched(stat: Stat) -> Self {
-        Self::with(stat, TC_ACT_UNSPEC)
+        Self::with(stat, UNTOUCHED)
     }
 
     fn drop(stat: Stat) -> Self {
-        Self::with(stat, TC_ACT_SHOT as i32)
+        Self::with(stat, DROP)
     }
 }
 
@@ -135,14 +146,59 @@ fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
     // A translated packet goes on through the hook (TC_ACT_UNSPEC: the next
     // program, a CNI's network policy say, still sees it; with none, it
     // passes), as an untouched one does.
-    let verdict = process::<ORIGIN>(ctx);
-    let action = if verdict.action == BY_FIB {
-        nat::forward_by_fib(ctx, verdict.src, verdict.dst)
-    } else {
-        verdict.action
+    // Translated by XDP already (see `xdp`): only its forwarding may be
+    // left to do.
+    if ORIGIN == origin::OUTSIDE {
+        match xdp::mark(ctx) {
+            xdp::Mark::Translated => return TC_ACT_UNSPEC,
+            xdp::Mark::Forward => return xdp::forward_here(ctx),
+            xdp::Mark::None => {}
+        }
+    }
+    let verdict = process::<TcContext, ORIGIN>(ctx);
+    let action = match verdict.action {
+        BY_FIB => nat::forward_by_fib(ctx, verdict.src, verdict.dst),
+        UNTOUCHED => TC_ACT_UNSPEC,
+        action => action,
     };
     maps::count(verdict.stat);
     action
+}
+
+/// The external interfaces' XDP hook: traffic from outside, before the
+/// kernel builds an skb. A frame it leaves untouched is not counted here:
+/// the TC program sees it next and counts it.
+#[xdp]
+pub fn kpr_xdp(ctx: XdpContext) -> u32 {
+    if !xdp::reserve_mark(&ctx) {
+        return XDP_PASS;
+    }
+    let verdict = process::<XdpContext, { origin::OUTSIDE }>(&ctx);
+    let action = match verdict.action {
+        UNTOUCHED => return XDP_PASS,
+        BY_FIB => match nat::forward_from_xdp(&ctx, verdict.src, verdict.dst) {
+            Some(action) => action,
+            None => {
+                xdp::set_mark(&ctx, xdp::Mark::Forward);
+                XDP_PASS
+            }
+        },
+        DROP => XDP_DROP,
+        _ => {
+            xdp::set_mark(&ctx, xdp::Mark::Translated);
+            XDP_PASS
+        }
+    };
+    maps::count(verdict.stat);
+    action
+}
+
+/// Does nothing: the floor the benchmarks measure `kpr_xdp` against, and
+/// what a test's far end of a veth runs so that frames sent by XDP are
+/// taken in. Never attached by the daemon.
+#[xdp]
+pub fn kpr_xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// Does nothing: the floor the benchmarks measure `kpr_tc` against. Never
@@ -152,19 +208,28 @@ pub fn kpr_noop(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Every stage, for either kind of frame; what only TC does (REJECT,
+/// replies, ICMP errors, later fragments, stale-state cleanup) is left to
+/// it by XDP: untouched there, the packet meets the TC program next.
 #[inline(always)]
-fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
-    let mut pkt = match parse_packet(ctx) {
+fn process<F: Frame, const ORIGIN: u8>(frame: &F) -> Verdict {
+    let mut pkt = match frame.parse() {
         Ok(pkt) => pkt,
         Err(ParseError::NotIpv4) => return Verdict::untouched(Stat::NotIpv4),
         Err(ParseError::Truncated) => return Verdict::untouched(Stat::Truncated),
         Err(ParseError::OtherProtocol) => return Verdict::untouched(Stat::NoMatch),
     };
     if pkt.proto == IPPROTO_ICMP {
-        return icmp_error::<ORIGIN>(ctx, &pkt);
+        return match frame.tc() {
+            Some(ctx) => icmp_error::<ORIGIN>(ctx, &pkt),
+            None => Verdict::untouched(Stat::NoMatch),
+        };
     }
     if pkt.fragment == Fragment::Later {
-        return later_fragment::<ORIGIN>(ctx, &mut pkt);
+        return match frame.tc() {
+            Some(ctx) => later_fragment::<ORIGIN>(ctx, &mut pkt),
+            None => Verdict::untouched(Stat::Fragment),
+        };
     }
 
     // Nothing addressed to a service, nothing from a backend, and no new
@@ -180,10 +245,14 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
     if let Some(tracked) = conntrack::lookup_mut(&key) {
         // SAFETY: a live map value, copied before the packet is noted in it.
         let entry = unsafe { *tracked };
-        conntrack::note_packet(&key, &pkt, tracked, &entry);
         if entry.flags & NAT_REPLY != 0 {
+            let Some(ctx) = frame.tc() else {
+                return Verdict::untouched(Stat::Reply);
+            };
+            conntrack::note_packet(&key, &pkt, tracked, &entry);
             return reverse_translate(ctx, &pkt, &entry);
         }
+        conntrack::note_packet(&key, &pkt, tracked, &entry);
         // A SYN on the tuple of a connection that has closed opens a new
         // one: balanced afresh, not pinned to where the old one went.
         let reopened = pkt.is_syn() && conntrack::connection_closed(&pkt, &entry);
@@ -194,7 +263,7 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
                 // directions again, in case one was evicted or forgotten.
                 let _ = conntrack::create(&pkt, &flow);
             }
-            return translate::<ORIGIN>(ctx, &pkt, &flow, Stat::Established);
+            return translate::<F, ORIGIN>(frame, &pkt, &flow, Stat::Established);
         }
         // A new connection on a reused tuple whose connection closed or
         // whose backend has gone: choose again below.
@@ -211,12 +280,12 @@ fn process<const ORIGIN: u8>(ctx: &TcContext) -> Verdict {
         // Not at the host's egress: every request this path translates and
         // sends out again by the FIB passes there, looking just like such a
         // new direct connection.
-        if pkt.may_open_flow() && ORIGIN != origin::HOST {
+        if pkt.may_open_flow() && ORIGIN != origin::HOST && frame.tc().is_some() {
             conntrack::forget_stale_flow(&pkt);
         }
         return Verdict::untouched(Stat::NoMatch);
     };
-    open_flow::<ORIGIN>(ctx, &pkt, &svc)
+    open_flow::<F, ORIGIN>(frame, &pkt, &svc)
 }
 
 /// A fragment after the first of a datagram: it follows the first one's
@@ -233,7 +302,7 @@ fn later_fragment<const ORIGIN: u8>(ctx: &TcContext, pkt: &mut Packet) -> Verdic
     if entry.flags & NAT_REPLY != 0 {
         return reverse_translate(ctx, pkt, &entry);
     }
-    translate::<ORIGIN>(ctx, pkt, &Flow::of_entry(pkt, &entry), Stat::Established)
+    translate::<TcContext, ORIGIN>(ctx, pkt, &Flow::of_entry(pkt, &entry), Stat::Established)
 }
 
 /// An ICMP error: translated as a packet of the flow it is about, going
@@ -259,7 +328,7 @@ fn icmp_error<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet) -> Verdict {
 /// the source must be translated too; then the flow is recorded and its
 /// first packet translated.
 #[inline(always)]
-fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Verdict {
+fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceValue) -> Verdict {
     // Only a SYN opens a TCP connection. Any other TCP packet here belongs
     // to a connection whose entry is gone: a backend chosen now would not
     // know it and could only reset it.
@@ -274,6 +343,9 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
         // No endpoint anywhere: refused. An empty local-only set (a Local
         // traffic policy) is dropped, as kube-proxy does.
         if svc.flags & SVC_REJECT != 0 {
+            let Some(ctx) = frame.tc() else {
+                return Verdict::untouched(Stat::Rejected);
+            };
             return match reject::port_unreachable(ctx, pkt, ORIGIN == origin::HOST) {
                 Ok(action) => Verdict::answered(Stat::Rejected, action),
                 Err(_) => Verdict::drop(Stat::Error),
@@ -318,15 +390,15 @@ fn open_flow<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue
             Err(NatError::Map) => return Verdict::drop(Stat::Error),
         }
     }
-    translate::<ORIGIN>(ctx, pkt, &flow, Stat::NewFlow)
+    translate::<F, ORIGIN>(frame, pkt, &flow, Stat::NewFlow)
 }
 
 /// A request of a tracked (or just created) flow: to its backend, from the
 /// source the flow leaves with. A request of the node's own was routed
 /// towards the service address already: it is routed again.
 #[inline(always)]
-fn translate<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
-    if nat::rewrite(ctx, pkt, flow.source, flow.backend).is_err() {
+fn translate<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
+    if nat::rewrite(frame, pkt, flow.source, flow.backend).is_err() {
         return Verdict::drop(Stat::Error);
     }
     if pkt.fragment == Fragment::First {
@@ -353,23 +425,6 @@ fn reverse_translate(ctx: &TcContext, pkt: &Packet, entry: &NatEntry) -> Verdict
         return Verdict::redirected(Stat::Reply, service.addr, client.addr);
     }
     Verdict::translated(Stat::Reply)
-}
-
-/// Parses the headers from the linear part of the skb; only when they run
-/// past it are they pulled in. Pulling unconditionally would cost most
-/// packets from local sockets a copy: their payload sits in page fragments,
-/// their headers (all this reads) in the linear part, and they are clones.
-#[inline(always)]
-fn parse_packet(ctx: &TcContext) -> Result<Packet, ParseError> {
-    let headers = core::cmp::min(ctx.len() as usize, MAX_HEADERS);
-    match parse::parse(ctx.data(), ctx.data_end()) {
-        Err(ParseError::Truncated) if ctx.data_end() - ctx.data() < headers => {
-            // On failure the parse below reports the short headers.
-            let _ = ctx.pull_data(headers as u32);
-            parse::parse(ctx.data(), ctx.data_end())
-        }
-        parsed => parsed,
-    }
 }
 
 #[cfg(not(test))]

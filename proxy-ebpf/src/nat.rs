@@ -1,23 +1,26 @@
 //! Translation: rewrite the addresses and ports of the packet and fix the
-//! IPv4 and L4 checksums incrementally; the L4 one with the kernel's helpers
-//! (which also handle CHECKSUM_PARTIAL skbs, as veth traffic from pods
-//! usually is). Then, for packets the stack must not see (they carry one of
-//! the node's own addresses as source), the forward stage.
+//! IPv4 and L4 checksums incrementally (the L4 one as the frame knows how:
+//! the kernel's helpers on TC, which also handle CHECKSUM_PARTIAL skbs as
+//! veth traffic from pods usually is; in software on XDP). Then, for packets
+//! the stack must not see (they carry one of the node's own addresses as
+//! source), the forward stage.
 use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC,
+        TC_ACT_UNSPEC,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
+    EbpfContext,
 };
-use proxy_common::{checksum, IPPROTO_UDP};
+use proxy_common::checksum;
 
-use crate::parse::{self, Fragment, Packet};
+use crate::{
+    frame::{Frame, HEADERS_GONE},
+    parse::{self, Fragment, Packet},
+};
 
-/// -EFAULT: the IPv4 header parsed before is no longer in the linear data
-/// (it cannot be; the verifier wants the check).
-const HEADERS_GONE: i64 = -14;
 const AF_INET: u8 = 2;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -49,6 +52,7 @@ impl Packet {
 /// packet holds them: one store writes the translated addresses and the
 /// header's new checksum together.
 #[repr(C, packed)]
+#[derive(Clone, Copy)]
 pub struct ChecksumAndAddresses {
     pub check: u16,
     pub src: u32,
@@ -58,59 +62,42 @@ pub struct ChecksumAndAddresses {
 /// Gives the packet this source and destination. What stays the same costs
 /// nothing: most translations change one address, many keep the port too.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, src: Endpoint, dst: Endpoint) -> Result<(), i64> {
+pub fn rewrite<F: Frame>(frame: &F, pkt: &Packet, src: Endpoint, dst: Endpoint) -> Result<(), i64> {
     let (src_changes, dst_changes) = (src.addr != pkt.src, dst.addr != pkt.dst);
-    // Helper calls are most of this path's cost (~80 ns each here), so the
-    // IPv4 header's checksum is updated here and stored with the addresses.
-    // Direct packet writes would save the rest, but a program that makes
-    // any gets an unclone check (a helper call) before every packet, and
-    // most packets here come from local TCP sockets, as clones.
-    let mut check = parse::read(ctx.data(), ctx.data_end(), Packet::IP_CSUM_OFF).map_err(|_| HEADERS_GONE)?;
+    // Helper calls are most of the TC path's cost (~80 ns each here), so
+    // the IPv4 header's checksum is updated here and written with the
+    // addresses in one store.
+    let mut check = parse::read(frame.start(), frame.end(), Packet::IP_CSUM_OFF).map_err(|_| HEADERS_GONE)?;
     if src_changes {
         check = checksum::replace4(check, pkt.src, src.addr);
     }
     if dst_changes {
         check = checksum::replace4(check, pkt.dst, dst.addr);
     }
-    ctx.store(
-        Packet::IP_CSUM_OFF,
-        &ChecksumAndAddresses {
-            check,
-            src: src.addr,
-            dst: dst.addr,
-        },
-        0,
-    )?;
+    let addresses = ChecksumAndAddresses {
+        check,
+        src: src.addr,
+        dst: dst.addr,
+    };
+    frame.write(Packet::IP_CSUM_OFF, &addresses)?;
     // A later fragment has no L4 header: its datagram's checksum was
     // updated in the first fragment.
     if pkt.fragment == Fragment::Later {
         return Ok(());
     }
-    // A UDP checksum of zero means "none" and must stay zero.
-    let mangled = if pkt.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    // The L4 checksum through the kernel: only it knows whether the skb
-    // holds a partial checksum (the pseudo-header's, as packets from local
-    // sockets do) or a full one, which the same rewrite changes in opposite
-    // directions.
-    let csum = pkt.l4_csum_off();
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
     if src_changes {
-        ctx.l4_csum_replace(csum, pkt.src as u64, src.addr as u64, pseudo)?;
+        frame.update_l4_checksum(pkt, pkt.src, src.addr, 4, true)?;
     }
     if dst_changes {
-        ctx.l4_csum_replace(csum, pkt.dst as u64, dst.addr as u64, pseudo)?;
+        frame.update_l4_checksum(pkt, pkt.dst, dst.addr, 4, true)?;
     }
     if src.port != pkt.sport {
-        ctx.l4_csum_replace(csum, pkt.sport as u64, src.port as u64, mangled | 2)?;
-        ctx.store(pkt.l4_off, &src.port, 0)?;
+        frame.update_l4_checksum(pkt, pkt.sport as u32, src.port as u32, 2, false)?;
+        frame.write(pkt.l4_off, &src.port)?;
     }
     if dst.port != pkt.dport {
-        ctx.l4_csum_replace(csum, pkt.dport as u64, dst.port as u64, mangled | 2)?;
-        ctx.store(pkt.l4_off + 2, &dst.port, 0)?;
+        frame.update_l4_checksum(pkt, pkt.dport as u32, dst.port as u32, 2, false)?;
+        frame.write(pkt.l4_off + 2, &dst.port)?;
     }
     Ok(())
 }
@@ -161,4 +148,42 @@ pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
     }
     // SAFETY: no neighbour parameters: the helper resolves the next hop.
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Sends a translated frame on from XDP, before the kernel builds an skb
+/// for it: the FIB gives the interface and the next hop's MAC address, and
+/// the frame leaves by the interface it came in by (`XDP_TX`) or another.
+/// `None` when the FIB cannot say (no neighbour entry yet, a local
+/// destination): the TC path forwards it then, through the neighbour
+/// subsystem.
+#[inline(always)]
+pub fn forward_from_xdp(ctx: &XdpContext, src: u32, dst: u32) -> Option<u32> {
+    // SAFETY: plain data; zero is a valid value of every field.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    let arrived_on = ctx.ingress_ifindex() as u32;
+    params.ifindex = arrived_on;
+    // SAFETY: params is a live, correctly sized struct.
+    let found = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    ctx.write(0, &macs).ok()?;
+    if params.ifindex == arrived_on {
+        return Some(XDP_TX);
+    }
+    // SAFETY: a plain redirect to the interface the FIB chose.
+    Some(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
 }

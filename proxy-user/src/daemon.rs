@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::{
     dataplane::{
-        loader::{self, Role},
+        loader::{self, Role, XdpSetting},
         maps::{FlowMaps, ServiceMaps},
         socket_lb,
     },
@@ -54,6 +54,8 @@ pub struct Config {
     pub socket_lb: Option<PathBuf>,
     /// How often expired flows are swept from the flow table.
     pub flow_sweep_interval: Duration,
+    /// Where the XDP program runs on the external interfaces.
+    pub xdp: XdpSetting,
 }
 
 fn matches(patterns: &[String], iface: &str) -> bool {
@@ -76,6 +78,10 @@ struct Attacher {
     /// Interfaces left alone because they carry no Ethernet header (the
     /// programs parse one), reported once.
     not_ethernet: BTreeSet<String>,
+    /// Where the XDP program goes on the external interfaces.
+    xdp: XdpSetting,
+    /// External interfaces with the XDP program, and its mode there.
+    xdp_attached: BTreeMap<String, &'static str>,
 }
 
 impl Attacher {
@@ -111,6 +117,7 @@ impl Attacher {
             }
         }
         self.not_ethernet.retain(|i| present.contains(i));
+        self.refresh_xdp(ebpf, pin_dir, &wanted);
         for (iface, role) in &wanted {
             let key = (iface.clone(), role.is_egress());
             if self.attached.get(&key) == Some(role) {
@@ -141,6 +148,42 @@ impl Attacher {
                 tracing::info!(%iface, "no longer external: host program detached");
             }
             self.attached.remove(&key);
+        }
+    }
+
+    /// The XDP program on every external interface (`wanted` with the
+    /// External role), and on no other.
+    fn refresh_xdp(&mut self, ebpf: &mut Ebpf, pin_dir: &Path, wanted: &[(String, Role)]) {
+        let external: BTreeSet<&String> = wanted
+            .iter()
+            .filter(|(_, r)| *r == Role::External)
+            .map(|(i, _)| i)
+            .collect();
+        if self.xdp != XdpSetting::Off {
+            for iface in &external {
+                if self.xdp_attached.contains_key(*iface) {
+                    continue;
+                }
+                match loader::attach_xdp(ebpf, pin_dir, iface, self.xdp) {
+                    Ok(mode) => {
+                        tracing::info!(%iface, mode, "XDP attached");
+                        self.xdp_attached.insert((*iface).clone(), mode);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%iface, error = format!("{e:#}"), "cannot attach XDP; the TC program serves alone")
+                    }
+                }
+            }
+        }
+        let stale: Vec<String> = self
+            .xdp_attached
+            .keys()
+            .filter(|i| !external.contains(i))
+            .cloned()
+            .collect();
+        for iface in stale {
+            loader::detach_xdp(pin_dir, &iface);
+            self.xdp_attached.remove(&iface);
         }
     }
 }
@@ -193,6 +236,8 @@ pub async fn run(config: Config) -> Result<()> {
         external: config.external_interfaces.clone(),
         attached: BTreeMap::new(),
         not_ethernet: BTreeSet::new(),
+        xdp: config.xdp,
+        xdp_attached: BTreeMap::new(),
     };
     let node_addrs = state.lock().expect("state lock").node_addresses();
     attacher.refresh(&mut ebpf, &config.pin_dir, &addresses, &node_addrs);

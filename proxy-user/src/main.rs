@@ -4,7 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use proxy_user::{
     daemon,
-    dataplane::{loader, maps, socket_lb},
+    dataplane::{
+        loader::{self, XdpSetting},
+        maps, socket_lb,
+    },
     model::topology::NodePortAddresses,
     sync,
 };
@@ -74,6 +77,12 @@ enum Command {
         /// swept from the flow table, in seconds.
         #[arg(long, default_value_t = 10)]
         flow_sweep_interval_s: u64,
+        /// The XDP program on the external interfaces: `native` (in the
+        /// driver where it supports XDP, generic where it does not),
+        /// `generic` (on the skb), or `off` (the TC program alone). Off by
+        /// default until its differential and end-to-end tests are in.
+        #[arg(long, default_value = "off")]
+        xdp: XdpSetting,
         /// Where /healthz (and /metrics) are served; "" to disable.
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: String,
@@ -153,6 +162,7 @@ fn main() -> Result<()> {
             min_sync_interval_ms,
             sync_period_s,
             flow_sweep_interval_s,
+            xdp,
             healthz_bind_address,
             metrics_bind_address,
             socket_lb_cgroup,
@@ -180,6 +190,7 @@ fn main() -> Result<()> {
                 min_sync_interval: Duration::from_millis(min_sync_interval_ms),
                 sync_period: Duration::from_secs(sync_period_s.max(1)),
                 flow_sweep_interval: Duration::from_secs(flow_sweep_interval_s.max(1)),
+                xdp,
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
                 metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
                 socket_lb: match (no_socket_lb, socket_lb_cgroup) {

@@ -768,12 +768,12 @@ fn next_second() {
     }
 }
 
-/// A flow whose entry for one direction was lost (evicted) gets it back
-/// from the other direction's next packet in a later second: a UDP flow's
-/// answers are translated again; a TCP connection's packets reach the same
-/// backend instead of being dropped.
+/// A flow whose entry for one direction was lost (evicted) gets it back:
+/// a UDP flow from the other direction's next packet in a later second (its
+/// answers are translated again), a TCP connection from the daemon's sweep
+/// (its packets reach the same backend instead of being dropped).
 #[test]
-fn a_flow_that_lost_one_direction_heals_within_a_second() {
+fn a_flow_that_lost_one_direction_heals() {
     let dp = loaded();
     let mut flows = FlowMaps::open(&dp.pin_dir).unwrap();
 
@@ -794,17 +794,19 @@ fn a_flow_that_lost_one_direction_heals_within_a_second() {
 
     let syn = packet::tcp((CLIENT, 45100), (VIP, 80), TCP_SYN);
     let backend = backend_of(&dp.run(&syn.frame()).unwrap().frame);
+    let answer = packet::tcp(backend, (CLIENT, 45100), TCP_SYN | TCP_ACK);
+    expect_reverse_nat(&dp, "the answer", answer, (VIP, 80));
     assert!(flows
         .remove(&flow_key((CLIENT, 45100), (VIP, 80), IPPROTO_TCP))
         .unwrap());
-    next_second();
-    let answer = packet::tcp(backend, (CLIENT, 45100), TCP_SYN | TCP_ACK);
-    expect_reverse_nat(&dp, "the backend's next packet", answer, (VIP, 80));
     let ack = packet::tcp((CLIENT, 45100), (VIP, 80), TCP_ACK);
+    expect(&dp, "lost", &ack.frame(), TC_ACT_SHOT, &ack.frame(), Stat::NoFlow);
+    let report = flows.sweep(monotonic_secs()).unwrap();
+    assert_eq!(report.restored, 1, "the sweep restores the request entry");
     let translated = ack.clone().with_dst(backend).frame();
     expect(
         &dp,
-        "the client's next packet",
+        "restored",
         &ack.frame(),
         TC_ACT_UNSPEC,
         &translated,

@@ -15,13 +15,14 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::BPF_F_MMAPABLE;
-use proxy_common::{TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM};
+use proxy_common::{TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 
 use super::{bpffs, EBPF_OBJECT};
 
@@ -88,7 +89,97 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
             .pin(&pin)
             .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
     }
+    let program: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("loading the XDP program {XDP_PROGRAM} (the verifier rejected it?)"))?;
     Ok(ebpf)
+}
+
+/// Where the XDP program runs on the external interfaces (`--xdp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpSetting {
+    /// In the driver where it supports XDP (veth does), before any skb is
+    /// built; in the stack (generic XDP) where it does not.
+    Native,
+    /// In the stack, on the skb: every driver, little of the gain.
+    Generic,
+    /// Not at all: the TC program alone.
+    Off,
+}
+
+impl std::str::FromStr for XdpSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?}: expected native, generic or off")),
+        }
+    }
+}
+
+fn xdp_link_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(LINK_DIR).join(format!("xdp_{iface}"))
+}
+
+/// Attaches the XDP program to `iface` as `setting` says, through a pinned
+/// link: one pinned by an earlier run is updated in place (the program is
+/// swapped atomically); otherwise native mode is tried first, then generic.
+/// Returns the mode it runs in.
+pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, setting: XdpSetting) -> Result<&'static str> {
+    let path = xdp_link_path(pin_dir, iface);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let program: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
+    let attempts: &[(XdpMode, &'static str)] = match setting {
+        XdpSetting::Native => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        XdpSetting::Generic => &[(XdpMode::Skb, "generic")],
+        XdpSetting::Off => {
+            detach_xdp(pin_dir, iface);
+            return Ok("off");
+        }
+    };
+    if let Ok(old) = PinnedLink::from_pin(&path) {
+        let link = XdpLink::try_from(FdLink::from(old))?;
+        match program.attach_to_link(link) {
+            Ok(id) => {
+                let link = program.take_link(id)?;
+                let fd_link: FdLink = link.try_into().context("XDP link expected")?;
+                let _ = std::fs::remove_file(&path);
+                fd_link.pin(&path)?;
+                return Ok("kept");
+            }
+            Err(e) => {
+                tracing::debug!(%iface, error = %e, "stale XDP link pin, attaching anew");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let mut last_error = None;
+    for &(mode, name) in attempts {
+        match program.attach(iface, mode) {
+            Ok(id) => {
+                let link = program.take_link(id)?;
+                let fd_link: FdLink = link.try_into().context("XDP link expected (kernel >= 5.9)")?;
+                fd_link
+                    .pin(&path)
+                    .with_context(|| format!("pinning the link at {}", path.display()))?;
+                return Ok(name);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.expect("at least one mode tried")).with_context(|| format!("attaching XDP to {iface}"))
+}
+
+/// Unpins (and so detaches) the XDP link of an interface.
+pub fn detach_xdp(pin_dir: &Path, iface: &str) {
+    let _ = std::fs::remove_file(xdp_link_path(pin_dir, iface));
 }
 
 /// Unpins every map an earlier build pinned with another layout (size,
@@ -178,6 +269,7 @@ pub fn forget(pin_dir: &Path, iface: &str) {
     for direction in DIRECTIONS {
         let _ = std::fs::remove_file(link_path(pin_dir, iface, direction));
     }
+    detach_xdp(pin_dir, iface);
 }
 
 /// Unpins (and so detaches) the egress link of an interface that is no
@@ -197,6 +289,7 @@ pub fn attached_interfaces(pin_dir: &Path) -> BTreeSet<String> {
             DIRECTIONS
                 .iter()
                 .find_map(|d| name.strip_prefix(&format!("tc_{d}_")).map(str::to_owned))
+                .or_else(|| name.strip_prefix("xdp_").map(str::to_owned))
         })
         .collect()
 }

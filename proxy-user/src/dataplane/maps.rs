@@ -348,6 +348,8 @@ pub struct SweepReport {
     pub removed: usize,
     /// Entries recorded without a time, given one.
     pub stamped: usize,
+    /// Lost directions of live flows, restored from the other.
+    pub restored: usize,
 }
 
 /// CONNTRACK, RR_CURSORS and AFFINITY: the data path's own per-flow and
@@ -387,8 +389,8 @@ impl FlowMaps {
     }
 
     /// Removes the flows that have expired by `now` (seconds of the
-    /// monotonic clock; see `sweep`), and gives a time to flows recorded
-    /// without one. The table is read in batches; an entry the data path
+    /// monotonic clock; see `sweep`), gives a time to flows recorded
+    /// without one, and restores a lost direction of a live flow. The table is read in batches; an entry the data path
     /// changed since (a packet, a new flow on the tuple) is left for the
     /// next sweep.
     pub fn sweep(&mut self, now: u32) -> Result<SweepReport> {
@@ -419,10 +421,18 @@ impl FlowMaps {
             .filter(|key| unchanged(self, key))
             .collect();
         let removed = sys::delete_batch(self.conntrack.map().fd(), &expired).context("removing expired flows")?;
+        let mut restored = 0;
+        for (key, entry) in &judgement.restore {
+            // BPF_NOEXIST: a flow that took the tuple meanwhile keeps it.
+            if self.conntrack.insert(key, entry, 1).is_ok() {
+                restored += 1;
+            }
+        }
         Ok(SweepReport {
-            entries: entries.len() - removed,
+            entries: entries.len() - removed + restored,
             removed,
             stamped,
+            restored,
         })
     }
 

@@ -16,6 +16,10 @@ pub struct Judgement {
     /// Entries of flows recorded by a version that kept no times: they are
     /// given one now, and judged from then on.
     pub untimed: Vec<FlowKey>,
+    /// Directions lost (evicted) of live flows, restored from the other:
+    /// the data path does that itself for UDP within a second; a TCP
+    /// connection, whose entries both stay in use, waits for the sweep.
+    pub restore: Vec<(FlowKey, NatEntry)>,
 }
 
 /// The entry of the other direction of `entry`'s flow, if it is there and
@@ -45,11 +49,13 @@ pub fn judge(entries: &HashMap<FlowKey, NatEntry>, now: u32) -> Judgement {
             // is gone and nothing can bring it back.
             (None, Some(r)) if r.last_seen == 0 => judgement.expired.push(*key),
             _ if NatEntry::flow_expired(request, reply, key.proto, now) => judgement.expired.push(*key),
+            _ if other.is_none() => judgement.restore.push(entry.partner(key)),
             _ => {}
         }
     }
     judgement.expired.sort_by_key(sort_key);
     judgement.untimed.sort_by_key(sort_key);
+    judgement.restore.sort_by_key(|(k, _)| sort_key(k));
     judgement
 }
 
@@ -174,12 +180,13 @@ mod tests {
         );
         let [_, unanswered] = flow(endpoint(1, 40002), backend, IPPROTO_TCP, (0, NOW), (0, 0));
         let judgement = judge(&[request, reset, unanswered].into_iter().collect(), NOW);
-        // The request whose reply entry was evicted lives on (its next
-        // packet restores the reply entry); the reset reply goes, and so
-        // does a reply entry that never saw a packet and has no request.
+        // The request whose reply entry was evicted lives on, and gets its
+        // reply entry back; the reset reply goes, and so does a reply entry
+        // that never saw a packet and has no request.
         let mut expected = vec![reset.0, unanswered.0];
         expected.sort_by_key(sort_key);
         assert_eq!(judgement.expired, expected);
+        assert_eq!(judgement.restore, vec![request.1.partner(&request.0)]);
     }
 
     #[test]
