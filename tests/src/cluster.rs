@@ -133,6 +133,10 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub outside: Option<Netns>,
     pub nodes: Vec<Node>,
+    /// The XDP program that lets the LAN's ends of the nodes' veths take in
+    /// frames XDP sends (`take_in_xdp_frames_on_the_lan`); before `lan`, so
+    /// it is detached before the LAN goes.
+    lan_xdp: Option<aya::Ebpf>,
     lan: Option<Netns>,
     pub api: Option<ApiServer>,
     kubeconfig: PathBuf,
@@ -156,6 +160,7 @@ impl Cluster {
             pods: Vec::new(),
             outside: None,
             nodes: Vec::new(),
+            lan_xdp: None,
             lan: None,
             api: None,
             kubeconfig: bpffs.dir.join("kubeconfig"),
@@ -197,6 +202,34 @@ impl Cluster {
             cluster.start_daemon()?;
         }
         Ok(cluster)
+    }
+
+    /// A veth hands a frame sent by native XDP (`XDP_TX`, a redirect) to
+    /// its peer only if an XDP program runs there, as on a real NIC's wire
+    /// nothing is needed: attaches one that passes everything to the LAN's
+    /// end of every node's and the outside host's veth.
+    pub fn take_in_xdp_frames_on_the_lan(&mut self) -> Result<()> {
+        let lan = self.lan.as_ref().context("no LAN")?;
+        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
+        std::fs::create_dir_all(&pins)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(proxy_user::dataplane::EBPF_OBJECT)?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(proxy_common::XDP_PASS_PROGRAM)
+            .context("no XDP pass program")?
+            .try_into()?;
+        program.load()?;
+        let peers: Vec<String> = (0..self.nodes.len())
+            .map(|i| format!("n{i}"))
+            .chain(["out".to_string()])
+            .collect();
+        for peer in &peers {
+            lan.run(|| program.attach(peer, aya::programs::XdpMode::Driver))?
+                .with_context(|| format!("XDP on the LAN's {peer}"))?;
+        }
+        self.lan_xdp = Some(ebpf);
+        Ok(())
     }
 
     /// Plugs `ns` into the LAN through a veth (`eth0` inside, `peer` on the bridge).

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use proxy_common::{Stat, TC_PROGRAM};
@@ -21,6 +21,11 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_REDIRECT: i32 = 7;
+/// XDP actions.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -29,6 +34,13 @@ pub struct Loaded {
     syncer: Syncer,
     // Last: unmounted after the maps and programs are closed.
     _bpffs: BpffsMount,
+}
+
+pub struct XdpRunResult {
+    pub action: u32,
+    /// What the program left, metadata included if it added any.
+    pub frame: Vec<u8>,
+    pub duration: std::time::Duration,
 }
 
 pub struct RunResult {
@@ -79,6 +91,24 @@ impl Loaded {
         out.truncate(result.data_size_out as usize);
         Ok(RunResult {
             verdict: result.return_value as i32,
+            frame: out,
+            duration: result.duration,
+        })
+    }
+
+    /// Runs `frame` through the XDP program. XDP may put metadata in front
+    /// of the frame (kpr's mark): it is split off into `RunResult::meta`.
+    pub fn run_xdp(&self, program: &str, frame: &[u8]) -> Result<XdpRunResult> {
+        let program: &Xdp = self.ebpf.program(program).context("no such program")?.try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = 1;
+        let result = program.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(XdpRunResult {
+            action: result.return_value,
             frame: out,
             duration: result.duration,
         })

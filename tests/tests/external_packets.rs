@@ -10,13 +10,17 @@
 use std::net::Ipv4Addr;
 
 use kpr_testbed::{
-    dataplane::{hold_nat_ports, monotonic_secs, Loaded, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    dataplane::{
+        hold_nat_ports, monotonic_secs, Loaded, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS,
+        XDP_REDIRECT, XDP_TX,
+    },
     netns::Netns,
     packet::{self, endpoints_of, hex, icmp_error, Ipv4, ICMP_FRAGMENTATION_NEEDED, TCP_ACK, TCP_SYN},
     sh, unique_id,
 };
 use proxy_common::{
     Stat, FLOW_TCP_CLOSED_SECS, NAT_PORT_MAX, NAT_PORT_MIN, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
+    XDP_PROGRAM,
 };
 use proxy_user::model::{
     objects::{Cidr, ObjectName, Protocol},
@@ -483,5 +487,158 @@ fn a_routers_fragmentation_needed_reaches_a_source_nated_client() {
         TC_ACT_REDIRECT,
         &restored,
         Stat::IcmpError,
+    );
+}
+
+/// What a frame came to after the programs on a node's external interface.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// On into the stack (or on through the hook).
+    Passed,
+    /// Sent out again: forwarded, or answered.
+    SentOut,
+    Dropped,
+}
+
+fn tc_outcome(verdict: i32) -> Outcome {
+    match verdict {
+        TC_ACT_UNSPEC => Outcome::Passed,
+        TC_ACT_REDIRECT => Outcome::SentOut,
+        TC_ACT_SHOT => Outcome::Dropped,
+        other => panic!("unexpected TC verdict {other}"),
+    }
+}
+
+/// kpr's marks in front of a frame XDP passed on (see proxy-ebpf's `xdp`).
+const XDP_MARK_TRANSLATED: u32 = 0x6b70_7201;
+const XDP_MARK_FORWARD: u32 = 0x6b70_7202;
+
+impl Node {
+    /// The frame through the XDP program and then, as on the interface, the
+    /// TC program: a frame XDP marked translated is passed by TC as it is
+    /// (one marked to forward, sent out by the FIB); an unmarked one is
+    /// processed by TC. The flag: whether XDP finished with the frame.
+    fn through_xdp_then_tc(&self, input: &Ipv4) -> (Outcome, Vec<u8>, bool) {
+        let frame = input.frame();
+        let out = self.ns.run(|| self.dp.run_xdp(XDP_PROGRAM, &frame)).unwrap().unwrap();
+        match out.action {
+            XDP_DROP => (Outcome::Dropped, frame, true),
+            XDP_TX | XDP_REDIRECT => (Outcome::SentOut, out.frame, true),
+            XDP_PASS => {
+                let (mark, passed) = if out.frame.len() == frame.len() + 4 {
+                    let mark = u32::from_ne_bytes(out.frame[..4].try_into().unwrap());
+                    (mark, out.frame[4..].to_vec())
+                } else {
+                    (0, out.frame)
+                };
+                match mark {
+                    XDP_MARK_TRANSLATED => (Outcome::Passed, passed, true),
+                    XDP_MARK_FORWARD => (Outcome::SentOut, passed, true),
+                    0 => {
+                        assert_eq!(passed, frame, "XDP passes an unmarked frame untouched");
+                        let tc = self.ns.run(|| self.dp.run_program(TC_EXTERNAL_PROGRAM, &passed, 1));
+                        let tc = tc.unwrap().unwrap();
+                        (tc_outcome(tc.verdict), tc.frame, false)
+                    }
+                    other => panic!("unknown XDP mark {other:#x}"),
+                }
+            }
+            other => panic!("unexpected XDP action {other}"),
+        }
+    }
+
+    fn through_tc(&self, input: &Ipv4) -> (Outcome, Vec<u8>) {
+        let (verdict, frame) = self.run(TC_EXTERNAL_PROGRAM, input);
+        (tc_outcome(verdict), frame)
+    }
+}
+
+/// The same corpus through XDP-then-TC on one node and through TC alone on
+/// another programmed alike: every frame ends the same way, byte for byte,
+/// and the nodes count the same verdicts. Covers new flows and later
+/// packets to local and remote (source-NATed) backends, TCP and UDP,
+/// replies both ways, externalTrafficPolicy Local with and without a local
+/// endpoint, an allowed and a denied source, REJECT, a TCP packet of no
+/// flow, an ICMP error, a later fragment, and frames XDP must leave alone.
+#[test]
+fn xdp_then_tc_ends_every_frame_as_tc_alone_does() {
+    let (with_xdp, tc_only) = (Node::new(), Node::new());
+    let remote = (REMOTE.ip, REMOTE.port);
+    let local = (LOCAL.ip, LOCAL.port);
+    let mut corpus: Vec<(String, Ipv4)> = Vec::new();
+    let mut add = |name: &str, p: Ipv4| corpus.push((name.to_string(), p));
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let to = |port| (NODE, port);
+        for (port, backend, nated) in [(30090, remote, true), (30091, local, false), (30081, local, false)] {
+            let c = (CLIENT, 41000 + port % 100);
+            add(
+                &format!("{protocol} {port} first"),
+                request(protocol, c, to(port), TCP_SYN),
+            );
+            add(
+                &format!("{protocol} {port} later"),
+                request(protocol, c, to(port), TCP_ACK),
+            );
+            // The reply as it arrives: to the NAT port the differential run
+            // picks (the same on both nodes: a hash of the client's tuple),
+            // found by running the first packet through TC on a scratch node.
+            let reply_to = if nated {
+                let scratch = Node::new();
+                let (_, out) = scratch.run(TC_EXTERNAL_PROGRAM, &request(protocol, c, to(port), TCP_SYN));
+                endpoints_of(&out).0
+            } else {
+                c
+            };
+            add(
+                &format!("{protocol} {port} reply"),
+                request(protocol, backend, reply_to, TCP_SYN | TCP_ACK),
+            );
+        }
+        add(
+            &format!("{protocol} Local without a local endpoint"),
+            request(protocol, (CLIENT, 41100), to(30082), TCP_SYN),
+        );
+    }
+    add("allowed source", packet::tcp((CLIENT, 41200), (LB_IP, 80), TCP_SYN));
+    add("denied source", packet::tcp((DENIED, 41201), (LB_IP, 80), TCP_SYN));
+    add(
+        "no endpoint: REJECT",
+        packet::tcp((CLIENT, 41202), (NODE, 30093), TCP_SYN),
+    );
+    add("TCP of no flow", packet::tcp((CLIENT, 41203), (NODE, 30091), TCP_ACK));
+    add(
+        "ICMP error about a flow",
+        icmp_error(
+            Ipv4Addr::new(192, 0, 2, 1),
+            NODE,
+            ICMP_FRAGMENTATION_NEEDED,
+            1400,
+            &packet::tcp((NODE, 61000), remote, TCP_SYN),
+            28,
+        ),
+    );
+    let mut later = packet::udp((CLIENT, 41300), (NODE, 30091));
+    later.frag = 185;
+    add("a trailing fragment", later);
+    add("to no service", packet::tcp((CLIENT, 41301), (NODE, 22), TCP_SYN));
+
+    // XDP finishes requests of flows from outside, and their drops; the
+    // rest is TC's.
+    let xdp_finishes = |name: &str| {
+        ["first", "later", "Local without", "allowed", "denied", "of no flow"]
+            .iter()
+            .any(|part| name.contains(part))
+    };
+    for (name, input) in &corpus {
+        let (xdp_outcome, xdp_frame, finished) = with_xdp.through_xdp_then_tc(input);
+        let (tc_outcome, tc_frame) = tc_only.through_tc(input);
+        assert_eq!(xdp_outcome, tc_outcome, "{name}: outcome");
+        assert_eq!(hex(&xdp_frame), hex(&tc_frame), "{name}: frame");
+        assert_eq!(finished, xdp_finishes(name), "{name}: finished by XDP");
+    }
+    assert_eq!(
+        with_xdp.dp.stats().unwrap(),
+        tc_only.dp.stats().unwrap(),
+        "both nodes counted the same verdicts"
     );
 }
