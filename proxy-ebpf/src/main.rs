@@ -291,7 +291,10 @@ fn process<F: Frame, const ORIGIN: u8>(frame: &F) -> Verdict {
 /// A fragment after the first of a datagram: it follows the first one's
 /// translation, if that one was translated; it never opens a flow (it has
 /// no L4 header to choose by).
-#[inline(always)]
+///
+/// Rare paths (this, ICMP errors) are functions of their own: out of line,
+/// they keep the common path's code together.
+#[inline(never)]
 fn later_fragment<const ORIGIN: u8>(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
     if !fragments::follow_first(pkt) {
         return Verdict::untouched(Stat::Fragment);
@@ -307,7 +310,7 @@ fn later_fragment<const ORIGIN: u8>(ctx: &TcContext, pkt: &mut Packet) -> Verdic
 
 /// An ICMP error: translated as a packet of the flow it is about, going
 /// the same way, would be.
-#[inline(always)]
+#[inline(never)]
 fn icmp_error<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet) -> Verdict {
     let mut error = icmp::Translated::default();
     match icmp::translate_error(ctx, pkt, &mut error) {
