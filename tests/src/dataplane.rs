@@ -80,6 +80,13 @@ impl Loaded {
         Ok(())
     }
 
+    /// Loads another XDP program of the object (e.g. the pass-all floor).
+    pub fn load_extra_xdp(&mut self, name: &str) -> Result<()> {
+        let program: &mut Xdp = self.ebpf.program_mut(name).context("no such program")?.try_into()?;
+        program.load()?;
+        Ok(())
+    }
+
     pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<RunResult> {
         let program: &SchedClassifier = self.ebpf.program(name).context("no such program")?.try_into()?;
         let mut out = vec![0u8; frame.len() + 256];

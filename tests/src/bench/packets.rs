@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use proxy_common::NOOP_PROGRAM;
+use proxy_common::{NOOP_PROGRAM, TC_EXTERNAL_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM};
 
 use super::{median, percentile, service_vip, services_desired, BenchConfig};
 use crate::{
@@ -51,7 +51,15 @@ pub const NO_MATCH_NEAR_BACKEND: &str = "no match, first packet, from a backend'
 pub const NEW_FLOW: &str = "new flow (SYN: select, track, DNAT)";
 pub const ESTABLISHED: &str = "established flow (tracked, DNAT)";
 pub const REPLY: &str = "reply (reverse NAT)";
-pub const PATHS: [&str; 7] = [
+/// The XDP program on traffic from outside, against an XDP program that
+/// passes everything, and the TC program of the external interfaces on the
+/// same packets (what it costs without XDP).
+pub const XDP_FLOOR: &str = "XDP: empty program (floor)";
+pub const XDP_NEW_FLOW: &str = "XDP, from outside: new flow (select, track, DNAT)";
+pub const XDP_ESTABLISHED: &str = "XDP, from outside: established flow (DNAT)";
+pub const TC_EXTERNAL_NEW_FLOW: &str = "TC external, from outside: new flow (select, track, DNAT)";
+pub const TC_EXTERNAL_ESTABLISHED: &str = "TC external, from outside: established flow (DNAT)";
+pub const PATHS: [&str; 12] = [
     FLOOR,
     NO_MATCH,
     NO_MATCH_SYN,
@@ -59,6 +67,11 @@ pub const PATHS: [&str; 7] = [
     NEW_FLOW,
     ESTABLISHED,
     REPLY,
+    XDP_FLOOR,
+    XDP_NEW_FLOW,
+    XDP_ESTABLISHED,
+    TC_EXTERNAL_NEW_FLOW,
+    TC_EXTERNAL_ESTABLISHED,
 ];
 
 /// Rounds the samples of each size and path are split into.
@@ -73,6 +86,17 @@ fn client(i: usize) -> (Ipv4Addr, u16) {
         10_000 + (i % 50_000) as u16,
     )
 }
+
+/// The `i`th client outside the cluster: distinct from `client`'s, and
+/// one set for the XDP samples, another for the TC ones.
+fn outsider(i: usize, set: u32) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::from(OUTSIDER_BASE + (set << 12) + (i / 50_000) as u32),
+        10_000 + (i % 50_000) as u16,
+    )
+}
+
+const OUTSIDER_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
 
 /// Somewhere no service is, for the no-match paths.
 fn elsewhere(i: usize) -> (Ipv4Addr, u16) {
@@ -148,6 +172,25 @@ impl Sized {
         for (i, &backend) in chosen.iter().enumerate() {
             ns[6].push(one(&packet::tcp(backend, client(base + i), TCP_ACK).frame(), None)?);
         }
+        // From outside, as the external interface sees it: through XDP, and
+        // through the TC program alone (each on its own clients).
+        let xdp =
+            |frame: &[u8], program: &str| -> Result<f64> { Ok(dp.run_xdp(program, frame)?.duration.as_nanos() as f64) };
+        let from_outside =
+            |i: usize, set: u32, flags: u8| packet::tcp(outsider(base + i, set), (target, 80), flags).frame();
+        for i in 0..count {
+            ns[7].push(xdp(&from_outside(i, 0, TCP_SYN), XDP_PASS_PROGRAM)?);
+        }
+        for (path, flags) in [(8, TCP_SYN), (9, TCP_ACK)] {
+            for i in 0..count {
+                ns[path].push(xdp(&from_outside(i, 0, flags), XDP_PROGRAM)?);
+            }
+        }
+        for (path, flags) in [(10, TCP_SYN), (11, TCP_ACK)] {
+            for i in 0..count {
+                ns[path].push(one(&from_outside(i, 1, flags), Some(TC_EXTERNAL_PROGRAM))?);
+            }
+        }
         if keep {
             for (all, new) in self.samples.iter_mut().zip(ns) {
                 all.extend(new);
@@ -165,6 +208,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
         progress(&format!("per-packet cost: programming {n} services"));
         let mut dp = Loaded::new()?;
         dp.load_extra(NOOP_PROGRAM)?;
+        dp.load_extra_xdp(XDP_PASS_PROGRAM)?;
         dp.program(&services_desired(n, &backends))?;
         sized.push(Sized {
             services: n,
