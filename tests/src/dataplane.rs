@@ -88,7 +88,12 @@ impl Loaded {
     }
 
     pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<RunResult> {
-        let program: &SchedClassifier = self.ebpf.program(name).context("no such program")?.try_into()?;
+        Self::run_in(&self.ebpf, name, frame, repeat)
+    }
+
+    /// Runs `frame` through the classifier `name` of any loaded object.
+    pub fn run_in(ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        let program: &SchedClassifier = ebpf.program(name).context("no such program")?.try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -103,8 +108,8 @@ impl Loaded {
         })
     }
 
-    /// Runs `frame` through the XDP program. XDP may put metadata in front
-    /// of the frame (kpr's mark): it is split off into `RunResult::meta`.
+    /// Runs `frame` through the XDP program `program`; the frame it leaves
+    /// includes the metadata XDP put in front of it (kpr's mark), if any.
     pub fn run_xdp(&self, program: &str, frame: &[u8]) -> Result<XdpRunResult> {
         let program: &Xdp = self.ebpf.program(program).context("no such program")?.try_into()?;
         let mut out = vec![0u8; frame.len() + 256];

@@ -2,6 +2,7 @@
 //! iptables and nftables rule layouts, measured in one run on this machine,
 //! reported as ratios to a baseline from the same run.
 pub mod ab;
+pub mod baseline;
 pub mod control;
 pub mod datapath;
 pub mod nginx;
@@ -36,6 +37,9 @@ pub struct BenchConfig {
     /// Skip loading kube-proxy's rulesets in the control-plane part (nft
     /// takes minutes at 10,000 services).
     pub skip_rule_loads: bool,
+    /// An earlier build's eBPF object, whose per-packet cost is sampled
+    /// beside this build's, packet for packet (`baseline`).
+    pub baseline_object: Option<std::path::PathBuf>,
 }
 
 impl BenchConfig {
@@ -58,6 +62,7 @@ impl BenchConfig {
             change_spacing_ms: 15,
             only: Vec::new(),
             skip_rule_loads: false,
+            baseline_object: None,
         }
     }
 
@@ -77,6 +82,7 @@ impl BenchConfig {
             change_spacing_ms: 15,
             only: Vec::new(),
             skip_rule_loads: false,
+            baseline_object: None,
         }
     }
 }
@@ -265,6 +271,20 @@ impl Report {
                     growth <= 1.10,
                 ));
             }
+            // Against the baseline build, where one was sampled beside.
+            for &(baseline, path) in packets::BASELINE_PATHS
+                .iter()
+                .filter(|(_, p)| *p == packets::ESTABLISHED || *p == packets::REPLY)
+            {
+                let ratios = sizes.iter().filter_map(|&n| Some((at(n, path)? / at(n, baseline)?, n)));
+                if let Some((ratio, n)) = ratios.max_by(|a, b| a.0.total_cmp(&b.0)) {
+                    out.push((
+                        format!("{path} within 10% of the baseline build's, every size"),
+                        format!("worst {ratio:.2}x ({n} services)"),
+                        ratio <= 1.10,
+                    ));
+                }
+            }
             for (label, path) in [
                 ("no-match packets (later packets of a connection)", packets::NO_MATCH),
                 (
@@ -362,7 +382,7 @@ impl Report {
             let _ = writeln!(md, "| {n} | {ipt:.2} s | {nft:.2} s |");
         }
 
-        let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. The clock advances in steps of about 10 ns here, so the ratios compare trimmed means (the middle 80% of samples), which resolve below a step; medians are shown too. Tuples are fresh for every sample, so *new flow* really creates a flow and *established* really finds one. Each size has its own dataplane, programmed before any sample is taken; samples are taken in {} rounds that visit every size in turn, after a warm-up round that is not counted, so that drift of the machine over the run is shared by all sizes. The pre-filter is a whole-tuple bitmap behind a small one keyed by the address's /24: a packet to and from /24s holding no service address and no backend that serves translated flows is decided by the small one, which stays in cache (the *no match* rows; their clients are outside the backends' /24). One from a backend's /24 also reads the whole-tuple bitmap, out of cache for a tuple not seen lately: the *from a backend's /24* row. The *XDP* rows run the XDP program of the external interfaces on TCP from clients outside the cluster to the same service (backends on this node: translated and passed up, marked for the TC program), against an XDP program that passes everything; the *TC external* rows run the TC program of those interfaces on the same kind of packets, as a node without XDP does.\n", cfg.packet_samples, packets::ROUNDS);
+        let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. The clock advances in steps of about 10 ns here, so the ratios compare trimmed means (the middle 80% of samples), which resolve below a step; medians are shown too. Tuples are fresh for every sample, so *new flow* really creates a flow and *established* really finds one. Each size has its own dataplane, programmed before any sample is taken; samples are taken in {} rounds that visit every size in turn, after a warm-up round that is not counted, so that drift of the machine over the run is shared by all sizes. The pre-filter is a whole-tuple bitmap behind a small one keyed by the address's /24: a packet to and from /24s holding no service address and no backend that serves translated flows is decided by the small one, which stays in cache (the *no match* rows; their clients are outside the backends' /24). One from a backend's /24 also reads the whole-tuple bitmap, out of cache for a tuple not seen lately: the *from a backend's /24* row. The *XDP* rows run the XDP program of the external interfaces on TCP from clients outside the cluster to the same service (backends on this node: translated and passed up, marked for the TC program), against an XDP program that passes everything; the *TC external* rows run the TC program of those interfaces on the same kind of packets, as a node without XDP does. With `--baseline-object FILE`, the *baseline build* rows are an earlier build's `kpr_tc` (and empty program), loaded beside this one and run on the same packets right after this build's, so that the machine's drift cannot come between them.\n", cfg.packet_samples, packets::ROUNDS);
         let _ = writeln!(
             md,
             "| services | path | median ns | trimmed mean ns | p90 ns | vs same path at {} |\n|---:|---|---:|---:|---:|---:|",

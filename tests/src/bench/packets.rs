@@ -11,11 +11,11 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use proxy_common::{NOOP_PROGRAM, TC_EXTERNAL_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM};
+use proxy_common::{NOOP_PROGRAM, TC_EXTERNAL_PROGRAM, TC_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM};
 
-use super::{median, percentile, service_vip, services_desired, BenchConfig};
+use super::{baseline::Baseline, median, percentile, service_vip, services_desired, BenchConfig};
 use crate::{
-    dataplane::Loaded,
+    dataplane::{Loaded, RunResult},
     packet::{self, TCP_ACK, TCP_SYN},
 };
 
@@ -59,6 +59,18 @@ pub const XDP_NEW_FLOW: &str = "XDP, from outside: new flow (select, track, DNAT
 pub const XDP_ESTABLISHED: &str = "XDP, from outside: established flow (DNAT)";
 pub const TC_EXTERNAL_NEW_FLOW: &str = "TC external, from outside: new flow (select, track, DNAT)";
 pub const TC_EXTERNAL_ESTABLISHED: &str = "TC external, from outside: established flow (DNAT)";
+/// The same paths of the baseline build (`--baseline-object`), sampled
+/// packet for packet beside this build's.
+pub const BASELINE_FLOOR: &str = "baseline build: empty program (floor)";
+pub const BASELINE_NEW_FLOW: &str = "baseline build: new flow (SYN: select, track, DNAT)";
+pub const BASELINE_ESTABLISHED: &str = "baseline build: established flow (tracked, DNAT)";
+pub const BASELINE_REPLY: &str = "baseline build: reply (reverse NAT)";
+pub const BASELINE_PATHS: [(&str, &str); 4] = [
+    (BASELINE_FLOOR, FLOOR),
+    (BASELINE_NEW_FLOW, NEW_FLOW),
+    (BASELINE_ESTABLISHED, ESTABLISHED),
+    (BASELINE_REPLY, REPLY),
+];
 pub const PATHS: [&str; 12] = [
     FLOOR,
     NO_MATCH,
@@ -110,6 +122,9 @@ struct Sized {
     target: Ipv4Addr,
     next_client: usize,
     samples: Vec<Vec<f64>>,
+    baseline: Option<Baseline>,
+    /// By `BASELINE_PATHS`.
+    baseline_samples: Vec<Vec<f64>>,
 }
 
 impl Sized {
@@ -128,8 +143,33 @@ impl Sized {
         };
         let syn = |i: usize| packet::tcp(client(base + i), (target, 80), TCP_SYN).frame();
         let mut ns: Vec<Vec<f64>> = vec![Vec::with_capacity(count); PATHS.len()];
+        let mut base_ns: Vec<Vec<f64>> = vec![Vec::with_capacity(count); BASELINE_PATHS.len()];
+        // The baseline build's run of the same packet, right after this
+        // build's: (kernel-measured ns, output frame).
+        let baseline = self.baseline.as_ref();
+        let base_one = |program: &str, frame: &[u8]| -> Result<Option<(f64, Vec<u8>)>> {
+            let Some(b) = baseline else { return Ok(None) };
+            let r = b.run_program(program, frame)?;
+            Ok(Some((r.duration.as_nanos() as f64, r.frame)))
+        };
+        // Which build runs a packet first alternates: the second run finds
+        // the kernel's own test-run path warm.
+        let both = |i: usize, ours: &dyn Fn() -> Result<RunResult>, program: &str, frame: &[u8]| {
+            if i.is_multiple_of(2) {
+                let r = ours()?;
+                Ok::<_, anyhow::Error>((r, base_one(program, frame)?))
+            } else {
+                let b = base_one(program, frame)?;
+                Ok((ours()?, b))
+            }
+        };
         for i in 0..count {
-            ns[0].push(one(&syn(i), Some(NOOP_PROGRAM))?);
+            let frame = syn(i);
+            let (r, b) = both(i, &|| dp.run_program(NOOP_PROGRAM, &frame, 1), NOOP_PROGRAM, &frame)?;
+            ns[0].push(r.duration.as_nanos() as f64);
+            if let Some((t, _)) = b {
+                base_ns[0].push(t);
+            }
         }
         // A connection's first packet finds the filter words for its tuples
         // out of cache; its later packets find them where the first left
@@ -153,24 +193,44 @@ impl Sized {
                 None,
             )?);
         }
-        let mut chosen = Vec::with_capacity(count);
-        for i in 0..count {
-            let r = dp.run(&syn(i))?;
-            ns[4].push(r.duration.as_nanos() as f64);
-            let f = &r.frame;
-            chosen.push((
+        let backend_of = |f: &[u8]| {
+            (
                 Ipv4Addr::new(f[30], f[31], f[32], f[33]),
                 u16::from_be_bytes([f[36], f[37]]),
-            ));
+            )
+        };
+        let mut chosen = Vec::with_capacity(count);
+        let mut base_chosen = Vec::with_capacity(count);
+        for i in 0..count {
+            let frame = syn(i);
+            let (r, b) = both(i, &|| dp.run(&frame), TC_PROGRAM, &frame)?;
+            ns[4].push(r.duration.as_nanos() as f64);
+            chosen.push(backend_of(&r.frame));
+            if let Some((t, out)) = b {
+                base_ns[1].push(t);
+                base_chosen.push(backend_of(&out));
+            }
         }
         for i in 0..count {
-            ns[5].push(one(
-                &packet::tcp(client(base + i), (target, 80), TCP_ACK).frame(),
-                None,
-            )?);
+            let ack = packet::tcp(client(base + i), (target, 80), TCP_ACK).frame();
+            let (r, b) = both(i, &|| dp.run(&ack), TC_PROGRAM, &ack)?;
+            ns[5].push(r.duration.as_nanos() as f64);
+            if let Some((t, _)) = b {
+                base_ns[2].push(t);
+            }
         }
         for (i, &backend) in chosen.iter().enumerate() {
-            ns[6].push(one(&packet::tcp(backend, client(base + i), TCP_ACK).frame(), None)?);
+            let reply = packet::tcp(backend, client(base + i), TCP_ACK).frame();
+            // The baseline build answers from the backend it chose.
+            let base_reply = base_chosen
+                .get(i)
+                .map(|&b| packet::tcp(b, client(base + i), TCP_ACK).frame())
+                .unwrap_or_else(|| reply.clone());
+            let (r, b) = both(i, &|| dp.run(&reply), TC_PROGRAM, &base_reply)?;
+            ns[6].push(r.duration.as_nanos() as f64);
+            if let Some((t, _)) = b {
+                base_ns[3].push(t);
+            }
         }
         // From outside, as the external interface sees it: through XDP, and
         // through the TC program alone (each on its own clients).
@@ -195,6 +255,9 @@ impl Sized {
             for (all, new) in self.samples.iter_mut().zip(ns) {
                 all.extend(new);
             }
+            for (all, new) in self.baseline_samples.iter_mut().zip(base_ns) {
+                all.extend(new);
+            }
         }
         Ok(())
     }
@@ -210,12 +273,22 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
         dp.load_extra(NOOP_PROGRAM)?;
         dp.load_extra_xdp(XDP_PASS_PROGRAM)?;
         dp.program(&services_desired(n, &backends))?;
+        let baseline = match &cfg.baseline_object {
+            Some(path) => {
+                let mut b = Baseline::load(path)?;
+                b.program(n, &backends)?;
+                Some(b)
+            }
+            None => None,
+        };
         sized.push(Sized {
             services: n,
             dp,
             target: service_vip(n - 1),
             next_client: 0,
             samples: vec![Vec::new(); PATHS.len()],
+            baseline,
+            baseline_samples: vec![Vec::new(); BASELINE_PATHS.len()],
         });
     }
     let per_round = cfg.packet_samples.div_ceil(ROUNDS);
@@ -234,7 +307,9 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Vec<Row>> {
     }
     let mut rows = Vec::new();
     for s in sized {
-        for (path, ns) in PATHS.iter().zip(s.samples) {
+        let baseline = BASELINE_PATHS.iter().map(|(path, _)| path);
+        let measured = PATHS.iter().zip(s.samples).chain(baseline.zip(s.baseline_samples));
+        for (path, ns) in measured.filter(|(_, ns)| !ns.is_empty()) {
             rows.push(Row {
                 services: s.services,
                 path,

@@ -27,6 +27,7 @@ fn main() -> Result<()> {
             "--rounds" => cfg.rounds = value("a number")?.parse()?,
             "--only" => cfg.only.push(value("datapath, packets or control")?),
             "--skip-rule-loads" => cfg.skip_rule_loads = true,
+            "--baseline-object" => cfg.baseline_object = Some(value("an eBPF object")?.into()),
             // Connection-rate sizes, every dataplane compared at each.
             "--sizes" => {
                 cfg.compared_services = value("sizes, comma separated")?
@@ -36,7 +37,7 @@ fn main() -> Result<()> {
                 cfg.kpr_only_services.clear();
             }
             other => anyhow::bail!(
-                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads, --sizes N,N)"
+                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads, --sizes N,N, --baseline-object FILE)"
             ),
         }
     }

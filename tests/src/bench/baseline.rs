@@ -1,0 +1,129 @@
+//! An earlier build of the data path, loaded beside the current one so that
+//! its per-packet cost is sampled in the same run, packet for packet
+//! (`--baseline-object`): a before/after comparison that the machine's drift
+//! between runs cannot blur.
+//!
+//! Only what every build since the ClusterIP data path has in common is
+//! used: `kpr_tc`, `kpr_noop`, and the layouts of the first version of
+//! `SERVICES` (id, backend count, affinity timeout, flags), `BACKENDS` and
+//! `FILTER` (whose frontend bits are computed as they always were).
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, HashMap, Map, MapData},
+    programs::SchedClassifier,
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{
+    filter_bits, map_name, BackendKey, ServiceKey, FRONTEND_HALF, IPPROTO_TCP, NOOP_PROGRAM, TC_PROGRAM,
+};
+
+use crate::{
+    bpffs::BpffsMount,
+    dataplane::{Loaded, RunResult},
+};
+
+/// `SERVICES`' value as the first builds laid it out.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FirstServiceValue {
+    id: u32,
+    backend_count: u32,
+    affinity_timeout: u32,
+    flags: u32,
+}
+
+/// `BACKENDS`' value, the same in every build (address, port, 16 bits).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FirstBackend {
+    addr: u32,
+    port: u16,
+    flags: u16,
+}
+
+// SAFETY: plain #[repr(C)] integers without padding.
+unsafe impl aya::Pod for FirstServiceValue {}
+unsafe impl aya::Pod for FirstBackend {}
+
+pub struct Baseline {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    // Last: unmounted after the maps and programs are closed.
+    _bpffs: BpffsMount,
+}
+
+impl Baseline {
+    /// Loads the object at `path` with its maps pinned in a bpffs of its own.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bpffs = BpffsMount::new()?;
+        let pin_dir = bpffs.path.join("baseline");
+        std::fs::create_dir_all(&pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(&object)
+            .context("loading the baseline object")?;
+        for name in [TC_PROGRAM, NOOP_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the baseline has no {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading the baseline's {name}"))?;
+        }
+        Ok(Baseline {
+            ebpf,
+            pin_dir,
+            _bpffs: bpffs,
+        })
+    }
+
+    fn map(&self, name: &str) -> Result<MapData> {
+        Ok(MapData::from_pin(self.pin_dir.join(name))?)
+    }
+
+    /// `n` ClusterIP services on port 80 (`super::service_vip`) over
+    /// `backends`, as the daemon of that build would write them.
+    pub fn program(&mut self, n: usize, backends: &[(Ipv4Addr, u16)]) -> Result<()> {
+        let mut services: HashMap<MapData, ServiceKey, FirstServiceValue> =
+            HashMap::try_from(Map::HashMap(self.map(map_name::SERVICES)?))?;
+        let mut slots: HashMap<MapData, BackendKey, FirstBackend> =
+            HashMap::try_from(Map::HashMap(self.map(map_name::BACKENDS)?))?;
+        let mut filter: Array<MapData, u64> = Array::try_from(Map::Array(self.map(map_name::FILTER)?))?;
+        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for slot in 0..backends.len() as u32 {
+            let (addr, port) = backends[slot as usize];
+            let backend = FirstBackend {
+                addr: proxy_common::addr_to_map(addr),
+                port: port.to_be(),
+                flags: 0,
+            };
+            for id in 0..n as u32 {
+                slots.insert(BackendKey { service_id: id, slot }, backend, 0)?;
+            }
+        }
+        for id in 0..n {
+            let key = ServiceKey::new(super::service_vip(id), 80, IPPROTO_TCP);
+            let value = FirstServiceValue {
+                id: id as u32,
+                backend_count: backends.len() as u32,
+                ..Default::default()
+            };
+            services.insert(key, value, 0)?;
+            for bit in filter_bits(key.addr, key.port, key.proto) {
+                *words.entry(FRONTEND_HALF + (bit >> 6)).or_default() |= 1u64 << (bit & 63);
+            }
+        }
+        for (index, word) in words {
+            filter.set(index, word, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn run_program(&self, name: &str, frame: &[u8]) -> Result<RunResult> {
+        Loaded::run_in(&self.ebpf, name, frame, 1)
+    }
+}
