@@ -229,6 +229,11 @@ pub async fn run(config: Config) -> Result<()> {
         if !kept {
             loader::forget(&config.pin_dir, &iface);
         }
+        // An earlier run's XDP link stays attached until unpinned: with XDP
+        // off now, it goes (with it on, `refresh_xdp` takes it over).
+        if config.xdp == XdpSetting::Off {
+            loader::detach_xdp(&config.pin_dir, &iface);
+        }
     }
     loader::accept_local_on_lo()?;
     let mut attacher = Attacher {

@@ -649,5 +649,13 @@ fn external_traffic_through_xdp_ends_as_through_tc() {
             spread(&[("web-0", 2), ("web-1", 2), ("web-2", 2)]),
             "{mode}: the LoadBalancer IP"
         );
+        // Restarted without XDP, the daemon takes the earlier run's off.
+        cluster.stop_daemon().unwrap();
+        cluster.start_daemon().unwrap();
+        for node in &cluster.nodes {
+            let link = node.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+            assert!(!link.contains("kpr_xdp"), "{mode}: XDP left on {}:\n{link}", node.name);
+        }
+        assert_node_ports_spread(&cluster, 3, &format!("{mode}, then off: "));
     }
 }
