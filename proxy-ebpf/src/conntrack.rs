@@ -218,23 +218,22 @@ fn insert_reply(pkt: &Packet, flow: &Flow, flags: u64) -> Result<(), i32> {
     Ok(())
 }
 
-/// Records the request direction of `flow` under `key` (the tuple as the
-/// client sends it), `snat` when its source is translated too, having seen
-/// `seen` (`SEEN_*`).
+/// Records the request direction of `flow`, as `pkt` opens it: keyed by
+/// the tuple as the client sends it.
 #[inline(always)]
-fn insert_request(key: &FlowKey, flow: &Flow, snat: bool, seen: u8, flags: u64) -> Result<(), i32> {
-    let mut nat_flags = 0;
-    if snat {
-        nat_flags |= NAT_SNAT | NAT_REDIRECT;
+fn insert_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
+    let mut flags = 0;
+    if flow.source_nated(pkt) {
+        flags |= NAT_SNAT | NAT_REDIRECT;
     }
     if flow.redirect_replies {
-        nat_flags |= NAT_REPLY_REDIRECT;
+        flags |= NAT_REPLY_REDIRECT;
     }
     let to_backend = NatEntry {
         addr: flow.backend.addr,
         port: flow.backend.port,
-        flags: nat_flags,
-        seen,
+        flags,
+        seen: pkt.end_flags(),
         service_id: flow.service_id,
         slot: flow.slot,
         nat_addr: flow.source.addr,
@@ -242,19 +241,7 @@ fn insert_request(key: &FlowKey, flow: &Flow, snat: bool, seen: u8, flags: u64) 
         _pad: 0,
         last_seen: now_secs(),
     };
-    CONNTRACK.insert(key, &to_backend, flags)
-}
-
-/// The request direction of `flow`, as `pkt` opens it.
-#[inline(always)]
-fn insert_opening_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
-    insert_request(
-        &pkt.flow_key(),
-        flow,
-        flow.source_nated(pkt),
-        pkt.end_flags(),
-        BPF_ANY as u64,
-    )
+    CONNTRACK.insert(&pkt.flow_key(), &to_backend, BPF_ANY as u64)
 }
 
 /// Records both directions of `flow`, which keeps the source it has.
@@ -264,7 +251,7 @@ fn insert_opening_request(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
 #[inline(always)]
 pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
     insert_reply(pkt, flow, BPF_ANY as u64)?;
-    insert_opening_request(pkt, flow)
+    insert_request(pkt, flow)
 }
 
 /// Records a new flow that keeps its source, unless another flow's replies
@@ -276,7 +263,7 @@ pub fn create(pkt: &Packet, flow: &Flow) -> Result<(), i32> {
 #[inline(always)]
 pub fn create_new(pkt: &Packet, flow: &mut Flow) -> Result<(), NatError> {
     if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
-        return insert_opening_request(pkt, flow).map_err(|_| NatError::Map);
+        return insert_request(pkt, flow).map_err(|_| NatError::Map);
     }
     let reply_key = flow_key(flow.backend, flow.source, pkt.proto);
     let ours = lookup(&reply_key)
@@ -323,7 +310,7 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
     if !claimed {
         return Err(NatError::Exhausted);
     }
-    insert_opening_request(pkt, flow).map_err(|_| NatError::Map)
+    insert_request(pkt, flow).map_err(|_| NatError::Map)
 }
 
 /// A new connection straight to an address that once answered for a

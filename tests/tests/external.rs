@@ -79,19 +79,24 @@ fn expose(cluster: &Cluster, exposure: Exposure, ready: &[&str]) {
     }
 }
 
-/// `n` TCP connections (kept open until the end, so no source port is
-/// reused) and `n` UDP flows from `ns` to `to_tcp` / `to_udp`: every answer.
+/// `n` TCP connections and `n` UDP flows from `ns` to `to_tcp` / `to_udp`:
+/// every answer. Sockets stay open until the end, so that no source port is
+/// reused: a UDP flow on a tuple seen before is the same flow (netfilter's
+/// meaning), which keeps its backend and would skew the rotation.
 fn requests(ns: &Netns, to_tcp: SocketAddr, to_udp: SocketAddr, n: usize) -> Vec<Reply> {
-    let mut keep = Vec::new();
+    let mut connections = Vec::new();
+    let mut sockets = Vec::new();
     let mut replies = Vec::new();
     for _ in 0..n {
         let mut conn = connect(ns, to_tcp).unwrap();
         replies.push(conn.request().unwrap());
-        keep.push(conn);
+        connections.push(conn);
     }
     for _ in 0..n {
+        let socket = Datagrams::open(ns).unwrap();
         // `request` checks the answer comes from the address dialled.
-        replies.push(Datagrams::open(ns).unwrap().request(to_udp).unwrap());
+        replies.push(socket.request(to_udp).unwrap());
+        sockets.push(socket);
     }
     replies
 }
