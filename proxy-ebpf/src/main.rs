@@ -143,9 +143,6 @@ pub fn kpr_tc_host(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
-    // A translated packet goes on through the hook (TC_ACT_UNSPEC: the next
-    // program, a CNI's network policy say, still sees it; with none, it
-    // passes), as an untouched one does.
     // Translated by XDP already (see `xdp`): only its forwarding may be
     // left to do.
     if ORIGIN == origin::OUTSIDE {
@@ -156,6 +153,9 @@ fn run<const ORIGIN: u8>(ctx: &TcContext) -> i32 {
         }
     }
     let verdict = process::<TcContext, ORIGIN>(ctx);
+    // A translated packet goes on through the hook (TC_ACT_UNSPEC: the next
+    // program, a CNI's network policy say, still sees it; with none, it
+    // passes), as an untouched one does.
     let action = match verdict.action {
         BY_FIB => nat::forward_by_fib(ctx, verdict.src, verdict.dst),
         UNTOUCHED => TC_ACT_UNSPEC,
