@@ -219,23 +219,15 @@ impl Ipv4 {
 /// The ICMP port unreachable kpr answers `request` with, from `request`'s
 /// destination to its source, Ethernet addresses swapped: the request's
 /// IPv4 header and L4 header quoted (RFC 792 asks for 8 bytes or more; a
-/// TCP header is quoted whole).
+/// TCP header is quoted whole), in an IPv4 header with identification 0.
 pub fn port_unreachable(request: &Ipv4) -> Vec<u8> {
-    let original = request.bytes();
     let l4 = if request.proto() == 6 { 20 } else { 8 };
-    let quote = &original[..20 + request.options.len() + l4];
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(quote);
-    let c = checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
-    ip.extend_from_slice(&request.dst.octets());
-    ip.extend_from_slice(&request.src.octets());
-    let c = checksum(&ip, 0);
+    let quoted = 20 + request.options.len() + l4;
+    let mut ip = icmp_error(request.dst, request.src, ICMP_PORT_UNREACHABLE, 0, request, quoted).bytes();
+    ip[4..6].copy_from_slice(&[0, 0]);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20], 0);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(&icmp);
     let mut frame = ethernet(ETH_P_IP, &ip);
     let (dst, src) = frame.split_at_mut(6);
     dst.swap_with_slice(&mut src[..6]);
