@@ -642,3 +642,29 @@ fn xdp_then_tc_ends_every_frame_as_tc_alone_does() {
         "both nodes counted the same verdicts"
     );
 }
+
+/// A fragmented datagram from outside to a backend on another node: the
+/// first fragment is source-NATed and sent out by the FIB; the later one
+/// follows it, both addresses translated, sent out the same way.
+#[test]
+fn fragments_of_a_source_nated_datagram_follow_the_first() {
+    let node = Node::new();
+    let mut query = packet::udp((CLIENT, 40200), (NODE, 30090));
+    if let packet::L4::Udp { payload, .. } = &mut query.l4 {
+        *payload = vec![5; 64];
+    }
+    let [first, later] = query.fragmented(16);
+    let (verdict, out) = node.run(TC_EXTERNAL_PROGRAM, &first);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the first fragment: sent out by the FIB");
+    let port = nat_port(&out);
+    let sent = query.clone().with_src((NODE, port)).with_dst((REMOTE.ip, REMOTE.port));
+    let [first_sent, later_sent] = sent.fragmented(16);
+    assert_eq!(hex(&out), hex(&first_sent.frame()), "the first fragment");
+    node.expect_outside(
+        "the later fragment",
+        &later,
+        TC_ACT_REDIRECT,
+        &later_sent,
+        Stat::Established,
+    );
+}
