@@ -27,6 +27,11 @@ mod reject;
 mod sock;
 mod xdp;
 
+// Rare branches are marked cold so that LLVM lays their code out after the
+// common paths': a packet meets the program with a cold instruction cache
+// more often than not, and every cache line the common path spans counts.
+use core::hint::cold_path;
+
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS},
@@ -220,12 +225,14 @@ fn process<F: Frame, const ORIGIN: u8>(frame: &F) -> Verdict {
         Err(ParseError::OtherProtocol) => return Verdict::untouched(Stat::NoMatch),
     };
     if pkt.proto == IPPROTO_ICMP {
+        cold_path();
         return match frame.tc() {
             Some(ctx) => icmp_error::<ORIGIN>(ctx, &pkt),
             None => Verdict::untouched(Stat::NoMatch),
         };
     }
     if pkt.fragment == Fragment::Later {
+        cold_path();
         return match frame.tc() {
             Some(ctx) => later_fragment::<ORIGIN>(ctx, &mut pkt),
             None => Verdict::untouched(Stat::Fragment),
@@ -345,6 +352,7 @@ fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceV
     let Some((slot, backend)) = lb::select_backend(svc, from_outside, pkt.src as u64) else {
         // No endpoint anywhere: refused. An empty local-only set (a Local
         // traffic policy) is dropped, as kube-proxy does.
+        cold_path();
         if svc.flags & SVC_REJECT != 0 {
             let Some(ctx) = frame.tc() else {
                 return Verdict::untouched(Stat::Rejected);
@@ -402,9 +410,11 @@ fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceV
 #[inline(always)]
 fn translate<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, flow: &Flow, stat: Stat) -> Verdict {
     if nat::rewrite(frame, pkt, flow.source, flow.backend).is_err() {
+        cold_path();
         return Verdict::drop(Stat::Error);
     }
     if pkt.fragment == Fragment::First {
+        cold_path();
         fragments::remember(pkt);
     }
     if ORIGIN == origin::HOST || flow.source_nated(pkt) {
@@ -419,9 +429,11 @@ fn reverse_translate(ctx: &TcContext, pkt: &Packet, entry: &NatEntry) -> Verdict
     let service = conntrack::rewritten_to(entry);
     let client = conntrack::other_end(entry, pkt.destination());
     if nat::rewrite(ctx, pkt, service, client).is_err() {
+        cold_path();
         return Verdict::drop(Stat::Error);
     }
     if pkt.fragment == Fragment::First {
+        cold_path();
         fragments::remember(pkt);
     }
     if entry.flags & NAT_REDIRECT != 0 {

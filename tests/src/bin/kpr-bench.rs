@@ -7,7 +7,7 @@ use kpr_testbed::bench::{self, BenchConfig};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let mut out = PathBuf::from("docs/benchmarks.md");
+    let mut out = None;
     let mut cfg = BenchConfig::full();
     let mut command = "cargo xtask bench".to_string();
     let mut recorded = Vec::new();
@@ -21,13 +21,19 @@ fn main() -> Result<()> {
             Ok(v)
         };
         match arg.as_str() {
-            "--out" => out = args.next().context("--out needs a path")?.into(),
+            "--out" => out = Some(PathBuf::from(args.next().context("--out needs a path")?)),
             "--smoke" => cfg = BenchConfig::smoke(),
             "--requests" => cfg.requests = value("a number")?.parse()?,
             "--rounds" => cfg.rounds = value("a number")?.parse()?,
             "--only" => cfg.only.push(value("datapath, packets or control")?),
             "--skip-rule-loads" => cfg.skip_rule_loads = true,
             "--baseline-object" => cfg.baseline_object = Some(value("an eBPF object")?.into()),
+            "--packet-sizes" => {
+                cfg.packet_services = value("sizes, comma separated")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
             // Connection-rate sizes, every dataplane compared at each.
             "--sizes" => {
                 cfg.compared_services = value("sizes, comma separated")?
@@ -37,7 +43,7 @@ fn main() -> Result<()> {
                 cfg.kpr_only_services.clear();
             }
             other => anyhow::bail!(
-                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads, --sizes N,N, --baseline-object FILE)"
+                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --only PART, --skip-rule-loads, --sizes N,N, --packet-sizes N,N, --baseline-object FILE)"
             ),
         }
     }
@@ -54,6 +60,15 @@ fn main() -> Result<()> {
             .stdout,
     )?;
     let markdown = report.to_markdown(&cfg, &command, date.trim());
+    // Only a whole run replaces the committed report; a part of one is
+    // written beside the build.
+    let out = out.unwrap_or_else(|| {
+        PathBuf::from(if cfg.only.is_empty() {
+            "docs/benchmarks.md"
+        } else {
+            "target/benchmarks-partial.md"
+        })
+    });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
