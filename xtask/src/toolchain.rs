@@ -28,6 +28,10 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "iptables",
     "nftables",
+    // The external path's packet generator (trafgen), and emptying
+    // netfilter's flow table between runs.
+    "netsniff-ng",
+    "conntrack",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";

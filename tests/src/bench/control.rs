@@ -129,11 +129,13 @@ fn load_kube_proxy_rules(n: usize, per: usize, results: &mut Results) -> Result<
     let tmp = std::env::temp_dir().join(unique_id());
     std::fs::create_dir_all(&tmp)?;
     let rule_services: Vec<rules::RuleService> = (0..n)
-        .map(|i| rules::RuleService {
-            name: format!("svc-{i}"),
-            vip: service_vip(i),
-            port: 80,
-            endpoints: (0..per).map(|e| (endpoint_ip(i, e), 8080)).collect(),
+        .map(|i| {
+            rules::RuleService::cluster_ip(
+                format!("svc-{i}"),
+                service_vip(i),
+                80,
+                (0..per).map(|e| (endpoint_ip(i, e), 8080)).collect(),
+            )
         })
         .collect();
     results.iptables_restore_s = load_rules(

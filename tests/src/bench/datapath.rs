@@ -146,19 +146,14 @@ fn one_endpoint_vip(n: usize) -> Ipv4Addr {
 
 fn rule_services(n: usize, backends: &[(Ipv4Addr, u16)]) -> Vec<rules::RuleService> {
     let mut services: Vec<rules::RuleService> = (0..n)
-        .map(|i| rules::RuleService {
-            name: format!("svc-{i}"),
-            vip: service_vip(i),
-            port: HTTP_PORT,
-            endpoints: backends.to_vec(),
-        })
+        .map(|i| rules::RuleService::cluster_ip(format!("svc-{i}"), service_vip(i), HTTP_PORT, backends.to_vec()))
         .collect();
-    services.push(rules::RuleService {
-        name: "svc-one".into(),
-        vip: one_endpoint_vip(n),
-        port: HTTP_PORT,
-        endpoints: backends[1..2].to_vec(),
-    });
+    services.push(rules::RuleService::cluster_ip(
+        "svc-one".into(),
+        one_endpoint_vip(n),
+        HTTP_PORT,
+        backends[1..2].to_vec(),
+    ));
     services
 }
 

@@ -5,6 +5,7 @@ pub mod ab;
 pub mod baseline;
 pub mod control;
 pub mod datapath;
+pub mod external;
 pub mod nginx;
 pub mod packets;
 pub mod quiet;
@@ -40,6 +41,11 @@ pub struct BenchConfig {
     /// An earlier build's eBPF object, whose per-packet cost is sampled
     /// beside this build's, packet for packet (`baseline`).
     pub baseline_object: Option<std::path::PathBuf>,
+    /// Rounds of the external path's connection-rate runs.
+    pub external_rounds: usize,
+    /// Rounds and length of the external path's packet-rate windows.
+    pub packet_rate_rounds: usize,
+    pub packet_rate_seconds: f64,
 }
 
 impl BenchConfig {
@@ -63,6 +69,9 @@ impl BenchConfig {
             only: Vec::new(),
             skip_rule_loads: false,
             baseline_object: None,
+            external_rounds: 8,
+            packet_rate_rounds: 5,
+            packet_rate_seconds: 2.0,
         }
     }
 
@@ -83,6 +92,60 @@ impl BenchConfig {
             only: Vec::new(),
             skip_rule_loads: false,
             baseline_object: None,
+            external_rounds: 1,
+            packet_rate_rounds: 1,
+            packet_rate_seconds: 0.3,
+        }
+    }
+}
+
+impl Report {
+    fn external_markdown(&self, cfg: &BenchConfig, md: &mut String) {
+        let e = &self.external;
+        if e.rates.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "\n## The external path\n\nA two-node namespace cluster per dataplane (nginx in three pods on the receiving node and one on the other; a client host outside the cluster on their LAN): none (the client routed to the pod through the receiving node), kpr with XDP (`kpr run --xdp native`), kpr with its TC program only (`--xdp off`), kube-proxy's iptables layout and its nftables layout, NodePorts included, as kube-proxy writes them (KUBE-NODEPORTS after every ClusterIP rule; the `service-nodeports` map). kpr is the release daemon, reading the Services as manifests. Besides the measured Services, each size adds that many ClusterIP Services (three endpoints each). `ab -n {} -c {}` from the outside host, a new TCP connection per request; {} rounds; every run is preceded and followed by a direct run to the same pods, *vs direct* is the median over rounds of the run's rate over the mean of those two, and the order reverses every other round. Every run starts from an empty flow table: kpr's conntrack map and netfilter's conntrack (`conntrack -F`) are emptied before it, so every connection chooses a backend. The direct row compares each direct run with the two around it: the spread of that row is the noise floor. The *to the pod IP* rows reach the pod directly through a node running kpr: the cost of the hooks merely being there.\n", cfg.requests, cfg.concurrency, cfg.external_rounds);
+        let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | p50 ms | p99 ms | failed |\n|---:|---|---:|---:|---:|---:|---:|---:|");
+        for r in &e.rates {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.0} | {:.0} | {} |",
+                r.services,
+                r.config,
+                r.requests_per_s,
+                r.ratio,
+                r.ratio_range.0,
+                r.ratio_range.1,
+                r.p50_ms,
+                r.p99_ms,
+                r.failed
+            );
+        }
+        let _ = writeln!(md, "\n### Packet rate\n\n`trafgen` (netsniff-ng) on the outside host, pinned to one CPU, sends minimal UDP datagrams as fast as it can to a UDP NodePort (Local policy, three endpoints on the receiving node; direct: to one of those pods through the node), from one source port or from 1,000 in turn; *delivered* counts the datagrams reaching the pods' interfaces, over {:.1} s windows, {} rounds, at {} services; each kpr or kube-proxy window is compared with the direct windows on either side of it. Everything shares the machine's two cores with the generator, so these are rates of the whole machine, not of a NIC: where *delivered* matches *offered*, the generator was the bottleneck and the rate says how fast it could send beside that dataplane. *machine CPU ns/packet* is the whole machine's busy CPU time over the window per datagram sent (the generator's share, the same in every configuration, included): the differences between rows are the receiving node's cost. A veth hands its XDP program skbs from its peer, which it must copy into XDP buffers first (a NIC hands XDP its own DMA buffers): XDP on a veth pays for that copy, which no NIC driver does.\n", cfg.packet_rate_seconds, cfg.packet_rate_rounds, e.packet_services);
+        let _ = writeln!(md, "| configuration | flows | offered pps | delivered pps | vs direct | rounds' range | machine CPU ns/packet |\n|---|---:|---:|---:|---:|---:|---:|");
+        for r in &e.packets {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.0} |",
+                r.dataplane,
+                r.flows,
+                r.offered_pps,
+                r.delivered_pps,
+                r.ratio,
+                r.ratio_range.0,
+                r.ratio_range.1,
+                r.cpu_ns_per_packet
+            );
+        }
+        let _ = writeln!(md, "\nThe same generator, 1,000 flows, to the Service's load balancer IP, whose `loadBalancerSourceRanges` leave the outside host out: datagrams dropped per second, as counted by the dropper (kpr's `source_denied` counter; the iptables firewall rule's counter).\n");
+        let _ = writeln!(md, "| configuration | offered pps | dropped pps | rounds' range | machine CPU ns/packet |\n|---|---:|---:|---:|---:|");
+        for r in &e.drops {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0}–{:.0} | {:.0} |",
+                r.dataplane, r.offered_pps, r.dropped_pps, r.dropped_range.0, r.dropped_range.1, r.cpu_ns_per_packet
+            );
         }
     }
 }
@@ -179,6 +242,7 @@ pub struct Report {
     pub datapath: datapath::Results,
     pub packets: Vec<packets::Row>,
     pub control: control::Results,
+    pub external: external::Results,
 }
 
 pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Report> {
@@ -198,10 +262,16 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Report> {
     } else {
         datapath::Results::default()
     };
+    let external = if wanted("external") {
+        external::run(cfg, progress)?
+    } else {
+        external::Results::default()
+    };
     Ok(Report {
         datapath,
         packets,
         control,
+        external,
     })
 }
 
@@ -304,6 +374,7 @@ impl Report {
                 }
             }
         }
+        self.external_targets(&mut out);
         let c = &self.control;
         out.push((
             format!(
@@ -324,6 +395,99 @@ impl Report {
             c.rss_mb < 100.0,
         ));
         out
+    }
+
+    /// The external path's targets (issue 12), where that part ran.
+    fn external_targets(&self, out: &mut Vec<(String, String, bool)>) {
+        use external::Dataplane;
+        let e = &self.external;
+        let worst = |dataplane: Dataplane, remote: bool| {
+            e.rates
+                .iter()
+                .filter(|r| r.dataplane == dataplane.label() && r.remote == remote && !r.pod_ip)
+                .min_by(|a, b| a.ratio.total_cmp(&b.ratio))
+        };
+        if let Some(r) = worst(Dataplane::KprXdp, false) {
+            out.push((
+                "from outside to a NodePort (Local policy, local endpoints), kpr with XDP >= 0.95x direct, every size"
+                    .into(),
+                format!("worst {:.2}x ({} services)", r.ratio, r.services),
+                r.ratio >= 0.95,
+            ));
+        }
+        for (label, dataplane) in [("TC only", Dataplane::KprTc)] {
+            if let Some(r) = worst(dataplane, false) {
+                out.push((
+                    format!("from outside to that NodePort, kpr {label} >= 0.95x direct, every size"),
+                    format!("worst {:.2}x ({} services)", r.ratio, r.services),
+                    r.ratio >= 0.95,
+                ));
+            }
+        }
+        if let Some(r) = self.datapath.worst(&["kpr TC path only"]) {
+            out.push((
+                "to a ClusterIP, kpr's TC path (clients the socket hooks cannot see) >= 0.95x direct, every size"
+                    .into(),
+                format!("worst {:.2}x ({}, {} services)", r.ratio, r.config, r.services),
+                r.ratio >= 0.95,
+            ));
+        }
+        let largest = e
+            .rates
+            .iter()
+            .filter(|r| r.dataplane == Dataplane::Iptables.label())
+            .map(|r| r.services)
+            .max();
+        if let Some(n) = largest {
+            let rate = |d: Dataplane| e.rate(n, d, false).map(|r| r.requests_per_s);
+            if let (Some(kpr), Some(nft), Some(ipt)) = (
+                rate(Dataplane::KprXdp),
+                rate(Dataplane::Nftables),
+                rate(Dataplane::Iptables),
+            ) {
+                out.push((
+                    format!("that NodePort at {n} services: kpr (XDP) >= the nftables layout"),
+                    format!("{:.2}x", kpr / nft),
+                    kpr >= nft,
+                ));
+                out.push((
+                    format!("that NodePort at {n} services: kpr (XDP) >= 3x the iptables layout"),
+                    format!("{:.2}x", kpr / ipt),
+                    kpr >= 3.0 * ipt,
+                ));
+            }
+        }
+        let delivered = |d: Dataplane, flows: u32| {
+            e.packets
+                .iter()
+                .find(|r| r.dataplane == d.label() && r.flows == flows)
+                .map(|r| r.delivered_pps)
+        };
+        let ratios: Vec<(f64, u32)> = e
+            .packets
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    delivered(Dataplane::KprXdp, r.flows)? / delivered(Dataplane::KprTc, r.flows)?,
+                    r.flows,
+                ))
+            })
+            .collect();
+        if let Some(&(ratio, flows)) = ratios.iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
+            out.push((
+                "UDP packets delivered per second through a NodePort: XDP >= 1.5x kpr's TC path".into(),
+                format!("worst {ratio:.2}x ({flows} flows)"),
+                ratio >= 1.5,
+            ));
+        }
+        let dropped = |d: Dataplane| e.drops.iter().find(|r| r.dataplane == d.label()).map(|r| r.dropped_pps);
+        if let (Some(xdp), Some(ipt)) = (dropped(Dataplane::KprXdp), dropped(Dataplane::Iptables)) {
+            out.push((
+                "packets from a denied source dropped per second: XDP >= 3x iptables".into(),
+                format!("{:.2}x", xdp / ipt),
+                xdp >= 3.0 * ipt,
+            ));
+        }
     }
 
     pub fn to_markdown(&self, cfg: &BenchConfig, command: &str, date: &str) -> String {
@@ -405,6 +569,8 @@ impl Report {
                 r.trimmed_mean_ns / base
             );
         }
+
+        self.external_markdown(cfg, &mut md);
 
         let c = &self.control;
         let _ = writeln!(md, "\n## Control plane\n\n{} Services x {} endpoints, served by the in-tree test API server (real list/watch over HTTP) to the release-built daemon.\n", c.services, c.endpoints_per_service);

@@ -25,7 +25,7 @@ fn main() -> Result<()> {
             "--smoke" => cfg = BenchConfig::smoke(),
             "--requests" => cfg.requests = value("a number")?.parse()?,
             "--rounds" => cfg.rounds = value("a number")?.parse()?,
-            "--only" => cfg.only.push(value("datapath, packets or control")?),
+            "--only" => cfg.only.push(value("datapath, packets, control or external")?),
             "--skip-rule-loads" => cfg.skip_rule_loads = true,
             "--baseline-object" => cfg.baseline_object = Some(value("an eBPF object")?.into()),
             "--packet-sizes" => {
