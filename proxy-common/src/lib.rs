@@ -356,6 +356,13 @@ pub const SEEN_STREAM: u8 = 4;
 /// backend's side may linger in TIME_WAIT a moment longer, and a new SYN on
 /// its tuple is accepted there).
 pub const FLOW_TCP_CLOSED_SECS: u32 = 10;
+/// A closed TCP connection's NAT port is free for a new flow to take over
+/// sooner: a whole second after its last packet (times are whole seconds),
+/// by when the final ACK has passed. The port is the scarce thing (4,536
+/// per backend per node); a new SYN on the tuple the backend may still hold
+/// in TIME_WAIT is accepted there when its sequence or timestamp is newer,
+/// as with netfilter's reuse of TIME_WAIT tuples.
+pub const FLOW_NAT_TAKEOVER_CLOSED_SECS: u32 = 2;
 /// A TCP connection never answered: a SYN to a backend that is gone, a
 /// scan (netfilter keeps SYN_SENT 120 s; Cilium 60 s).
 pub const FLOW_TCP_UNREPLIED_SECS: u32 = 60;
@@ -477,6 +484,19 @@ impl NatEntry {
     /// (recorded by a version that kept none) is never judged expired: its
     /// first packet, or the daemon's sweep, gives it one.
     pub fn flow_expired(request: Option<&NatEntry>, reply: Option<&NatEntry>, proto: u8, now: u32) -> bool {
+        Self::flow_expired_after(request, reply, proto, now, FLOW_TCP_CLOSED_SECS)
+    }
+
+    /// `flow_expired`, with closed TCP connections judged ended `closed_secs`
+    /// after their last packet (`FLOW_NAT_TAKEOVER_CLOSED_SECS` for a NAT
+    /// port's takeover).
+    pub fn flow_expired_after(
+        request: Option<&NatEntry>,
+        reply: Option<&NatEntry>,
+        proto: u8,
+        now: u32,
+        closed_secs: u32,
+    ) -> bool {
         let last_seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.last_seen);
         let last = core::cmp::max(last_seen(request), last_seen(reply));
         if last == 0 {
@@ -495,7 +515,7 @@ impl NatEntry {
         let (back, forth) = (seen(reply), seen(request));
         let closed = (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0;
         let limit = if closed {
-            FLOW_TCP_CLOSED_SECS
+            closed_secs
         } else if !replied {
             FLOW_TCP_UNREPLIED_SECS
         } else {
@@ -863,6 +883,26 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_closed_connections_nat_port_is_taken_over_sooner() {
+        let now = 1_000_000;
+        let takeover = FLOW_NAT_TAKEOVER_CLOSED_SECS;
+        let judged = |seen: u8, last: u32, closed_secs| {
+            let request = entry(seen, last);
+            let reply = entry(seen, last);
+            NatEntry::flow_expired_after(Some(&request), Some(&reply), IPPROTO_TCP, now, closed_secs)
+        };
+        // Closed, last packet `takeover` seconds ago: the port is free, the
+        // entries are not swept yet.
+        assert!(judged(SEEN_FIN, now - takeover, takeover));
+        assert!(!judged(SEEN_FIN, now - takeover, FLOW_TCP_CLOSED_SECS));
+        // Closed in the current or the previous whole second: held.
+        assert!(!judged(SEEN_FIN, now - takeover + 1, takeover));
+        assert!(!judged(SEEN_RST, now, takeover));
+        // Open: held as long as ever.
+        assert!(!judged(0, now - takeover, takeover));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! NAT ports for flows whose source is translated too.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    FlowKey, NatEntry, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY,
-    NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
+    FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES,
+    NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
 };
 
 use crate::{
@@ -114,7 +114,14 @@ fn reclaim_if_ended(reply_key: &FlowKey, proto: u8) -> bool {
     }
     let request_key = reply.other_direction(reply_key);
     let request = lookup(&request_key);
-    if !NatEntry::flow_expired(request.as_ref(), Some(&reply), proto, now_secs()) {
+    let now = now_secs();
+    if !NatEntry::flow_expired_after(
+        request.as_ref(),
+        Some(&reply),
+        proto,
+        now,
+        FLOW_NAT_TAKEOVER_CLOSED_SECS,
+    ) {
         return false;
     }
     let _ = CONNTRACK.remove(&request_key);

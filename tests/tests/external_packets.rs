@@ -19,8 +19,8 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    Stat, FLOW_TCP_CLOSED_SECS, NAT_PORT_MAX, NAT_PORT_MIN, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM,
-    XDP_PROGRAM,
+    Stat, FLOW_NAT_TAKEOVER_CLOSED_SECS, NAT_PORT_MAX, NAT_PORT_MIN, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM,
+    TC_PROGRAM, XDP_PROGRAM,
 };
 use proxy_user::model::{
     objects::{Cidr, ObjectName, Protocol},
@@ -361,8 +361,9 @@ fn running_out_of_nat_ports_is_counted_and_dropped() {
 #[test]
 fn the_nat_port_of_a_flow_that_ended_is_taken_over() {
     let node = Node::new();
-    // Reset, and quiet for longer than the grace period.
-    hold_every_nat_port(&node, monotonic_secs() - FLOW_TCP_CLOSED_SECS - 1, SEEN_RST);
+    // Reset, and quiet for longer than the takeover's grace period (though
+    // not yet swept).
+    hold_every_nat_port(&node, monotonic_secs() - FLOW_NAT_TAKEOVER_CLOSED_SECS, SEEN_RST);
     let syn = packet::tcp((CLIENT, 45000), (NODE, 30090), TCP_SYN);
     let (verdict, out) = node.run(TC_EXTERNAL_PROGRAM, &syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
