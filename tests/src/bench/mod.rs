@@ -108,46 +108,56 @@ impl Report {
         let _ = writeln!(md, "\n## The external path\n\nA two-node namespace cluster per dataplane (nginx in three pods on the receiving node and one on the other; a client host outside the cluster on their LAN): none (the client routed to the pod through the receiving node), kpr with XDP (`kpr run --xdp native`), kpr with its TC program only (`--xdp off`), kube-proxy's iptables layout and its nftables layout, NodePorts included, as kube-proxy writes them (KUBE-NODEPORTS after every ClusterIP rule; the `service-nodeports` map). kpr is the release daemon, reading the Services as manifests. Besides the measured Services, each size adds that many ClusterIP Services (three endpoints each). `ab -n {} -c {}` from the outside host, a new TCP connection per request; {} rounds; every run is preceded and followed by a direct run to the same pods, *vs direct* is the median over rounds of the run's rate over the mean of those two, and the order reverses every other round. Every run starts from an empty flow table: kpr's conntrack map and netfilter's conntrack (`conntrack -F`) are emptied before it, so every connection chooses a backend. The direct row compares each direct run with the two around it: the spread of that row is the noise floor. The *to the pod IP* rows reach the pod directly through a node running kpr: the cost of the hooks merely being there.\n", cfg.requests, cfg.concurrency, cfg.external_rounds);
         let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | p50 ms | p99 ms | failed |\n|---:|---|---:|---:|---:|---:|---:|---:|");
         for r in &e.rates {
-            let _ = writeln!(
+            table_row(
                 md,
-                "| {} | {} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.0} | {:.0} | {} |",
-                r.services,
-                r.config,
-                r.requests_per_s,
-                r.ratio,
-                r.ratio_range.0,
-                r.ratio_range.1,
-                r.p50_ms,
-                r.p99_ms,
-                r.failed
+                &[
+                    r.services.to_string(),
+                    r.config.clone(),
+                    format!("{:.0}", r.requests_per_s),
+                    format!("{:.2}x", r.ratio),
+                    format!("{:.2}–{:.2}", r.ratio_range.0, r.ratio_range.1),
+                    format!("{:.0}", r.p50_ms),
+                    format!("{:.0}", r.p99_ms),
+                    r.failed.to_string(),
+                ],
             );
         }
         let _ = writeln!(md, "\n### Packet rate\n\n`trafgen` (netsniff-ng) on the outside host, pinned to one CPU, sends minimal UDP datagrams as fast as it can to a UDP NodePort (Local policy, three endpoints on the receiving node; direct: to one of those pods through the node), from one source port or from 1,000 in turn; *delivered* counts the datagrams reaching the pods' interfaces, over {:.1} s windows, {} rounds, at {} services; each kpr or kube-proxy window is compared with the direct windows on either side of it. Everything shares the machine's two cores with the generator, so these are rates of the whole machine, not of a NIC: where *delivered* matches *offered*, the generator was the bottleneck and the rate says how fast it could send beside that dataplane. *machine CPU ns/packet* is the whole machine's busy CPU time over the window per datagram sent (the generator's share, the same in every configuration, included): the differences between rows are the receiving node's cost. A veth hands its XDP program skbs from its peer, which it must copy into XDP buffers first (a NIC hands XDP its own DMA buffers): XDP on a veth pays for that copy, which no NIC driver does.\n", cfg.packet_rate_seconds, cfg.packet_rate_rounds, e.packet_services);
         let _ = writeln!(md, "| configuration | flows | offered pps | delivered pps | vs direct | rounds' range | machine CPU ns/packet |\n|---|---:|---:|---:|---:|---:|---:|");
         for r in &e.packets {
-            let _ = writeln!(
+            table_row(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.0} |",
-                r.dataplane,
-                r.flows,
-                r.offered_pps,
-                r.delivered_pps,
-                r.ratio,
-                r.ratio_range.0,
-                r.ratio_range.1,
-                r.cpu_ns_per_packet
+                &[
+                    r.dataplane.to_string(),
+                    r.flows.to_string(),
+                    format!("{:.0}", r.offered_pps),
+                    format!("{:.0}", r.delivered_pps),
+                    format!("{:.2}x", r.ratio),
+                    format!("{:.2}–{:.2}", r.ratio_range.0, r.ratio_range.1),
+                    format!("{:.0}", r.cpu_ns_per_packet),
+                ],
             );
         }
         let _ = writeln!(md, "\nThe same generator, 1,000 flows, to the Service's load balancer IP, whose `loadBalancerSourceRanges` leave the outside host out: datagrams dropped per second, as counted by the dropper (kpr's `source_denied` counter; the iptables firewall rule's counter).\n");
         let _ = writeln!(md, "| configuration | offered pps | dropped pps | rounds' range | machine CPU ns/packet |\n|---|---:|---:|---:|---:|");
         for r in &e.drops {
-            let _ = writeln!(
+            table_row(
                 md,
-                "| {} | {:.0} | {:.0} | {:.0}–{:.0} | {:.0} |",
-                r.dataplane, r.offered_pps, r.dropped_pps, r.dropped_range.0, r.dropped_range.1, r.cpu_ns_per_packet
+                &[
+                    r.dataplane.to_string(),
+                    format!("{:.0}", r.offered_pps),
+                    format!("{:.0}", r.dropped_pps),
+                    format!("{:.0}–{:.0}", r.dropped_range.0, r.dropped_range.1),
+                    format!("{:.0}", r.cpu_ns_per_packet),
+                ],
             );
         }
     }
+}
+
+/// One row of a Markdown table.
+fn table_row(md: &mut String, cells: &[String]) {
+    let _ = writeln!(md, "| {} |", cells.join(" | "));
 }
 
 /// Which CPU a benchmark process is kept on.
