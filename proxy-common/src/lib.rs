@@ -73,18 +73,45 @@ pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 
 /// Source ports of flows NATed to this node's address (externalTrafficPolicy
-/// Cluster with a backend on another node; hairpin). Above Linux's default
-/// ephemeral range (32768-60999) and the NodePort range (30000-32767), so a
-/// NATed flow never takes a port the node's own sockets use. A port is
-/// unique per (backend address, backend port, protocol), so each backend
-/// can have this many NATed flows from one node at once.
-pub const NAT_PORT_MIN: u16 = 61_000;
-pub const NAT_PORT_MAX: u16 = 65_535;
+/// Cluster with a backend on another node; hairpin): every unprivileged
+/// port outside Linux's default ephemeral range (32768-60999) and the
+/// NodePort range (30000-32767), so a NATed flow never takes a port the
+/// node's own connections draw (listening sockets never see a NATed flow's
+/// packets: its replies are translated before the stack). A port is unique
+/// per (backend address, backend port, protocol), so each backend can have
+/// `NAT_PORT_COUNT` NATed flows from one node at once. As many as possible:
+/// a backend keeps a port's tuple in TIME_WAIT for 60 s after a connection
+/// it closed, and a new SYN on it is refused there when its timestamp is
+/// older (clients offset their timestamps per connection), which costs the
+/// client a second. With only 61000-65535, the external benchmark's
+/// sustained connections met such a tuple almost every time.
+pub const NAT_PORT_RANGES: [(u16, u16); 2] = [(1_024, 29_999), (61_000, 65_535)];
+const NAT_PORTS_LOW: u32 = (NAT_PORT_RANGES[0].1 - NAT_PORT_RANGES[0].0) as u32 + 1;
+pub const NAT_PORT_COUNT: u32 = NAT_PORTS_LOW + (NAT_PORT_RANGES[1].1 - NAT_PORT_RANGES[1].0) as u32 + 1;
+
+/// The `index`th NAT port, counting through `NAT_PORT_RANGES` in order
+/// (`index` below `NAT_PORT_COUNT`).
+pub const fn nat_port(index: u32) -> u16 {
+    if index < NAT_PORTS_LOW {
+        NAT_PORT_RANGES[0].0 + index as u16
+    } else {
+        NAT_PORT_RANGES[1].0 + (index - NAT_PORTS_LOW) as u16
+    }
+}
+
+/// Whether `port` is one `nat_port` gives.
+pub fn is_nat_port(port: u16) -> bool {
+    NAT_PORT_RANGES.iter().any(|&(low, high)| (low..=high).contains(&port))
+}
+
 /// How many ports a new flow tries (from a hash of its client, in a stride
-/// coprime to the range, so all distinct) before it counts as NAT
+/// coprime to `NAT_PORT_COUNT`, so all distinct) before it counts as NAT
 /// exhaustion: with 90% of a backend's ports held, 3% of new flows fail
 /// (16 tries: 19%).
 pub const NAT_PORT_TRIES: u32 = 32;
+/// The stride between a flow's tries: a prime that does not divide
+/// `NAT_PORT_COUNT`.
+pub const NAT_PORT_STRIDE: u32 = 7_919;
 
 /// Sockets connected through the socket-level balancer whose service
 /// address `getpeername` restores (least recently connected evicted first).
@@ -883,6 +910,35 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn nat_ports_count_through_both_ranges_and_every_try_is_distinct() {
+        assert_eq!(nat_port(0), 1_024);
+        assert_eq!(nat_port(NAT_PORTS_LOW - 1), 29_999);
+        assert_eq!(nat_port(NAT_PORTS_LOW), 61_000);
+        assert_eq!(nat_port(NAT_PORT_COUNT - 1), 65_535);
+        assert_eq!(NAT_PORT_COUNT, 33_512);
+        for index in [0, 1, NAT_PORTS_LOW - 1, NAT_PORTS_LOW, NAT_PORT_COUNT - 1] {
+            assert!(is_nat_port(nat_port(index)));
+        }
+        for port in [1_023, 30_000, 32_768, 60_999] {
+            assert!(!is_nat_port(port), "{port}");
+        }
+        // The stride is coprime to the count: any seed's tries are distinct.
+        let gcd = |mut a: u32, mut b: u32| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        assert_eq!(gcd(NAT_PORT_STRIDE, NAT_PORT_COUNT), 1);
+        let mut tries = [0u32; NAT_PORT_TRIES as usize];
+        for (i, t) in tries.iter_mut().enumerate() {
+            *t = (12_345 + i as u32 * NAT_PORT_STRIDE) % NAT_PORT_COUNT;
+        }
+        tries.sort_unstable();
+        assert!(tries.windows(2).all(|w| w[0] != w[1]));
     }
 
     #[test]

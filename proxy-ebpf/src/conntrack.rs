@@ -3,8 +3,8 @@
 //! NAT ports for flows whose source is translated too.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_PORT_TRIES,
-    NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
+    nat_port, FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_COUNT, NAT_PORT_STRIDE,
+    NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
 };
 
 use crate::{
@@ -295,11 +295,10 @@ pub enum NatError {
 /// tuple, so clients spread over the range.
 #[inline(always)]
 pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
-    let range = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
     let seed = (pkt.src ^ ((pkt.sport as u32) << 16) ^ pkt.dst ^ pkt.dport as u32).wrapping_mul(0x9E37_79B1);
     let mut claimed = false;
     for i in 0..NAT_PORT_TRIES {
-        let port = NAT_PORT_MIN + ((seed >> 16).wrapping_add(i.wrapping_mul(7919)) % range) as u16;
+        let port = nat_port((seed >> 16).wrapping_add(i.wrapping_mul(NAT_PORT_STRIDE)) % NAT_PORT_COUNT);
         flow.source = Endpoint {
             addr: node_addr,
             port: port.to_be(),

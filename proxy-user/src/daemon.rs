@@ -378,9 +378,9 @@ impl SyncLoop {
                 dropped = now - self.nat_exhausted,
                 total = now,
                 "new flows dropped: every NAT port tried towards their backend is held by a live flow \
-                 (ports {}-{} per backend; see kpr_datapath_packets_total{{verdict=\"nat_exhausted\"}})",
-                proxy_common::NAT_PORT_MIN,
-                proxy_common::NAT_PORT_MAX
+                 ({} ports per backend: {:?}; see kpr_datapath_packets_total{{verdict=\"nat_exhausted\"}})",
+                proxy_common::NAT_PORT_COUNT,
+                proxy_common::NAT_PORT_RANGES
             );
         }
         self.nat_exhausted = now;

@@ -179,9 +179,9 @@ pub fn hold_nat_ports(
     seen: u8,
     nated: bool,
 ) -> Result<()> {
-    use proxy_common::{FlowKey, NatEntry, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, NAT_REPLY, NAT_SNAT};
+    use proxy_common::{nat_port, FlowKey, NatEntry, IPPROTO_TCP, NAT_PORT_COUNT, NAT_REPLY, NAT_SNAT};
     let mut flows = maps::FlowMaps::open(pin_dir)?;
-    for port in NAT_PORT_MIN..=NAT_PORT_MAX {
+    for port in (0..NAT_PORT_COUNT).map(nat_port) {
         let key = FlowKey {
             src_addr: proxy_common::addr_to_map(backend.0),
             dst_addr: proxy_common::addr_to_map(node),

@@ -19,8 +19,7 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    Stat, FLOW_NAT_TAKEOVER_CLOSED_SECS, NAT_PORT_MAX, NAT_PORT_MIN, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM,
-    TC_PROGRAM, XDP_PROGRAM,
+    Stat, FLOW_NAT_TAKEOVER_CLOSED_SECS, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
 };
 use proxy_user::model::{
     objects::{Cidr, ObjectName, Protocol},
@@ -192,7 +191,7 @@ fn nat_port(frame: &[u8]) -> u16 {
     let ((src, port), _) = endpoints_of(frame);
     assert_eq!(src, NODE, "source-NATed to the node's address");
     assert!(
-        (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+        proxy_common::is_nat_port(port),
         "NAT port {port} outside the documented range"
     );
     port
