@@ -385,7 +385,7 @@ pub const SEEN_STREAM: u8 = 4;
 pub const FLOW_TCP_CLOSED_SECS: u32 = 10;
 /// A closed TCP connection's NAT port is free for a new flow to take over
 /// sooner: a whole second after its last packet (times are whole seconds),
-/// by when the final ACK has passed. The port is the scarce thing (4,536
+/// by when the final ACK has passed. The port is the scarce thing (33,512
 /// per backend per node); a new SYN on the tuple the backend may still hold
 /// in TIME_WAIT is accepted there when its sequence or timestamp is newer,
 /// as with netfilter's reuse of TIME_WAIT tuples.
