@@ -447,6 +447,13 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 };
                 let accounted = if config.on_tc_cluster() { &kpr_tc } else { &kpr };
                 let before = program.map(|p| accounted.kernel_stats(p)).transpose()?;
+                // Every run from an empty flow table: no connection finds a
+                // backend chosen in an earlier run.
+                if config.is_kpr() {
+                    super::empty_kpr_flow_table(&node.cluster.pin_dir)?;
+                } else if config != Config::Direct && config != Config::Floor {
+                    super::empty_netfilter_flow_table(&node.cluster.node().name)?;
+                }
                 let result = node.ab(config.client(), config.socket_lb(), target, cfg)?;
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {

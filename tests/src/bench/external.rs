@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use proxy_common::{Stat, IPPROTO_TCP};
-use proxy_user::dataplane::maps::{read_stats, FlowMaps};
+use proxy_user::dataplane::maps::read_stats;
 
 use super::{
     ab,
@@ -344,17 +344,9 @@ impl Site {
     /// from an empty table (netfilter's for kube-proxy's layouts).
     fn empty_flow_table(&self) -> Result<()> {
         if self.dataplane.is_kpr() {
-            let mut flows = FlowMaps::open(&self.cluster.nodes[0].pin_dir)?;
-            for (key, _) in flows.entries()? {
-                flows.remove(&key)?;
-            }
+            super::empty_kpr_flow_table(&self.cluster.nodes[0].pin_dir)?;
         } else if matches!(self.dataplane, Dataplane::Iptables | Dataplane::Nftables) {
-            // `conntrack -F` exits non-zero when the table is empty already.
-            let _ = Command::new("ip")
-                .args(["netns", "exec", &self.cluster.node().name, "conntrack", "-F"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
+            super::empty_netfilter_flow_table(&self.cluster.node().name)?;
         }
         Ok(())
     }

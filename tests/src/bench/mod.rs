@@ -155,6 +155,28 @@ impl Report {
     }
 }
 
+/// Forgets every flow kpr tracks on the node pinned at `pin_dir`, so that a
+/// measured run's connections all choose a backend.
+pub fn empty_kpr_flow_table(pin_dir: &std::path::Path) -> Result<()> {
+    let mut flows = proxy_user::dataplane::maps::FlowMaps::open(pin_dir)?;
+    for (key, _) in flows.entries()? {
+        flows.remove(&key)?;
+    }
+    Ok(())
+}
+
+/// The same for netfilter's conntrack in the network namespace `ns`
+/// (kube-proxy's layouts).
+pub fn empty_netfilter_flow_table(ns: &str) -> Result<()> {
+    // `conntrack -F` exits non-zero when the table is empty already.
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "conntrack", "-F"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    Ok(())
+}
+
 /// One row of a Markdown table.
 fn table_row(md: &mut String, cells: &[String]) {
     let _ = writeln!(md, "| {} |", cells.join(" | "));
@@ -528,7 +550,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included; that accounting costs two clock reads per program run, so it is on in the last round only, and only that round gives this column.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. Every run starts from an empty flow table (kpr's conntrack map, emptied through its pin; netfilter's, with `conntrack -F`), so every connection it translates chooses a backend. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included; that accounting costs two clock reads per program run, so it is on in the last round only, and only that round gives this column.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
             cfg.requests, cfg.concurrency, cfg.rounds
         );
         let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
