@@ -285,6 +285,15 @@ impl Cluster {
         })
     }
 
+    /// The test's own directory (logs, manifests, scratch files), removed
+    /// with the cluster.
+    pub fn dir(&self) -> PathBuf {
+        self.manifests
+            .parent()
+            .expect("manifests live in the test's directory")
+            .to_path_buf()
+    }
+
     pub fn api(&self) -> &ApiServer {
         self.api.as_ref().expect("the cluster was started with_api_server()")
     }

@@ -39,12 +39,7 @@ impl Node {
         // retransmit: an artifact of the benchmark, not of any dataplane.
         spec.pods.extend(CLIENTS.iter().map(|c| c.to_string()));
         let cluster = Cluster::start(spec)?;
-        let dir = cluster
-            .pin_dir
-            .parent()
-            .and_then(|p| p.parent())
-            .context("cluster dir")?
-            .to_path_buf();
+        let dir = cluster.dir();
         let nginx = (0..3)
             .map(|i| Nginx::start(&cluster.pods[i].ns, &cluster.pods[i].name, &dir))
             .collect::<Result<Vec<_>>>()?;
@@ -353,13 +348,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
     let nft = Node::start()?;
     let mut kpr = Kpr::attach(&kpr_node)?;
     let mut kpr_tc = Kpr::attach(&kpr_tc_node)?;
-    let scratch = kpr_node
-        .cluster
-        .pin_dir
-        .parent()
-        .and_then(|p| p.parent())
-        .context("dir")?
-        .to_path_buf();
+    let scratch = kpr_node.cluster.dir();
     let direct_ifaces = direct.interfaces()?;
     kpr.noop()?.load()?;
 

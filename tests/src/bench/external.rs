@@ -119,12 +119,7 @@ impl Site {
             .without_daemon()
             .with_default_timings();
         let mut cluster = Cluster::start(spec)?;
-        let scratch = cluster
-            .pin_dir
-            .parent()
-            .and_then(|p| p.parent())
-            .context("cluster dir")?
-            .to_path_buf();
+        let scratch = cluster.dir();
         let nginx = cluster
             .pods
             .iter()
