@@ -52,6 +52,18 @@ pub const XDP_PROGRAM: &str = "kpr_xdp";
 pub const XDP_PASS_PROGRAM: &str = "kpr_xdp_pass";
 /// A classifier that does nothing, for benchmarks' floor.
 pub const NOOP_PROGRAM: &str = "kpr_noop";
+/// Test harness only, never attached by the daemon: the XDP switch of a
+/// namespace cluster's LAN. On a LAN port, it sends a frame addressed to a
+/// member's `WIRE_MAC_PREFIX` address straight to that member's port
+/// (`WIRE_PORTS_MAP`, indexed by the address's last byte), so the member
+/// receives a bare frame, as from a NIC, instead of an skb its XDP program
+/// would first have to copy; anything else goes on to the bridge.
+pub const XDP_WIRE_PROGRAM: &str = "kpr_xdp_wire";
+pub const WIRE_PORTS_MAP: &str = "WIRE_PORTS";
+/// Locally administered, "kpr", 0: a LAN member's address is this and its
+/// index in `WIRE_PORTS_MAP`.
+pub const WIRE_MAC_PREFIX: [u8; 5] = [0x02, 0x6b, 0x70, 0x72, 0x00];
+pub const MAX_WIRE_PORTS: u32 = 16;
 /// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
 /// that point a TCP socket at a backend when it connects to a service, so
 /// its packets need no per-packet translation.

@@ -206,6 +206,23 @@ pub fn kpr_xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The test harness's LAN switch (see `proxy_common::XDP_WIRE_PROGRAM`).
+/// Never attached by the daemon.
+#[xdp]
+pub fn kpr_xdp_wire(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let Ok(dst) = parse::read::<[u8; 6]>(data, end, 0) else {
+        return XDP_PASS;
+    };
+    if dst[..5] != proxy_common::WIRE_MAC_PREFIX {
+        return XDP_PASS;
+    }
+    // A member without a port passes (flags: the action when no entry).
+    match maps::WIRE_PORTS.redirect(dst[5] as u32, XDP_PASS as u64) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
 /// Does nothing: the floor the benchmarks measure `kpr_tc` against. Never
 /// attached by the daemon.
 #[classifier]

@@ -5,13 +5,13 @@ use core::intrinsics::{atomic_or, AtomicOrdering};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FragmentKey, FragmentPorts, NatEntry,
     NodeConfig, ServiceKey, ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS,
     FRONTEND_HALF, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_SERVICES, MAX_SOCKET_PEERS,
-    MAX_SOURCE_RANGES,
+    MAX_SOURCE_RANGES, MAX_WIRE_PORTS,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -117,6 +117,11 @@ pub fn mark_backend(addr: u32, port: u16, proto: u8) {
         }
     }
 }
+
+/// The test harness's LAN switch (`kpr_xdp_wire`): member index -> LAN
+/// port. Not pinned; the daemon never fills it.
+#[map]
+pub static WIRE_PORTS: DevMap = DevMap::with_max_entries(MAX_WIRE_PORTS, 0);
 
 #[inline(always)]
 pub fn count(stat: Stat) {

@@ -33,6 +33,13 @@ const POD_GATEWAY: &str = "169.254.1.1";
 const VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 pub const POD_PORT: u16 = 8080;
 
+/// The outside host's index among the LAN's members (its MAC's last byte).
+const OUTSIDE_MEMBER: u8 = 0;
+
+fn node_member(i: usize) -> u8 {
+    i as u8 + 1
+}
+
 /// Node `i`'s address on the LAN.
 pub fn node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + i as u8)
@@ -179,7 +186,7 @@ impl Cluster {
         cluster.bpffs = Some(bpffs);
 
         let outside = Netns::new(&format!("{id}-out"))?;
-        cluster.join_lan(&outside, "out", OUTSIDE_IP)?;
+        cluster.join_lan(&outside, "out", OUTSIDE_MEMBER, OUTSIDE_IP)?;
         cluster.outside = Some(outside);
 
         let pods_by_node = std::iter::once(&spec.pods).chain(&spec.more_nodes);
@@ -232,8 +239,81 @@ impl Cluster {
         Ok(())
     }
 
-    /// Plugs `ns` into the LAN through a veth (`eth0` inside, `peer` on the bridge).
-    fn join_lan(&self, ns: &Netns, peer: &str, ip: Ipv4Addr) -> Result<()> {
+    /// Makes the LAN a switch like a NIC-to-NIC wire for frames between
+    /// its members (`proxy_common::XDP_WIRE_PROGRAM` on every LAN port):
+    /// a member receives a bare frame, which its XDP program runs on where
+    /// it lies, as on a NIC, instead of an skb that a veth first copies
+    /// into an XDP buffer (the copy costs more than a whole XDP program).
+    /// A member's `eth0` takes such frames in only with an XDP program of
+    /// its own: the nodes in `own_xdp` get theirs from their daemon, every
+    /// other member one that passes everything (so every dataplane meets
+    /// the same wire).
+    pub fn switch_lan_by_xdp(&mut self, own_xdp: &[usize]) -> Result<()> {
+        if self.lan_xdp.is_some() {
+            bail!("the LAN already has its XDP programs");
+        }
+        let lan = self.lan.as_ref().context("no LAN")?;
+        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
+        std::fs::create_dir_all(&pins)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(proxy_user::dataplane::EBPF_OBJECT)?;
+        let mut members: Vec<(&Netns, String, u8)> = vec![(self.outside(), "out".into(), OUTSIDE_MEMBER)];
+        for (i, node) in self.nodes.iter().enumerate() {
+            members.push((&node.ns, format!("n{i}"), node_member(i)));
+        }
+        let mut ports: aya::maps::DevMap<_> = ebpf
+            .take_map(proxy_common::WIRE_PORTS_MAP)
+            .context("no wire ports map")?
+            .try_into()?;
+        for (_, port, member) in &members {
+            let name = std::ffi::CString::new(port.as_str())?;
+            // SAFETY: a NUL-terminated name; returns 0 when there is none.
+            let index = lan.run(|| unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+            if index == 0 {
+                bail!("no LAN port {port}");
+            }
+            // The kernel looks the index up in the updating thread's
+            // namespace.
+            lan.run(|| ports.set(*member as u32, index, None, 0))??;
+        }
+        let wire: &mut aya::programs::Xdp = ebpf
+            .program_mut(proxy_common::XDP_WIRE_PROGRAM)
+            .context("no XDP wire program")?
+            .try_into()?;
+        wire.load()?;
+        for (_, port, _) in &members {
+            lan.run(|| wire.attach(port, aya::programs::XdpMode::Driver))?
+                .with_context(|| format!("XDP wire on the LAN's {port}"))?;
+        }
+        let pass: &mut aya::programs::Xdp = ebpf
+            .program_mut(proxy_common::XDP_PASS_PROGRAM)
+            .context("no XDP pass program")?
+            .try_into()?;
+        pass.load()?;
+        for (i, (ns, _, _)) in members.iter().enumerate() {
+            // A frame sent on as it lies keeps no note that its checksum
+            // is the NIC's to finish (a node forwards its pods' packets
+            // so): the kernel must finish it before the wire, as it does
+            // for a NIC without checksum offload.
+            ns.send_full_checksums("eth0")?;
+            // Member 0 is the outside host; node i is member i + 1.
+            if i > 0 && own_xdp.contains(&(i - 1)) {
+                continue;
+            }
+            ns.run(|| pass.attach("eth0", aya::programs::XdpMode::Driver))?
+                .with_context(|| format!("XDP pass on {}'s eth0", ns.name))?;
+        }
+        // The map lives as long as the programs using it do.
+        drop(ports);
+        self.lan_xdp = Some(ebpf);
+        Ok(())
+    }
+
+    /// Plugs `ns` into the LAN through a veth (`eth0` inside, `peer` on the
+    /// bridge), with the address of LAN member `member` (see
+    /// `switch_lan_by_xdp`).
+    fn join_lan(&self, ns: &Netns, peer: &str, member: u8, ip: Ipv4Addr) -> Result<()> {
         let lan = self.lan.as_ref().expect("the LAN is built first");
         sh(
             "ip",
@@ -244,6 +324,9 @@ impl Cluster {
         )?;
         lan.ip(&["link", "set", peer, "master", "br0"])?;
         lan.ip(&["link", "set", peer, "up"])?;
+        let [a, b, c, d, e] = proxy_common::WIRE_MAC_PREFIX;
+        let mac = format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{member:02x}");
+        ns.ip(&["link", "set", "eth0", "address", &mac])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
@@ -258,7 +341,7 @@ impl Cluster {
         ] {
             ns.sysctl(key, value)?;
         }
-        self.join_lan(&ns, &format!("n{i}"), node_ip(i))?;
+        self.join_lan(&ns, &format!("n{i}"), node_member(i), node_ip(i))?;
         // host-gw: every other node's pod CIDR through that node.
         for other in (0..count).filter(|&o| o != i) {
             ns.ip(&[
@@ -305,6 +388,12 @@ impl Cluster {
     /// The first node's namespace.
     pub fn node(&self) -> &Netns {
         &self.nodes[0].ns
+    }
+
+    /// The LAN's namespace: the bridge and the LAN's ends of the members'
+    /// veths (`out`, and `n<i>` for node i).
+    pub fn lan(&self) -> &Netns {
+        self.lan.as_ref().expect("the LAN exists while the cluster does")
     }
 
     pub fn outside(&self) -> &Netns {

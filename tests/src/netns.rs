@@ -83,6 +83,26 @@ impl Netns {
         })?
     }
 
+    /// Runs `iface`'s NAPI polling (the receive processing of what it is
+    /// handed by XDP) in kernel threads of its own, instead of on the
+    /// sending CPU; returns their thread ids, for pinning.
+    pub fn thread_napi(&self, iface: &str) -> Result<Vec<i32>> {
+        let before = napi_threads()?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                &format!("echo 1 > /sys/class/net/{iface}/threaded"),
+            ],
+        )
+        .with_context(|| format!("threaded NAPI on {iface} in {}", self.name))?;
+        Ok(napi_threads()?.into_iter().filter(|t| !before.contains(t)).collect())
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         sh(
             "ip",
@@ -118,4 +138,20 @@ impl Drop for Netns {
         }
         let _ = sh("ip", &["netns", "del", &self.name]);
     }
+}
+
+/// Every NAPI kernel thread on the machine.
+fn napi_threads() -> Result<Vec<i32>> {
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("napi/") {
+            threads.push(pid);
+        }
+    }
+    Ok(threads)
 }
