@@ -29,7 +29,7 @@ use super::{
     datapath::load_rules,
     median,
     nginx::{Nginx, HTTP_PORT},
-    quiet, rules, service_vip, BenchConfig,
+    pin_thread, quiet, rules, service_vip, BenchConfig, Cpu,
 };
 use crate::{
     cluster::{node_ip, node_name, OUTSIDE_IP},
@@ -44,6 +44,9 @@ const LOCAL_NODE_PORT: u16 = 30080;
 const REMOTE_NODE_PORT: u16 = 30081;
 /// UDP, externalTrafficPolicy Local, to the pods' discard port.
 const UDP_NODE_PORT: u16 = 30053;
+/// UDP, externalTrafficPolicy Cluster, to the other node's pod: what the
+/// node forwards (with source NAT) rather than delivers.
+const UDP_REMOTE_NODE_PORT: u16 = 30054;
 const DISCARD_PORT: u16 = 9;
 /// The UDP service's load balancer IP, admitting only `ADMITTED_RANGE`
 /// (the outside client is not in it).
@@ -52,7 +55,7 @@ const ADMITTED_RANGE: &str = "203.0.113.0/24";
 /// The outside host's second address, for a kpr cluster's runs to a pod IP.
 const POD_IP_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 101);
 /// Distinct flows of the packet-rate runs (source ports counted up).
-const FLOW_COUNTS: [u32; 2] = [1, 1000];
+pub const FLOW_COUNTS: [u32; 2] = [1, 1000];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Dataplane {
@@ -125,7 +128,8 @@ impl Site {
             .iter()
             .map(|p| Nginx::start(&p.ns, &p.name, &scratch))
             .collect::<Result<Vec<_>>>()?;
-        let sinks = cluster.pods[..LOCAL_PODS]
+        let sinks = cluster
+            .pods
             .iter()
             .map(|p| -> Result<UdpSocket> { Ok(p.ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DISCARD_PORT)))??) })
             .collect::<Result<Vec<_>>>()?;
@@ -155,9 +159,12 @@ impl Site {
         // them (a veth passes partial ones, which XDP cannot fix up); in
         // every configuration alike.
         cluster.outside().send_full_checksums("eth0")?;
-        if dataplane == Dataplane::KprXdp {
-            cluster.take_in_xdp_frames_on_the_lan()?;
-        }
+        // The LAN hands the nodes bare frames, as a NIC does, for every
+        // dataplane alike: a veth would hand an XDP program an skb to copy
+        // first, a cost of the test bed that no NIC has (and, paid on the
+        // LAN's ports too, one that fell on the XDP configuration alone).
+        let own_xdp: &[usize] = if dataplane == Dataplane::KprXdp { &[0] } else { &[] };
+        cluster.switch_lan_by_xdp(own_xdp)?;
         let mut site = Site {
             dataplane,
             cluster,
@@ -173,6 +180,19 @@ impl Site {
             _ => {}
         }
         site.daemon_started = dataplane.is_kpr();
+        // The receiving node gets a core of its own, as a machine of its
+        // own would: what its interface takes in is processed in NAPI
+        // threads on the servers' core; what it sends onto the LAN (and so
+        // the LAN, the other node and the outside host) is processed on the
+        // client's. Its core's busy time is then the node's cost alone.
+        for (ns, iface, cpu) in [
+            (site.cluster.node(), "eth0", Cpu::Servers),
+            (site.cluster.lan(), "n0", Cpu::Client),
+        ] {
+            for tid in ns.thread_napi(iface)? {
+                pin_thread(tid, cpu)?;
+            }
+        }
         Ok(site)
     }
 
@@ -236,6 +256,15 @@ impl Site {
                 udp.load_balancer_ip = Some(DENIED_LB_IP);
                 udp.source_ranges = vec![ADMITTED_RANGE.into()];
                 services.push(udp);
+                services.push(ext(
+                    "ext-udp-remote",
+                    service_vip(n + 3),
+                    DISCARD_PORT,
+                    "udp",
+                    &[(self.remote_pod(), DISCARD_PORT)],
+                    UDP_REMOTE_NODE_PORT,
+                    false,
+                ));
                 let node = self.cluster.node().name.clone();
                 if self.dataplane == Dataplane::Iptables {
                     load_rules(
@@ -318,6 +347,19 @@ impl Site {
             },
             DISCARD_PORT,
             &local,
+        ));
+        yaml.push_str("---\n");
+        yaml.push_str(&exposed(
+            "ext-udp-remote",
+            service_vip(n + 3),
+            &[manifests::udp("discard", DISCARD_PORT)],
+            &Exposure {
+                type_: Some("NodePort"),
+                node_ports: &[UDP_REMOTE_NODE_PORT],
+                ..Default::default()
+            },
+            DISCARD_PORT,
+            &on_node(&[self.remote_pod()], 1),
         ));
         // Whole or not at all: the daemon polls the directory.
         let staged = self.scratch.join("services.yaml.staged");
@@ -412,10 +454,15 @@ pub struct RateRow {
 #[derive(Clone, Debug)]
 pub struct PacketRow {
     pub dataplane: &'static str,
+    /// To the other node's pod (forwarded, source NAT), not the receiving
+    /// node's.
+    pub remote: bool,
     pub flows: u32,
     pub offered_pps: f64,
     pub delivered_pps: f64,
     pub cpu_ns_per_packet: f64,
+    pub node_ns_per_packet: f64,
+    pub node_busy: f64,
     pub ratio: f64,
     pub ratio_range: (f64, f64),
 }
@@ -426,6 +473,8 @@ pub struct DropRow {
     pub offered_pps: f64,
     pub dropped_pps: f64,
     pub cpu_ns_per_packet: f64,
+    pub node_ns_per_packet: f64,
+    pub node_busy: f64,
     pub dropped_range: (f64, f64),
 }
 
@@ -650,29 +699,34 @@ impl Drop for Generator {
     }
 }
 
-/// The machine's busy CPU time so far (every CPU, every kind of work but
-/// idle and iowait), in seconds.
-fn busy_cpu_seconds() -> Result<f64> {
+/// Busy CPU time so far (every kind of work but idle and iowait), in
+/// seconds: the whole machine's, and the receiving node's core's.
+#[derive(Clone, Copy)]
+struct Busy {
+    machine: f64,
+    node: f64,
+}
+
+fn busy_cpu_seconds() -> Result<Busy> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .context("empty /proc/stat")?
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: f64 = fields
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(busy / ticks)
+    let busy = |line: &str| -> f64 {
+        // user nice system idle iowait irq softirq steal
+        line.split_whitespace()
+            .skip(1)
+            .take(8)
+            .enumerate()
+            .filter(|(i, _)| *i != 3 && *i != 4)
+            .map(|(_, v)| v.parse::<f64>().unwrap_or(0.0))
+            .sum::<f64>()
+            / ticks
+    };
+    let line = |name: &str| stat.lines().find(|l| l.split_whitespace().next() == Some(name));
+    let machine = busy(line("cpu").context("no cpu line in /proc/stat")?);
+    // With one CPU, the node shares it with the generator.
+    let node = line(&format!("cpu{}", Cpu::Servers.index())).map_or(machine, busy);
+    Ok(Busy { machine, node })
 }
 
 /// What one window of a generator's run measured.
@@ -682,10 +736,15 @@ struct Window {
     offered: f64,
     /// What the caller counts (delivered, dropped), per second.
     counted: f64,
-    /// The whole machine's busy CPU time per datagram sent, in ns: the
-    /// generator's share is the same in every configuration, so the
-    /// differences are the receiving node's.
+    /// The whole machine's busy CPU time per datagram sent, in ns (the
+    /// generator's share included).
     cpu_ns_per_packet: f64,
+    /// The receiving node's core's busy time per datagram counted, in ns:
+    /// what the node spends on each, however fast the generator is.
+    node_ns_per_packet: f64,
+    /// How busy the node's core was (1.0: saturated, and `counted` is the
+    /// node's limit rather than the generator's).
+    node_busy: f64,
 }
 
 /// One window of a generator's run, after a short warm-up.
@@ -695,10 +754,10 @@ fn window(site: &Site, to: SocketAddr, flows: u32, seconds: f64, counted: &dyn F
     std::thread::sleep(Duration::from_millis(300));
     let (_, sent_before) = packet_counters(outside, "eth0")?;
     let counted_before = counted()?;
-    let cpu_before = busy_cpu_seconds()?;
+    let busy_before = busy_cpu_seconds()?;
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    let cpu = busy_cpu_seconds()? - cpu_before;
+    let busy_after = busy_cpu_seconds()?;
     let (_, sent_after) = packet_counters(outside, "eth0")?;
     let counted_after = counted()?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -707,16 +766,24 @@ fn window(site: &Site, to: SocketAddr, flows: u32, seconds: f64, counted: &dyn F
         bail!("trafgen sent nothing to {to}");
     }
     let sent = (sent_after - sent_before) as f64;
+    let counted = counted_after.saturating_sub(counted_before) as f64;
+    let node = busy_after.node - busy_before.node;
     Ok(Window {
         offered: sent / elapsed,
-        counted: counted_after.saturating_sub(counted_before) as f64 / elapsed,
-        cpu_ns_per_packet: cpu * 1e9 / sent,
+        counted: counted / elapsed,
+        cpu_ns_per_packet: (busy_after.machine - busy_before.machine) * 1e9 / sent,
+        node_ns_per_packet: if counted > 0.0 { node * 1e9 / counted } else { 0.0 },
+        node_busy: node / elapsed,
     })
 }
 
-fn delivered_to_pods(site: &Site) -> Result<u64> {
-    site.cluster.pods[..LOCAL_PODS]
-        .iter()
+/// Datagrams that reached the pods `reach` names, at their interfaces.
+fn delivered_to_pods(site: &Site, reach: Reach) -> Result<u64> {
+    let pods = match reach {
+        Reach::Local => &site.cluster.pods[..LOCAL_PODS],
+        Reach::Remote => &site.cluster.pods[LOCAL_PODS..],
+    };
+    pods.iter()
         .map(|p| packet_counters(&p.ns, "eth0").map(|(rx, _)| rx))
         .sum()
 }
@@ -746,22 +813,33 @@ fn dropped_for_source(site: &Site) -> Result<u64> {
 
 fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), results: &mut Results) -> Result<()> {
     let seconds = cfg.packet_rate_seconds;
-    for &flows in &FLOW_COUNTS {
+    for (reach, flows) in [Reach::Local, Reach::Remote]
+        .into_iter()
+        .flat_map(|r| FLOW_COUNTS.map(|f| (r, f)))
+    {
         // (window, delivered over the direct windows around it)
         let mut samples: Vec<Vec<(Window, f64)>> = vec![Vec::new(); sites.len()];
         for round in 0..cfg.packet_rate_rounds {
             progress(&format!(
-                "external path: UDP packet rate, {flows} flows, round {}/{}",
+                "external path: UDP packet rate, {reach:?} backends, {flows} flows, round {}/{}",
                 round + 1,
                 cfg.packet_rate_rounds
             ));
-            let direct_to = SocketAddr::from((sites[0].local_pods()[1], DISCARD_PORT));
-            let direct = || window(&sites[0], direct_to, flows, seconds, &|| delivered_to_pods(&sites[0]));
+            let (direct_pod, node_port) = match reach {
+                Reach::Local => (sites[0].local_pods()[1], UDP_NODE_PORT),
+                Reach::Remote => (sites[0].remote_pod(), UDP_REMOTE_NODE_PORT),
+            };
+            let direct_to = SocketAddr::from((direct_pod, DISCARD_PORT));
+            let direct = || {
+                window(&sites[0], direct_to, flows, seconds, &|| {
+                    delivered_to_pods(&sites[0], reach)
+                })
+            };
             let mut before = direct()?;
             for site in sites.iter().skip(1) {
-                let to = SocketAddr::from((node_ip(0), UDP_NODE_PORT));
+                let to = SocketAddr::from((node_ip(0), node_port));
                 site.empty_flow_table()?;
-                let measured = window(site, to, flows, seconds, &|| delivered_to_pods(site))?;
+                let measured = window(site, to, flows, seconds, &|| delivered_to_pods(site, reach))?;
                 let after = direct()?;
                 let i = sites.iter().position(|s| s.dataplane == site.dataplane).unwrap_or(0);
                 let ratio = measured.counted / ((before.counted + after.counted) / 2.0);
@@ -777,10 +855,13 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
             let ratios = s.iter().map(|x| x.1);
             results.packets.push(PacketRow {
                 dataplane: site.dataplane.label(),
+                remote: reach == Reach::Remote,
                 flows,
                 offered_pps: median(s.iter().map(|x| x.0.offered).collect()),
                 delivered_pps: median(s.iter().map(|x| x.0.counted).collect()),
                 cpu_ns_per_packet: median(s.iter().map(|x| x.0.cpu_ns_per_packet).collect()),
+                node_ns_per_packet: median(s.iter().map(|x| x.0.node_ns_per_packet).collect()),
+                node_busy: median(s.iter().map(|x| x.0.node_busy).collect()),
                 ratio: median(ratios.clone().collect()),
                 ratio_range: (ratios.clone().fold(f64::INFINITY, f64::min), ratios.fold(0.0, f64::max)),
             });
@@ -814,6 +895,8 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
             offered_pps: median(s.iter().map(|x| x.offered).collect()),
             dropped_pps: median(dropped.clone()),
             cpu_ns_per_packet: median(s.iter().map(|x| x.cpu_ns_per_packet).collect()),
+            node_ns_per_packet: median(s.iter().map(|x| x.node_ns_per_packet).collect()),
+            node_busy: median(s.iter().map(|x| x.node_busy).collect()),
             dropped_range: (
                 dropped.iter().copied().fold(f64::INFINITY, f64::min),
                 dropped.iter().copied().fold(0.0, f64::max),
