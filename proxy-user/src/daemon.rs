@@ -166,7 +166,12 @@ impl Attacher {
                 }
                 match loader::attach_xdp(ebpf, pin_dir, iface, self.xdp) {
                     Ok(mode) => {
-                        tracing::info!(%iface, mode, "XDP attached");
+                        if loader::xdp_runs(mode) {
+                            tracing::info!(%iface, mode, "XDP attached");
+                        } else {
+                            tracing::info!(%iface, mode, "XDP not used; the TC program serves alone");
+                        }
+                        // Either way, not asked again while external.
                         self.xdp_attached.insert((*iface).clone(), mode);
                     }
                     Err(e) => {

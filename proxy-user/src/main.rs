@@ -77,11 +77,12 @@ enum Command {
         /// swept from the flow table, in seconds.
         #[arg(long, default_value_t = 10)]
         flow_sweep_interval_s: u64,
-        /// The XDP program on the external interfaces: `native` (in the
-        /// driver where it supports XDP, generic where it does not),
-        /// `generic` (on the skb), or `off` (the TC program alone). Off by
-        /// default until its differential and end-to-end tests are in.
-        #[arg(long, default_value = "off")]
+        /// The XDP program on the external interfaces: `auto` (in the
+        /// driver where it supports XDP, except on veths, where it costs
+        /// more than it saves; the log says which), `native` (in the driver
+        /// where it supports XDP, veths included; generic where it does
+        /// not), `generic` (on the skb), or `off` (the TC program alone).
+        #[arg(long, default_value = "auto")]
         xdp: XdpSetting,
         /// Where /healthz (and /metrics) are served; "" to disable.
         #[arg(long, default_value = "0.0.0.0:10256")]

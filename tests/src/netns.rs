@@ -44,43 +44,9 @@ impl Netns {
     /// partial checksums of local sockets (TX checksum offload off, as
     /// `ethtool -K IFACE tx off` does; SIOCETHTOOL, ETHTOOL_STXCSUM).
     pub fn send_full_checksums(&self, iface: &str) -> Result<()> {
-        #[repr(C)]
-        struct EthtoolValue {
-            cmd: u32,
-            data: u32,
-        }
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; 16],
-            data: *mut EthtoolValue,
-            _pad: [u8; 16],
-        }
-        const ETHTOOL_STXCSUM: u32 = 0x17;
-        const SIOCETHTOOL: libc::c_ulong = 0x8946;
-        anyhow::ensure!(iface.len() < 16, "interface name too long");
-        let iface = iface.to_owned();
-        self.run(move || -> Result<()> {
-            let mut value = EthtoolValue {
-                cmd: ETHTOOL_STXCSUM,
-                data: 0,
-            };
-            let mut req = IfReq {
-                name: [0; 16],
-                data: &mut value,
-                _pad: [0; 16],
-            };
-            req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-            // SAFETY: a plain datagram socket, closed below.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            // SAFETY: `req` and the value it points to outlive the call.
-            let done = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
-            let error = std::io::Error::last_os_error();
-            // SAFETY: our own descriptor.
-            unsafe { libc::close(fd) };
-            anyhow::ensure!(done == 0, "SIOCETHTOOL on {iface}: {error}");
-            Ok(())
-        })?
+        let name = iface.to_owned();
+        self.run(move || proxy_user::dataplane::ethtool::send_full_checksums(&name))?
+            .with_context(|| format!("TX checksum offload off on {iface} in {}", self.name))
     }
 
     /// Runs `iface`'s NAPI polling (the receive processing of what it is

@@ -619,18 +619,25 @@ fn running_out_of_nat_ports_is_counted_and_logged() {
 }
 
 /// With the XDP program on the nodes' external interfaces, in the stack
-/// (generic) and in the driver (native, the veth's own XDP), traffic from
-/// outside ends as it does through TC alone: NodePorts on both nodes and a
-/// LoadBalancer IP spread over every pod, remote backends see the node,
-/// local ones the client, TCP and UDP.
+/// (generic) and in the driver (native, the veth's own XDP; on skbs from
+/// the LAN's bridge, and on bare frames from a LAN switched by XDP, as from
+/// a NIC), traffic from outside ends as it does through TC alone:
+/// NodePorts on both nodes and a LoadBalancer IP spread over every pod,
+/// remote backends see the node, local ones the client, TCP and UDP.
+/// Restarted with the default (`auto`), the daemon leaves the veths to the
+/// TC program, says so, and takes the earlier run's XDP off.
 #[test]
 fn external_traffic_through_xdp_ends_as_through_tc() {
-    for mode in ["generic", "native"] {
+    for lan in ["generic", "native", "native, bare frames"] {
+        let mode = lan.split(',').next().unwrap_or(lan);
         let mut cluster = two_nodes();
         // Frames from a wire carry full checksums, which XDP updates in
         // software; a veth from a local socket would hand over partial ones.
         cluster.outside().send_full_checksums("eth0").unwrap();
-        if mode == "native" {
+        let bare_frames = lan.ends_with("bare frames");
+        if bare_frames {
+            cluster.switch_lan_by_xdp(&[0, 1]).unwrap();
+        } else if mode == "native" {
             cluster.take_in_xdp_frames_on_the_lan().unwrap();
         }
         cluster.stop_daemon().unwrap();
@@ -647,20 +654,31 @@ fn external_traffic_through_xdp_ends_as_through_tc() {
             );
         }
         expose(&cluster, Exposure::default(), &["web-0", "web-1", "web-2"]);
-        assert_node_ports_spread(&cluster, 15, &format!("{mode}: "));
+        assert_node_ports_spread(&cluster, 15, &format!("{lan}: "));
         let replies = requests(cluster.outside(), at(LB_IP, 80), at(LB_IP, 53), 3);
         assert_eq!(
             tally(&replies),
             spread(&[("web-0", 2), ("web-1", 2), ("web-2", 2)]),
-            "{mode}: the LoadBalancer IP"
+            "{lan}: the LoadBalancer IP"
         );
-        // Restarted without XDP, the daemon takes the earlier run's off.
+        if bare_frames {
+            // Switched by XDP, the LAN reaches a node only through an XDP
+            // program there.
+            continue;
+        }
+        // The logs are appended to: only what this start says counts.
+        let said_before: Vec<usize> = cluster.nodes.iter().map(|n| n.log().len()).collect();
         cluster.stop_daemon().unwrap();
         cluster.start_daemon().unwrap();
-        for node in &cluster.nodes {
+        for (node, said_before) in cluster.nodes.iter().zip(said_before) {
             let link = node.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
             assert!(!link.contains("kpr_xdp"), "{mode}: XDP left on {}:\n{link}", node.name);
+            cluster
+                .wait_until("the daemon to say why XDP is off", || {
+                    Ok(node.log().get(said_before..).is_some_and(|l| l.contains("off: a veth")))
+                })
+                .unwrap();
         }
-        assert_node_ports_spread(&cluster, 3, &format!("{mode}, then off: "));
+        assert_node_ports_spread(&cluster, 3, &format!("{mode}, then auto: "));
     }
 }

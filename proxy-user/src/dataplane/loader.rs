@@ -24,7 +24,7 @@ use aya::{
 use aya_obj::generated::BPF_F_MMAPABLE;
 use proxy_common::{TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 
-use super::{bpffs, EBPF_OBJECT};
+use super::{bpffs, ethtool, EBPF_OBJECT};
 
 pub(crate) const LINK_DIR: &str = "links";
 /// Which classifier an interface gets, and where: what traffic it sees.
@@ -102,6 +102,11 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
 /// Where the XDP program runs on the external interfaces (`--xdp`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpSetting {
+    /// In the driver where the driver supports it, except on veths; the TC
+    /// program alone elsewhere. A veth hands XDP the skbs its peer sent,
+    /// which it must first copy into XDP buffers (a NIC hands XDP its own
+    /// receive buffers): there XDP costs more than it saves.
+    Auto,
     /// In the driver where it supports XDP (veth does), before any skb is
     /// built; in the stack (generic XDP) where it does not.
     Native,
@@ -116,10 +121,11 @@ impl std::str::FromStr for XdpSetting {
 
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "native" => Ok(Self::Native),
             "generic" => Ok(Self::Generic),
             "off" => Ok(Self::Off),
-            other => Err(format!("{other:?}: expected native, generic or off")),
+            other => Err(format!("{other:?}: expected auto, native, generic or off")),
         }
     }
 }
@@ -131,12 +137,21 @@ fn xdp_link_path(pin_dir: &Path, iface: &str) -> PathBuf {
 /// Attaches the XDP program to `iface` as `setting` says, through a pinned
 /// link: one pinned by an earlier run is updated in place (the program is
 /// swapped atomically); otherwise native mode is tried first, then generic.
-/// Returns the mode it runs in.
+/// Returns the mode it runs in: "native", "generic", "kept" (an earlier
+/// run's link), or, where `Auto` leaves the interface to the TC program,
+/// "off" and why.
 pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, setting: XdpSetting) -> Result<&'static str> {
     let path = xdp_link_path(pin_dir, iface);
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    if setting == XdpSetting::Auto && ethtool::driver(iface).is_ok_and(|d| d == "veth") {
+        detach_xdp(pin_dir, iface);
+        return Ok(AUTO_OFF_VETH);
+    }
     let program: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
     let attempts: &[(XdpMode, &'static str)] = match setting {
+        // Generic XDP runs on the skb, after the kernel built it: on a
+        // driver without native XDP, the TC program alone is as fast.
+        XdpSetting::Auto => &[(XdpMode::Driver, "native")],
         XdpSetting::Native => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
         XdpSetting::Generic => &[(XdpMode::Skb, "generic")],
         XdpSetting::Off => {
@@ -174,7 +189,21 @@ pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, setting: XdpSett
             Err(e) => last_error = Some(e),
         }
     }
+    if setting == XdpSetting::Auto {
+        tracing::debug!(%iface, error = ?last_error, "no native XDP");
+        return Ok(AUTO_OFF_NO_DRIVER_SUPPORT);
+    }
     Err(last_error.expect("at least one mode tried")).with_context(|| format!("attaching XDP to {iface}"))
+}
+
+/// What `attach_xdp` answers where `XdpSetting::Auto` leaves an interface
+/// to the TC program.
+pub const AUTO_OFF_VETH: &str = "off: a veth (XDP would copy every packet; --xdp native forces it)";
+pub const AUTO_OFF_NO_DRIVER_SUPPORT: &str = "off: the driver has no native XDP";
+
+/// Whether `attach_xdp`'s answer means the program runs there.
+pub fn xdp_runs(mode: &str) -> bool {
+    mode != AUTO_OFF_VETH && mode != AUTO_OFF_NO_DRIVER_SUPPORT
 }
 
 /// Unpins (and so detaches) the XDP link of an interface.

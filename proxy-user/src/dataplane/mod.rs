@@ -1,6 +1,7 @@
 //! Everything that touches BPF: the filesystem the pins live on, loading and
 //! attaching the programs, and typed access to the maps.
 pub mod bpffs;
+pub mod ethtool;
 pub mod loader;
 pub mod maps;
 pub mod socket_lb;
