@@ -211,17 +211,26 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A copy of the object for the test bed's own XDP programs (one set
+    /// per LAN), its maps pinned apart from the nodes'.
+    fn load_lan_programs(&self) -> Result<aya::Ebpf> {
+        if self.lan_xdp.is_some() {
+            bail!("the LAN already has its XDP programs");
+        }
+        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
+        std::fs::create_dir_all(&pins)?;
+        Ok(aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(proxy_user::dataplane::EBPF_OBJECT)?)
+    }
+
     /// A veth hands a frame sent by native XDP (`XDP_TX`, a redirect) to
     /// its peer only if an XDP program runs there, as on a real NIC's wire
     /// nothing is needed: attaches one that passes everything to the LAN's
     /// end of every node's and the outside host's veth.
     pub fn take_in_xdp_frames_on_the_lan(&mut self) -> Result<()> {
+        let mut ebpf = self.load_lan_programs()?;
         let lan = self.lan.as_ref().context("no LAN")?;
-        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
-        std::fs::create_dir_all(&pins)?;
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(proxy_user::dataplane::EBPF_OBJECT)?;
         let program: &mut aya::programs::Xdp = ebpf
             .program_mut(proxy_common::XDP_PASS_PROGRAM)
             .context("no XDP pass program")?
@@ -249,15 +258,8 @@ impl Cluster {
     /// other member one that passes everything (so every dataplane meets
     /// the same wire).
     pub fn switch_lan_by_xdp(&mut self, own_xdp: &[usize]) -> Result<()> {
-        if self.lan_xdp.is_some() {
-            bail!("the LAN already has its XDP programs");
-        }
+        let mut ebpf = self.load_lan_programs()?;
         let lan = self.lan.as_ref().context("no LAN")?;
-        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
-        std::fs::create_dir_all(&pins)?;
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(proxy_user::dataplane::EBPF_OBJECT)?;
         let mut members: Vec<(&Netns, String, u8)> = vec![(self.outside(), "out".into(), OUTSIDE_MEMBER)];
         for (i, node) in self.nodes.iter().enumerate() {
             members.push((&node.ns, format!("n{i}"), node_member(i)));
