@@ -54,7 +54,10 @@ impl Loaded {
     pub fn new() -> Result<Self> {
         let bpffs = BpffsMount::new()?;
         let pin_dir = bpffs.path.join("dp");
-        let ebpf = loader::load(&pin_dir)?;
+        let mut ebpf = loader::load(&pin_dir)?;
+        // The tests and benchmarks run it on packets whether or not an
+        // interface has it.
+        loader::load_xdp(&mut ebpf)?;
         let mut maps = maps::ServiceMaps::open(&pin_dir)?;
         let syncer = Syncer::recover(&mut maps)?;
         Ok(Loaded {

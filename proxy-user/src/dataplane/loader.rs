@@ -9,14 +9,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::MapData,
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -67,7 +67,10 @@ impl Role {
 const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
 
 /// Loads the object with its maps at `pin_dir/<MAP>` (created, or reused
-/// from an earlier run) and both classifiers loaded and pinned.
+/// from an earlier run) and the classifiers loaded and pinned. The XDP
+/// program is loaded when an interface first gets it (`load_xdp`): most
+/// nodes' interfaces never do, and each program costs the start its
+/// verification.
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_dir)?;
     unpin_incompatible_maps(pin_dir)?;
@@ -75,28 +78,55 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
+    load_programs(&mut ebpf)?;
     for role in [Role::Pods, Role::External, Role::Host] {
         let program = classifier(&mut ebpf, role)?;
-        program.load().with_context(|| {
-            format!(
-                "loading the TC classifier {} (the verifier rejected it?)",
-                role.program()
-            )
-        })?;
         let pin = pin_dir.join(format!("prog_{}", role.program()));
         let _ = std::fs::remove_file(&pin);
         program
             .pin(&pin)
             .with_context(|| format!("pinning the classifier at {}", pin.display()))?;
     }
-    let program: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
-        .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("loading the XDP program {XDP_PROGRAM} (the verifier rejected it?)"))?;
     Ok(ebpf)
+}
+
+/// The classifiers, each verified on a thread of its own: verification is
+/// most of a start (a quarter to a third of a second per program here),
+/// and the kernel verifies programs in parallel.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    const PROGRAMS: [&str; 3] = [TC_PROGRAM, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM];
+    let programs: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| PROGRAMS.contains(name))
+        .collect();
+    for name in PROGRAMS {
+        if !programs.iter().any(|(n, _)| *n == name) {
+            bail!("the eBPF object has no program {name}");
+        }
+    }
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = programs
+            .into_iter()
+            .map(|(name, program)| {
+                let load = scope.spawn(move || {
+                    let started = std::time::Instant::now();
+                    let loaded = match program {
+                        Program::SchedClassifier(p) => p.load(),
+                        _ => Err(ProgramError::UnexpectedProgramType),
+                    };
+                    tracing::debug!(program = name, took = ?started.elapsed(), "verified");
+                    loaded
+                });
+                (name, load)
+            })
+            .collect();
+        for (name, load) in loads {
+            load.join()
+                .map_err(|_| anyhow!("loading {name} panicked"))?
+                .with_context(|| format!("loading the program {name} (the verifier rejected it?)"))?;
+        }
+        Ok(())
+    })
 }
 
 /// Where the XDP program runs on the external interfaces (`--xdp`).
@@ -147,7 +177,7 @@ pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, setting: XdpSett
         detach_xdp(pin_dir, iface);
         return Ok(AUTO_OFF_VETH);
     }
-    let program: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
+    let program = load_xdp(ebpf)?;
     let attempts: &[(XdpMode, &'static str)] = match setting {
         // Generic XDP runs on the skb, after the kernel built it: on a
         // driver without native XDP, the TC program alone is as fast.
@@ -194,6 +224,20 @@ pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, setting: XdpSett
         return Ok(AUTO_OFF_NO_DRIVER_SUPPORT);
     }
     Err(last_error.expect("at least one mode tried")).with_context(|| format!("attaching XDP to {iface}"))
+}
+
+/// The XDP program, loaded (verified) on first use.
+pub fn load_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
+        .try_into()?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("loading the XDP program {XDP_PROGRAM} (the verifier rejected it?)"))?;
+    }
+    Ok(program)
 }
 
 /// What `attach_xdp` answers where `XdpSetting::Auto` leaves an interface
