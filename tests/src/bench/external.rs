@@ -460,9 +460,7 @@ pub struct PacketRow {
     pub flows: u32,
     pub offered_pps: f64,
     pub delivered_pps: f64,
-    pub cpu_ns_per_packet: f64,
-    pub node_ns_per_packet: f64,
-    pub node_busy: f64,
+    pub cost: Cost,
     pub ratio: f64,
     pub ratio_range: (f64, f64),
 }
@@ -472,9 +470,7 @@ pub struct DropRow {
     pub dataplane: &'static str,
     pub offered_pps: f64,
     pub dropped_pps: f64,
-    pub cpu_ns_per_packet: f64,
-    pub node_ns_per_packet: f64,
-    pub node_busy: f64,
+    pub cost: Cost,
     pub dropped_range: (f64, f64),
 }
 
@@ -729,6 +725,31 @@ fn busy_cpu_seconds() -> Result<Busy> {
     Ok(Busy { machine, node })
 }
 
+/// What the packets of a window cost the machine and the receiving node.
+#[derive(Clone, Copy, Debug)]
+pub struct Cost {
+    /// The whole machine's busy CPU time per datagram sent, in ns (the
+    /// generator's share included).
+    pub cpu_ns_per_packet: f64,
+    /// The receiving node's core's busy time per datagram counted, in ns:
+    /// what the node spends on each, however fast the generator is.
+    pub node_ns_per_packet: f64,
+    /// How busy the node's core was (1.0: saturated, and the count is the
+    /// node's limit rather than the generator's).
+    pub node_busy: f64,
+}
+
+impl Cost {
+    /// The median of each figure over `costs`.
+    fn median<'a>(costs: impl Iterator<Item = &'a Cost> + Clone) -> Cost {
+        Cost {
+            cpu_ns_per_packet: median(costs.clone().map(|c| c.cpu_ns_per_packet).collect()),
+            node_ns_per_packet: median(costs.clone().map(|c| c.node_ns_per_packet).collect()),
+            node_busy: median(costs.map(|c| c.node_busy).collect()),
+        }
+    }
+}
+
 /// What one window of a generator's run measured.
 #[derive(Clone, Copy)]
 struct Window {
@@ -736,15 +757,7 @@ struct Window {
     offered: f64,
     /// What the caller counts (delivered, dropped), per second.
     counted: f64,
-    /// The whole machine's busy CPU time per datagram sent, in ns (the
-    /// generator's share included).
-    cpu_ns_per_packet: f64,
-    /// The receiving node's core's busy time per datagram counted, in ns:
-    /// what the node spends on each, however fast the generator is.
-    node_ns_per_packet: f64,
-    /// How busy the node's core was (1.0: saturated, and `counted` is the
-    /// node's limit rather than the generator's).
-    node_busy: f64,
+    cost: Cost,
 }
 
 /// One window of a generator's run, after a short warm-up.
@@ -771,9 +784,11 @@ fn window(site: &Site, to: SocketAddr, flows: u32, seconds: f64, counted: &dyn F
     Ok(Window {
         offered: sent / elapsed,
         counted: counted / elapsed,
-        cpu_ns_per_packet: (busy_after.machine - busy_before.machine) * 1e9 / sent,
-        node_ns_per_packet: if counted > 0.0 { node * 1e9 / counted } else { 0.0 },
-        node_busy: node / elapsed,
+        cost: Cost {
+            cpu_ns_per_packet: (busy_after.machine - busy_before.machine) * 1e9 / sent,
+            node_ns_per_packet: if counted > 0.0 { node * 1e9 / counted } else { 0.0 },
+            node_busy: node / elapsed,
+        },
     })
 }
 
@@ -859,9 +874,7 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
                 flows,
                 offered_pps: median(s.iter().map(|x| x.0.offered).collect()),
                 delivered_pps: median(s.iter().map(|x| x.0.counted).collect()),
-                cpu_ns_per_packet: median(s.iter().map(|x| x.0.cpu_ns_per_packet).collect()),
-                node_ns_per_packet: median(s.iter().map(|x| x.0.node_ns_per_packet).collect()),
-                node_busy: median(s.iter().map(|x| x.0.node_busy).collect()),
+                cost: Cost::median(s.iter().map(|x| &x.0.cost)),
                 ratio: median(ratios.clone().collect()),
                 ratio_range: (ratios.clone().fold(f64::INFINITY, f64::min), ratios.fold(0.0, f64::max)),
             });
@@ -894,9 +907,7 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
             dataplane: site.dataplane.label(),
             offered_pps: median(s.iter().map(|x| x.offered).collect()),
             dropped_pps: median(dropped.clone()),
-            cpu_ns_per_packet: median(s.iter().map(|x| x.cpu_ns_per_packet).collect()),
-            node_ns_per_packet: median(s.iter().map(|x| x.node_ns_per_packet).collect()),
-            node_busy: median(s.iter().map(|x| x.node_busy).collect()),
+            cost: Cost::median(s.iter().map(|x| &x.cost)),
             dropped_range: (
                 dropped.iter().copied().fold(f64::INFINITY, f64::min),
                 dropped.iter().copied().fold(0.0, f64::max),

@@ -125,46 +125,46 @@ impl Report {
         let _ = writeln!(md, "\n### Packet rate\n\n`trafgen` (netsniff-ng) on the outside host, pinned to the first CPU, sends minimal UDP datagrams as fast as it can to a UDP NodePort, from one source port or from 1,000 in turn: one with a Local policy and three endpoints on the receiving node (*delivered*), one with a Cluster policy and its endpoint on the other node (*forwarded*, with source NAT); direct: to one of those pods, routed through the node. *delivered pps* counts the datagrams reaching the pods' interfaces, over {:.1} s windows, {} rounds, at {} services; each kpr or kube-proxy window is compared with the direct windows on either side of it.\n\nThe LAN is a switch built of XDP redirects (`kpr_xdp_wire`, test harness only): a node receives bare frames, as from a NIC, not skbs that a veth would first copy into XDP buffers — a cost no NIC has, which before this switch fell on the XDP configuration alone. Every node interface runs an XDP program (kpr's, or one that passes everything), so every dataplane meets the same wire. The receiving node has a core of its own: its interface's receive processing runs in NAPI threads on the second CPU; the generator, the LAN, the other node and the outside host share the first. *node core busy* is how busy the second CPU was, and *node ns/packet* its busy time per datagram counted: the receiving node's cost per packet, whatever the generator manages. Two shared cores cannot show a node's limit: the first CPU saturates first (the generator alone reaches ~400,000 packets/s, and the forwarded rows' other node runs there too), so wall-clock rates mostly measure that CPU, and the targets compare *packets per node core-second* (10^9 / node ns per packet). Below saturation that figure counts the node thread's wake-ups too, so it understates whichever dataplane leaves its core idlest. *machine CPU ns/packet* is the whole machine's busy time per datagram sent.\n\n", cfg.packet_rate_seconds, cfg.packet_rate_rounds, e.packet_services);
         let _ = writeln!(md, "| configuration | backend | flows | offered pps | delivered pps | vs direct | rounds' range | node core busy | node ns/packet | packets per node core-second | machine CPU ns/packet |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &e.packets {
-            table_row(
-                md,
-                &[
-                    r.dataplane.to_string(),
-                    if r.remote {
-                        "other node (forwarded)"
-                    } else {
-                        "receiving node"
-                    }
-                    .to_string(),
-                    r.flows.to_string(),
-                    format!("{:.0}", r.offered_pps),
-                    format!("{:.0}", r.delivered_pps),
-                    format!("{:.2}x", r.ratio),
-                    format!("{:.2}–{:.2}", r.ratio_range.0, r.ratio_range.1),
-                    format!("{:.0}%", r.node_busy * 100.0),
-                    format!("{:.0}", r.node_ns_per_packet),
-                    format!("{:.0}", per_core_second(r.node_ns_per_packet)),
-                    format!("{:.0}", r.cpu_ns_per_packet),
-                ],
-            );
+            let backend = if r.remote {
+                "other node (forwarded)"
+            } else {
+                "receiving node"
+            };
+            let mut cells = vec![
+                r.dataplane.to_string(),
+                backend.to_string(),
+                r.flows.to_string(),
+                format!("{:.0}", r.offered_pps),
+                format!("{:.0}", r.delivered_pps),
+                format!("{:.2}x", r.ratio),
+                format!("{:.2}–{:.2}", r.ratio_range.0, r.ratio_range.1),
+            ];
+            cells.extend(cost_cells(&r.cost));
+            table_row(md, &cells);
         }
         let _ = writeln!(md, "\nThe same generator, 1,000 flows, to the Service's load balancer IP, whose `loadBalancerSourceRanges` leave the outside host out: datagrams dropped per second, as counted by the dropper (kpr's `source_denied` counter; the iptables firewall rule's counter).\n");
         let _ = writeln!(md, "| configuration | offered pps | dropped pps | rounds' range | node core busy | node ns/packet | packets per node core-second | machine CPU ns/packet |\n|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &e.drops {
-            table_row(
-                md,
-                &[
-                    r.dataplane.to_string(),
-                    format!("{:.0}", r.offered_pps),
-                    format!("{:.0}", r.dropped_pps),
-                    format!("{:.0}–{:.0}", r.dropped_range.0, r.dropped_range.1),
-                    format!("{:.0}%", r.node_busy * 100.0),
-                    format!("{:.0}", r.node_ns_per_packet),
-                    format!("{:.0}", per_core_second(r.node_ns_per_packet)),
-                    format!("{:.0}", r.cpu_ns_per_packet),
-                ],
-            );
+            let mut cells = vec![
+                r.dataplane.to_string(),
+                format!("{:.0}", r.offered_pps),
+                format!("{:.0}", r.dropped_pps),
+                format!("{:.0}–{:.0}", r.dropped_range.0, r.dropped_range.1),
+            ];
+            cells.extend(cost_cells(&r.cost));
+            table_row(md, &cells);
         }
     }
+}
+
+/// The packet-rate tables' last four columns.
+fn cost_cells(cost: &external::Cost) -> [String; 4] {
+    [
+        format!("{:.0}%", cost.node_busy * 100.0),
+        format!("{:.0}", cost.node_ns_per_packet),
+        format!("{:.0}", per_core_second(cost.node_ns_per_packet)),
+        format!("{:.0}", cost.cpu_ns_per_packet),
+    ]
 }
 
 /// Forgets every flow kpr tracks on the node pinned at `pin_dir`, so that a
@@ -550,7 +550,7 @@ impl Report {
                 let xdp = packet_row(Dataplane::KprXdp, true, flows)?;
                 let tc = packet_row(Dataplane::KprTc, true, flows)?;
                 Some((
-                    tc.node_ns_per_packet / xdp.node_ns_per_packet,
+                    tc.cost.node_ns_per_packet / xdp.cost.node_ns_per_packet,
                     xdp.delivered_pps / tc.delivered_pps,
                     flows,
                 ))
@@ -565,7 +565,7 @@ impl Report {
         }
         let dropper = |d: Dataplane| e.drops.iter().find(|r| r.dataplane == d.label());
         if let (Some(xdp), Some(ipt)) = (dropper(Dataplane::KprXdp), dropper(Dataplane::Iptables)) {
-            let capacity = ipt.node_ns_per_packet / xdp.node_ns_per_packet;
+            let capacity = ipt.cost.node_ns_per_packet / xdp.cost.node_ns_per_packet;
             out.push((
                 "packets from a denied source dropped per second of the node's core: XDP >= 3x iptables".into(),
                 format!(
