@@ -668,3 +668,42 @@ fn fragments_of_a_source_nated_datagram_follow_the_first() {
         Stat::Established,
     );
 }
+
+/// The test bed's LAN switch (`kpr_xdp_wire`, never attached by the
+/// daemon): a frame to a member's address goes to that member's port
+/// untouched; one to a member without a port, or to any other address
+/// (broadcast, say), goes on to the bridge.
+#[test]
+fn the_test_beds_lan_switch_sends_a_members_frames_to_its_port_and_the_rest_to_the_bridge() {
+    let ns = Netns::new(&format!("{}-wire", unique_id())).unwrap();
+    let mut dp = Loaded::new().unwrap();
+    dp.load_extra_xdp(proxy_common::XDP_WIRE_PROGRAM).unwrap();
+    let mut ports: aya::maps::DevMap<_> = dp
+        .ebpf
+        .map_mut(proxy_common::WIRE_PORTS_MAP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    // Member 1's port: the namespace's `lo` (index 1 in every namespace).
+    ns.run(|| ports.set(1, 1, None, 0)).unwrap().unwrap();
+    let payload = request(Protocol::Udp, (CLIENT, 40000), (NODE, 30090), 0).frame()[14..].to_vec();
+    let to = |mac: [u8; 6]| {
+        let mut frame = packet::ethernet(0x0800, &payload);
+        frame[..6].copy_from_slice(&mac);
+        frame
+    };
+    let [a, b, c, d, e] = proxy_common::WIRE_MAC_PREFIX;
+    for (what, frame, action) in [
+        ("member 1", to([a, b, c, d, e, 1]), XDP_REDIRECT),
+        ("member 2, no port", to([a, b, c, d, e, 2]), XDP_PASS),
+        ("broadcast", to([0xff; 6]), XDP_PASS),
+        ("another address", to([0x02, 0, 0, 0, 0, 1]), XDP_PASS),
+    ] {
+        let out = ns
+            .run(|| dp.run_xdp(proxy_common::XDP_WIRE_PROGRAM, &frame))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.action, action, "{what}");
+        assert_eq!(hex(&out.frame), hex(&frame), "{what}: the frame is left as it is");
+    }
+}
