@@ -358,7 +358,27 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Three bytes of padding as a byte and a half-word, not `[u8; 3]`:
+    // LLVM's BPF backend zeroes an unaligned 3-byte array with a call to
+    // `memset` (a subprogram call on every packet's key); these are two
+    // aligned stores. Built by `new`, so no one else spells them.
+    _pad: u8,
+    _pad2: u16,
+}
+
+impl FlowKey {
+    #[inline(always)]
+    pub const fn new(src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16, proto: u8) -> Self {
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
 }
 
 /// `NatEntry::flags`: the entry rewrites the source of replies (backend back
@@ -464,14 +484,7 @@ impl NatEntry {
             };
             (self.addr, self.port, source_addr, source_port)
         };
-        FlowKey {
-            src_addr,
-            dst_addr,
-            src_port,
-            dst_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(src_addr, src_port, dst_addr, dst_port, key.proto)
     }
 
     /// The entry the other direction of this entry's flow (keyed by `key`)
@@ -981,14 +994,7 @@ mod tests {
             (addr_to_map(Ipv4Addr::new(10, 1, 0, 5)), 8080u16.to_be()),
             (addr_to_map(Ipv4Addr::new(192, 168, 0, 2)), 61000u16.to_be()),
         );
-        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey {
-            src_addr: src.0,
-            src_port: src.1,
-            dst_addr: dst.0,
-            dst_port: dst.1,
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
+        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey::new(src.0, src.1, dst.0, dst.1, IPPROTO_TCP);
         let to = |at: (u32, u16), flags: u8, nat: (u32, u16)| NatEntry {
             addr: at.0,
             port: at.1,
@@ -1015,14 +1021,7 @@ mod tests {
     #[test]
     fn each_direction_restores_the_other() {
         let (client, service, backend, node) = ((1, 40000), (2, 80), (3, 8080), (4, 61000));
-        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey {
-            src_addr: src.0,
-            src_port: src.1,
-            dst_addr: dst.0,
-            dst_port: dst.1,
-            proto: IPPROTO_UDP,
-            _pad: [0; 3],
-        };
+        let key = |src: (u32, u16), dst: (u32, u16)| FlowKey::new(src.0, src.1, dst.0, dst.1, IPPROTO_UDP);
         let entry = |at: (u32, u16), flags: u8, nat: (u32, u16)| NatEntry {
             addr: at.0,
             port: at.1,

@@ -185,14 +185,7 @@ impl Flow {
 }
 
 fn flow_key(src: Endpoint, dst: Endpoint, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: src.addr,
-        dst_addr: dst.addr,
-        src_port: src.port,
-        dst_port: dst.port,
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(src.addr, src.port, dst.addr, dst.port, proto)
 }
 
 /// Records the reply direction of `flow` (`flags`: `BPF_NOEXIST` to claim a

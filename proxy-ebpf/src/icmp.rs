@@ -110,14 +110,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet, out: &mut Translated) -> O
     if pkt.dst != s.addr {
         return Outcome::NotOurs;
     }
-    let key = FlowKey {
-        src_addr: d.addr,
-        dst_addr: s.addr,
-        src_port: d.port,
-        dst_port: s.port,
-        proto: quote.header.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(d.addr, d.port, s.addr, s.port, quote.header.proto);
     let Some(entry) = conntrack::lookup(&key) else {
         return Outcome::NotOurs;
     };

@@ -77,14 +77,7 @@ impl Packet {
     pub const IP_DST_OFF: usize = ETH_HLEN + 16;
 
     pub fn flow_key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.src,
-            dst_addr: self.dst,
-            src_port: self.sport,
-            dst_port: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(self.src, self.sport, self.dst, self.dport, self.proto)
     }
 
     /// What identifies this packet's datagram among fragments.

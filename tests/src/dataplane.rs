@@ -185,14 +185,13 @@ pub fn hold_nat_ports(
     use proxy_common::{nat_port, FlowKey, NatEntry, IPPROTO_TCP, NAT_PORT_COUNT, NAT_REPLY, NAT_SNAT};
     let mut flows = maps::FlowMaps::open(pin_dir)?;
     for port in (0..NAT_PORT_COUNT).map(nat_port) {
-        let key = FlowKey {
-            src_addr: proxy_common::addr_to_map(backend.0),
-            dst_addr: proxy_common::addr_to_map(node),
-            src_port: backend.1.to_be(),
-            dst_port: port.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
+        let key = FlowKey::new(
+            proxy_common::addr_to_map(backend.0),
+            backend.1.to_be(),
+            proxy_common::addr_to_map(node),
+            port.to_be(),
+            IPPROTO_TCP,
+        );
         let held = NatEntry {
             flags: if nated { NAT_REPLY | NAT_SNAT } else { NAT_REPLY },
             nat_port: port.to_be(),

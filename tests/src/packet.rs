@@ -73,14 +73,13 @@ pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Ipv4 {
 
 /// The flow table's key for packets from `src` to `dst`.
 pub fn flow_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> proxy_common::FlowKey {
-    proxy_common::FlowKey {
-        src_addr: proxy_common::addr_to_map(src.0),
-        dst_addr: proxy_common::addr_to_map(dst.0),
-        src_port: src.1.to_be(),
-        dst_port: dst.1.to_be(),
+    proxy_common::FlowKey::new(
+        proxy_common::addr_to_map(src.0),
+        src.1.to_be(),
+        proxy_common::addr_to_map(dst.0),
+        dst.1.to_be(),
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 /// Internet checksum (RFC 1071) of `data`, starting from `sum`.

@@ -77,14 +77,7 @@ mod tests {
     const SERVICE: (u32, u16) = (0x0100_600a, 0x5000);
 
     fn key(src: (u32, u16), dst: (u32, u16), proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr: src.0,
-            src_port: src.1,
-            dst_addr: dst.0,
-            dst_port: dst.1,
-            proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(src.0, src.1, dst.0, dst.1, proto)
     }
 
     fn endpoint(last: u8, port: u16) -> (u32, u16) {
