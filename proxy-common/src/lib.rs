@@ -549,31 +549,88 @@ impl NatEntry {
         now: u32,
         closed_secs: u32,
     ) -> bool {
-        let last_seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.last_seen);
-        let last = core::cmp::max(last_seen(request), last_seen(reply));
+        let last = Self::flow_last_seen(request, reply);
         if last == 0 {
             return false;
         }
-        let idle = now.saturating_sub(last);
+        now.saturating_sub(last) >= Self::flow_state(request, reply, proto).timeout(closed_secs)
+    }
+
+    /// When either direction of the flow last carried a packet; 0 when
+    /// neither entry has a time.
+    pub fn flow_last_seen(request: Option<&NatEntry>, reply: Option<&NatEntry>) -> u32 {
+        let last_seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.last_seen);
+        core::cmp::max(last_seen(request), last_seen(reply))
+    }
+
+    /// Where the flow with these entries (either may be gone) stands, which
+    /// decides its timeout.
+    pub fn flow_state(request: Option<&NatEntry>, reply: Option<&NatEntry>, proto: u8) -> FlowState {
         // A direction whose entry is gone (evicted) says nothing: the flow
         // is judged by the one left, as a live one, since the next packet
         // of a live flow restores the other (its reply might yet be).
         let replied = reply.is_none_or(|r| r.last_seen != 0);
         let seen = |e: Option<&NatEntry>| e.map_or(0, |e| e.seen);
         if proto == IPPROTO_UDP {
-            let stream = seen(reply) & SEEN_STREAM != 0;
-            return idle >= if stream { FLOW_UDP_STREAM_SECS } else { FLOW_UDP_SECS };
+            return if seen(reply) & SEEN_STREAM != 0 {
+                FlowState::Stream
+            } else if replied {
+                FlowState::Answered
+            } else {
+                FlowState::UdpUnanswered
+            };
         }
         let (back, forth) = (seen(reply), seen(request));
-        let closed = (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0;
-        let limit = if closed {
-            closed_secs
+        if (back | forth) & SEEN_RST != 0 || back & forth & SEEN_FIN != 0 {
+            FlowState::Closed
         } else if !replied {
-            FLOW_TCP_UNREPLIED_SECS
+            FlowState::TcpUnanswered
         } else {
-            FLOW_TCP_IDLE_SECS
-        };
-        idle >= limit
+            FlowState::Established
+        }
+    }
+}
+
+/// Where a tracked flow stands (`NatEntry::flow_state`), as netfilter's
+/// states decide its timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// TCP, no packet came back yet (a SYN to a backend that is gone, a
+    /// scan).
+    TcpUnanswered,
+    /// TCP, answered and not closed.
+    Established,
+    /// TCP, after a FIN each way or a RST either way.
+    Closed,
+    /// UDP, no packet came back yet.
+    UdpUnanswered,
+    /// UDP, answered within one second: one exchange (a DNS query).
+    Answered,
+    /// UDP, answered in two different seconds (`SEEN_STREAM`).
+    Stream,
+}
+
+impl FlowState {
+    /// Seconds without a packet after which a flow in this state is gone;
+    /// a closed TCP connection after `closed_secs`.
+    pub fn timeout(self, closed_secs: u32) -> u32 {
+        match self {
+            FlowState::Closed => closed_secs,
+            FlowState::TcpUnanswered => FLOW_TCP_UNREPLIED_SECS,
+            FlowState::Established => FLOW_TCP_IDLE_SECS,
+            FlowState::UdpUnanswered | FlowState::Answered => FLOW_UDP_SECS,
+            FlowState::Stream => FLOW_UDP_STREAM_SECS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::TcpUnanswered | FlowState::UdpUnanswered => "unanswered",
+            FlowState::Established => "established",
+            FlowState::Closed => "closed",
+            FlowState::Answered => "answered",
+            FlowState::Stream => "stream",
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod daemon;
 pub mod dataplane;
 pub mod healthcheck;
+pub mod inspect;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -1,16 +1,27 @@
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use proxy_user::{
     daemon,
     dataplane::{
+        self,
         loader::{self, XdpSetting},
         maps, socket_lb,
     },
+    inspect::{self, AddrFilter, Filters},
     model::topology::NodePortAddresses,
-    sync,
 };
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
 
 /// kpr: a kube-proxy replacement on eBPF.
 #[derive(Parser)]
@@ -23,6 +34,9 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true)]
     log_json: bool,
+    /// How the inspection commands print: a table, or JSON (one document).
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,7 +116,34 @@ enum Command {
         no_socket_lb: bool,
     },
     /// Print the programmed frontends and their backends, from the pinned maps.
-    Services,
+    Services {
+        /// Only this frontend (address, or address:port).
+        #[arg(long)]
+        service: Option<AddrFilter>,
+    },
+    /// Print the tracked flows (both directions paired): client, frontend,
+    /// backend, source NAT, state, idle time and expiry.
+    Conntrack {
+        /// Only flows to this frontend (address, or address:port).
+        #[arg(long)]
+        service: Option<AddrFilter>,
+        /// Only flows from this client address.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        /// Only flows to this backend (address, or address:port).
+        #[arg(long)]
+        backend: Option<AddrFilter>,
+    },
+    /// Print the remembered sessionAffinity ClientIP choices: client ->
+    /// backend, with expiry and whether the next connection would follow it.
+    Affinity {
+        /// Only the service with this frontend (address, or address:port).
+        #[arg(long)]
+        service: Option<AddrFilter>,
+        /// Only this client (its address).
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+    },
     /// Print the data path's packet counters.
     Stats,
     /// Detach the programs and remove every pin.
@@ -206,65 +247,187 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(daemon::run(config))
         }
-        Command::Services => {
+        Command::Services { service } => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
-            println!(
-                "{:<24} {:<5} {:<25} {:>4} {:>8}  BACKENDS",
-                "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
-            );
-            for (key, value, backends) in maps.frontends()? {
-                let proto = sync::frontend(&key).map_or_else(|| key.proto.to_string(), |f| f.protocol.to_string());
-                let local_only = value.flags & proxy_common::SVC_EXTERNAL_LOCAL != 0;
-                let backends: Vec<String> = backends
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, b)| {
-                        // Under externalTrafficPolicy Local: which set each is in.
-                        let set = match (local_only, slot as u32) {
-                            (false, _) => "",
-                            (true, s) if s < value.cluster_start => " (outside only)",
-                            (true, s) if s < value.local_count => " (local)",
-                            (true, _) => " (inside only)",
-                        };
-                        format!("{}:{}{set}", b.ip(), b.port())
-                    })
-                    .collect();
-                let mut kind = value.kind().name().to_string();
-                if local_only {
-                    kind.push_str(",eTP=Local");
+            let views: Vec<inspect::ServiceView> = inspect::services(&maps.frontends()?)
+                .into_iter()
+                .filter(|v| service.is_none_or(|f| f.matches(v.frontend)))
+                .collect();
+            print_views(cli.output, &views, print_services)
+        }
+        Command::Conntrack {
+            service,
+            client,
+            backend,
+        } => {
+            let flows = maps::FlowMaps::open(&cli.pin_dir)?;
+            let entries = flows.entries()?.into_iter().collect();
+            let filters = Filters {
+                service,
+                client,
+                backend,
+            };
+            let views: Vec<inspect::FlowView> = inspect::flows(&entries, dataplane::monotonic_secs())
+                .into_iter()
+                .filter(|v| filters.keep_flow(v))
+                .collect();
+            print_views(cli.output, &views, print_flows)
+        }
+        Command::Affinity { service, client } => {
+            let services = maps::ServiceMaps::open(&cli.pin_dir)?;
+            let flows = maps::FlowMaps::open(&cli.pin_dir)?;
+            let mut frontends = Vec::new();
+            let mut backends = std::collections::HashMap::new();
+            for (key, value, slots) in services.frontends()? {
+                for (slot, backend) in (0u32..).zip(slots) {
+                    backends.insert(
+                        proxy_common::BackendKey {
+                            service_id: value.id,
+                            slot,
+                        },
+                        backend,
+                    );
                 }
-                if value.flags & proxy_common::SVC_SOURCE_RANGES != 0 {
-                    kind.push_str(",ranges");
-                }
-                let affinity = match value.affinity_timeout {
-                    0 => "-".to_string(),
-                    t => format!("{t}s"),
-                };
-                let backends = if backends.is_empty() && value.flags & proxy_common::SVC_REJECT != 0 {
-                    "(none: new connections refused)".to_string()
-                } else if backends.is_empty() {
-                    "(none here: traffic dropped)".to_string()
-                } else {
-                    backends.join(", ")
-                };
-                println!(
-                    "{:<24} {:<5} {:<25} {:>4} {:>8}  {}",
-                    format!("{}:{}", key.ip(), key.port()),
-                    proto,
-                    kind,
-                    value.id,
-                    affinity,
-                    backends
-                );
+                frontends.push((key, value));
             }
-            Ok(())
+            // The service a frontend filter names, by its id.
+            let ids: Option<Vec<u32>> = service.map(|f| {
+                frontends
+                    .iter()
+                    .filter(|(k, _)| f.matches(std::net::SocketAddrV4::new(k.ip(), k.port())))
+                    .map(|(_, v)| v.id)
+                    .collect()
+            });
+            let views: Vec<inspect::AffinityView> =
+                inspect::affinities(&flows.affinities()?, &frontends, &backends, dataplane::monotonic_secs())
+                    .into_iter()
+                    .filter(|v| ids.as_ref().is_none_or(|ids| ids.contains(&v.service_id)))
+                    .filter(|v| client.is_none_or(|c| v.client == c.to_string()))
+                    .collect();
+            print_views(cli.output, &views, print_affinities)
         }
         Command::Stats => {
-            for (stat, n) in maps::read_stats(&cli.pin_dir)? {
-                println!("{:<18} {n}", stat.name());
+            let stats: std::collections::BTreeMap<&str, u64> = maps::read_stats(&cli.pin_dir)?
+                .into_iter()
+                .map(|(stat, n)| (stat.name(), n))
+                .collect();
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                for (name, n) in stats {
+                    println!("{name:<18} {n}");
+                }
             }
             Ok(())
         }
         Command::Uninstall => loader::uninstall(&cli.pin_dir),
+    }
+}
+
+fn print_views<T: serde::Serialize>(output: Output, views: &[T], table: fn(&[T])) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(views)?),
+        Output::Table => table(views),
+    }
+    Ok(())
+}
+
+/// Seconds as an operator reads them: `42s`, `9m05s`, `3h20m`, `5d0h`.
+fn duration(secs: u32) -> String {
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86_400);
+    match secs {
+        0..100 => format!("{secs}s"),
+        100..6_000 => format!("{m}m{:02}s", secs % 60),
+        6_000..172_800 => format!("{h}h{:02}m", m % 60),
+        _ => format!("{d}d{}h", h % 24),
+    }
+}
+
+fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn print_services(views: &[inspect::ServiceView]) {
+    println!(
+        "{:<24} {:<5} {:<25} {:>4} {:>8}  BACKENDS",
+        "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
+    );
+    for view in views {
+        let mut kind = view.kind.to_string();
+        if view.external_local {
+            kind.push_str(",eTP=Local");
+        }
+        if view.source_ranges {
+            kind.push_str(",ranges");
+        }
+        let backends: Vec<String> = view
+            .backends
+            .iter()
+            .map(|b| match b.set {
+                Some(set) => format!("{} ({set})", b.address),
+                None => b.address.to_string(),
+            })
+            .collect();
+        let backends = match (backends.is_empty(), view.rejecting) {
+            (true, true) => "(none: new connections refused)".to_string(),
+            (true, false) => "(none here: traffic dropped)".to_string(),
+            (false, _) => backends.join(", "),
+        };
+        println!(
+            "{:<24} {:<5} {:<25} {:>4} {:>8}  {}",
+            view.frontend,
+            view.protocol,
+            kind,
+            view.id,
+            or_dash(view.affinity_timeout_secs.map(|t| format!("{t}s"))),
+            backends
+        );
+    }
+}
+
+fn print_flows(views: &[inspect::FlowView]) {
+    println!(
+        "{:<5} {:<21} {:<21} {:<21} {:<21} {:<11} {:>7} {:>8}",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SOURCE NAT", "STATE", "IDLE", "EXPIRES"
+    );
+    for view in views {
+        let mut state = view.state.to_string();
+        if let Some(missing) = view.missing {
+            state.push_str(&format!(" ({missing} entry lost)"));
+        }
+        println!(
+            "{:<5} {:<21} {:<21} {:<21} {:<21} {:<11} {:>7} {:>8}",
+            view.protocol,
+            view.client,
+            view.frontend,
+            view.backend,
+            or_dash(view.source_nat),
+            state,
+            or_dash(view.idle_secs.map(duration)),
+            or_dash(view.expires_in_secs.map(duration)),
+        );
+    }
+}
+
+fn print_affinities(views: &[inspect::AffinityView]) {
+    println!(
+        "{:>4} {:<26} {:<21} {:<21} {:>7} {:>8}  IN FORCE",
+        "ID", "FRONTENDS", "CLIENT", "BACKEND", "IDLE", "EXPIRES"
+    );
+    for view in views {
+        println!(
+            "{:>4} {:<26} {:<21} {:<21} {:>7} {:>8}  {}",
+            view.service_id,
+            view.frontends.join(","),
+            view.client,
+            view.backend,
+            duration(view.idle_secs),
+            or_dash(view.expires_in_secs.map(duration)),
+            if view.in_force {
+                "yes"
+            } else {
+                "no (next connection balanced afresh)"
+            }
+        );
     }
 }

@@ -24,7 +24,11 @@ pub struct Judgement {
 
 /// The entry of the other direction of `entry`'s flow, if it is there and
 /// belongs to the same flow (points back at `key`).
-fn partner<'a>(entries: &'a HashMap<FlowKey, NatEntry>, key: &FlowKey, entry: &NatEntry) -> Option<&'a NatEntry> {
+pub(crate) fn partner<'a>(
+    entries: &'a HashMap<FlowKey, NatEntry>,
+    key: &FlowKey,
+    entry: &NatEntry,
+) -> Option<&'a NatEntry> {
     let other = entry.other_direction(key);
     entries
         .get(&other)

@@ -1,0 +1,212 @@
+//! The inspection commands against a running daemon: what `kpr services`,
+//! `kpr conntrack` and `kpr affinity` print (as JSON, and as tables) is
+//! compared with what the test programmed and sent.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+};
+
+use kpr_testbed::{
+    cluster::{kpr_binary, POD_PORT},
+    manifests::{web, Endpoint, Exposure},
+    pod::{connect, Conn, Datagrams},
+    Cluster, ClusterSpec,
+};
+use proxy_common::IPPROTO_TCP;
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 91);
+const AFFINITY_SECS: u32 = 600;
+
+fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+fn kpr(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(kpr_binary().unwrap())
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn kpr_json(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let text = kpr(cluster, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("kpr {args:?} printed no JSON list ({e}): {text}"))
+}
+
+fn field(value: &Value, name: &str) -> String {
+    match &value[name] {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `n` TCP connections from the pod `client` to the service, each having
+/// answered once: (client address, backend address) per connection, and
+/// the connections, open.
+fn open(cluster: &Cluster, client: &str, n: usize) -> (BTreeSet<(String, String)>, Vec<Conn>) {
+    let mut sent = BTreeSet::new();
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut conn = connect(&cluster.pod(client).ns, at(VIP, 80)).unwrap();
+        let pod = conn.request().unwrap().pod;
+        let backend = at(cluster.pod(&pod).ip, POD_PORT);
+        sent.insert((conn.local_addr().to_string(), backend.to_string()));
+        conns.push(conn);
+    }
+    (sent, conns)
+}
+
+fn tcp_flows(cluster: &Cluster, filter: &[&str]) -> Vec<Value> {
+    let mut args = vec!["conntrack", "--service", "10.96.0.91:80"];
+    args.extend_from_slice(filter);
+    kpr_json(cluster, &args)
+        .into_iter()
+        .filter(|f| f["protocol"] == "TCP")
+        .collect()
+}
+
+fn pairs(flows: &[Value]) -> BTreeSet<(String, String)> {
+    flows
+        .iter()
+        .map(|f| (field(f, "client"), field(f, "backend")))
+        .collect()
+}
+
+#[test]
+fn the_inspection_commands_show_what_was_programmed_and_sent() {
+    let mut spec = ClusterSpec::pods("web", 3);
+    spec.pods.extend(["client-a".into(), "client-b".into()]);
+    let cluster = Cluster::start(spec).unwrap();
+    let pods = ["web-0", "web-1", "web-2"];
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
+        .collect();
+    let exposure = Exposure {
+        affinity_timeout: Some(AFFINITY_SECS),
+        ..Exposure::default()
+    };
+    cluster
+        .write_manifest("web.yaml", &web(VIP, &exposure, &endpoints))
+        .unwrap();
+    let backends: Vec<SocketAddr> = pods.iter().map(|p| at(cluster.pod(p).ip, POD_PORT)).collect();
+    cluster.wait_for_backends(at(VIP, 80), IPPROTO_TCP, &backends).unwrap();
+
+    // services: the frontend as the manifest has it.
+    let services = kpr_json(&cluster, &["services", "--service", "10.96.0.91:80"]);
+    assert_eq!(services.len(), 1, "{services:?}");
+    let service = &services[0];
+    assert_eq!(service["kind"], "ClusterIP");
+    assert_eq!(service["protocol"], "TCP");
+    assert_eq!(service["affinity_timeout_secs"], AFFINITY_SECS);
+    assert_eq!(service["rejecting"], false, "it has endpoints");
+    let shown: BTreeSet<String> = service["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| field(b, "address"))
+        .collect();
+    let want: BTreeSet<String> = backends.iter().map(|b| b.to_string()).collect();
+    assert_eq!(shown, want);
+    assert!(
+        kpr(&cluster, &["services"]).contains("10.96.0.91:80"),
+        "the table lists the frontend"
+    );
+
+    // conntrack: exactly the connections sent, each to the backend that
+    // answered it.
+    let (sent_a, _keep_a) = open(&cluster, "client-a", 3);
+    let (sent_b, conns_b) = open(&cluster, "client-b", 3);
+    let flows = tcp_flows(&cluster, &[]);
+    assert_eq!(pairs(&flows), sent_a.union(&sent_b).cloned().collect());
+    for flow in &flows {
+        assert_eq!(flow["frontend"], "10.96.0.91:80");
+        assert_eq!(flow["state"], "established", "{flow}");
+        assert_eq!(flow["source_nat"], Value::Null, "a pod's flow keeps its source");
+        assert_eq!(flow["missing"], Value::Null);
+        let expires = flow["expires_in_secs"].as_u64().unwrap();
+        assert!(expires > 400_000, "an established connection lasts days: {flow}");
+    }
+    let client_b = cluster.pod("client-b").ip.to_string();
+    assert_eq!(pairs(&tcp_flows(&cluster, &["--client", &client_b])), sent_b);
+    let (_, one_backend) = sent_a.iter().next().unwrap().clone();
+    let to_backend = tcp_flows(&cluster, &["--backend", &one_backend]);
+    assert!(to_backend.iter().all(|f| field(f, "backend") == one_backend));
+    let want_there = sent_a.union(&sent_b).filter(|(_, b)| *b == one_backend).count();
+    assert_eq!(to_backend.len(), want_there);
+    let table = kpr(&cluster, &["conntrack", "--client", &client_b]);
+    for (client, _) in &sent_b {
+        assert!(table.contains(client.as_str()), "{client} in the table:\n{table}");
+    }
+
+    // A UDP exchange: one answered flow.
+    let datagrams = Datagrams::open(&cluster.pod("client-a").ns).unwrap();
+    let udp_pod = datagrams.request(at(VIP, 53)).unwrap().pod;
+    let udp = kpr_json(&cluster, &["conntrack", "--service", "10.96.0.91:53"]);
+    assert_eq!(udp.len(), 1, "{udp:?}");
+    // The socket is bound to any address: the pod's is its source.
+    let udp_client = at(cluster.pod("client-a").ip, datagrams.local_addr().port());
+    assert_eq!(field(&udp[0], "client"), udp_client.to_string());
+    assert_eq!(
+        field(&udp[0], "backend"),
+        at(cluster.pod(&udp_pod).ip, POD_PORT).to_string()
+    );
+    assert_eq!(udp[0]["state"], "answered");
+
+    // Closed connections are shown closed, expiring within seconds.
+    drop(conns_b);
+    cluster
+        .wait_until("client-b's connections to show closed", || {
+            let flows = tcp_flows(&cluster, &["--client", &client_b]);
+            Ok(flows.len() == 3 && flows.iter().all(|f| f["state"] == "closed"))
+        })
+        .unwrap();
+    for flow in tcp_flows(&cluster, &["--client", &client_b]) {
+        assert!(flow["expires_in_secs"].as_u64().unwrap() <= 10, "{flow}");
+    }
+
+    // affinity: each client with the backend all its connections got.
+    let client_a = cluster.pod("client-a").ip.to_string();
+    let remembered = kpr_json(&cluster, &["affinity", "--service", "10.96.0.91:80"]);
+    let shown: BTreeSet<(String, String)> = remembered
+        .iter()
+        .map(|r| (field(r, "client"), field(r, "backend")))
+        .collect();
+    let backend_of = |sent: &BTreeSet<(String, String)>| {
+        let backends: BTreeSet<&String> = sent.iter().map(|(_, b)| b).collect();
+        assert_eq!(backends.len(), 1, "affinity kept one backend: {sent:?}");
+        backends.into_iter().next().unwrap().clone()
+    };
+    let want: BTreeSet<(String, String)> = [
+        (client_a.clone(), backend_of(&sent_a)),
+        (client_b.clone(), backend_of(&sent_b)),
+    ]
+    .into();
+    assert_eq!(shown, want);
+    for entry in &remembered {
+        assert_eq!(entry["in_force"], true, "{entry}");
+        let expires = entry["expires_in_secs"].as_u64().unwrap();
+        assert!(
+            (AFFINITY_SECS as u64 - 30..=AFFINITY_SECS as u64).contains(&expires),
+            "{entry}"
+        );
+        assert!(entry["frontends"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("10.96.0.91:80/TCP")));
+    }
+    let only_a = kpr_json(&cluster, &["affinity", "--client", &client_a]);
+    assert!(only_a.iter().all(|r| field(r, "client") == client_a) && !only_a.is_empty());
+}
