@@ -24,6 +24,7 @@ pub mod map_name {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const AFFINITY: &str = "AFFINITY";
     pub const NODE: &str = "NODE";
+    pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 }
 
 /// Name of the TC classifier in the eBPF object, for the ingress of the
@@ -80,6 +81,9 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 /// Remembered (frontend, client) -> backend choices of ClientIP affinity,
 /// least recently used evicted first.
 pub const MAX_AFFINITY: u32 = 262_144;
+/// Counters of `SERVICE_COUNTERS`; the least recently counted go first
+/// when more are needed.
+pub const MAX_SERVICE_COUNTERS: u32 = 65_536;
 
 /// Source ranges (loadBalancerSourceRanges) over all services.
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
@@ -696,6 +700,26 @@ pub struct AffinityValue {
     pub last_used: u32,
 }
 
+/// Key of `SERVICE_COUNTERS`, whose per-CPU values count what happened to
+/// new flows of one frontend (service id): `stat` `Stat::NewFlow` with a
+/// backend's address and port counts the flows (TCP connections, UDP
+/// flows) sent to that backend, on either path — the "is my traffic spread
+/// over all my pods?" of `kpr services`; any other `stat` (a refusal, a
+/// drop), with address and port 0, counts the flows it ended. A backend is
+/// keyed by address, not slot, so its count follows it when the endpoints
+/// are renumbered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceCounterKey {
+    pub service_id: u32,
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    /// A `Stat`.
+    pub stat: u16,
+}
+
 /// Value of the one-entry `NODE` array: what the data path must know of
 /// the node it runs on.
 #[repr(C)]
@@ -801,6 +825,11 @@ impl Stat {
         Stat::IcmpError,
     ];
 
+    /// The stat with this value, as a map holds it.
+    pub fn from_index(index: u32) -> Option<Stat> {
+        Self::ALL.get(index as usize).copied()
+    }
+
     /// Whether the stat counts connections made through the socket-level
     /// balancer rather than packets of the TC path.
     pub fn is_socket(self) -> bool {
@@ -839,6 +868,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for ServiceCounterKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
@@ -854,6 +884,15 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stat_read_back_from_a_map_is_the_one_written() {
+        for (index, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, index, "Stat::ALL is in value order");
+            assert_eq!(Stat::from_index(index as u32), Some(*stat));
+        }
+        assert_eq!(Stat::from_index(Stat::COUNT), None);
+    }
 
     fn entry(seen: u8, last_seen: u32) -> NatEntry {
         NatEntry {

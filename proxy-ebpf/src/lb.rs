@@ -6,7 +6,7 @@ use proxy_common::{AffinityKey, AffinityValue, Backend, BackendKey, NatEntry, Se
 
 use crate::{
     clock::now_secs,
-    maps::{AFFINITY, BACKENDS, RR_CURSORS, SERVICES, SOURCE_RANGES},
+    maps::{count_new_flow, AFFINITY, BACKENDS, RR_CURSORS, SERVICES, SOURCE_RANGES},
 };
 
 /// The service addressed by (address, port, protocol), all as the packet
@@ -42,8 +42,18 @@ pub fn source_allowed(service_id: u32, client: u32) -> bool {
 /// stands (in its slot, within the endpoint set this origin uses) and the
 /// timeout has not passed since the client's last new flow; otherwise the
 /// next in round-robin, remembered for the client.
+/// Each choice is counted for its backend (`maps::count_new_flow`).
 #[inline(always)]
 pub fn select_backend(svc: &ServiceValue, from_outside: bool, client: u64) -> Option<(u32, Backend)> {
+    let chosen = choose_backend(svc, from_outside, client);
+    if let Some((_, backend)) = &chosen {
+        count_new_flow(svc.id, backend);
+    }
+    chosen
+}
+
+#[inline(always)]
+fn choose_backend(svc: &ServiceValue, from_outside: bool, client: u64) -> Option<(u32, Backend)> {
     if svc.affinity_timeout == 0 {
         return round_robin(svc, from_outside);
     }

@@ -95,6 +95,13 @@ impl Verdict {
         }
     }
 
+    /// A new flow of `svc` ended here (refused, dropped): counted for the
+    /// service too.
+    fn counted_for(self, svc: &ServiceValue) -> Self {
+        maps::count_service_verdict(svc.id, self.stat);
+        self
+    }
+
     /// Translated; on to the next program on the hook, then the stack.
     fn translated(stat: Stat) -> Self {
         Self::with(stat, TC_ACT_UNSPEC)
@@ -360,11 +367,11 @@ fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceV
     // to a connection whose entry is gone: a backend chosen now would not
     // know it and could only reset it.
     if pkt.proto == IPPROTO_TCP && !pkt.is_syn() {
-        return Verdict::drop(Stat::NoFlow);
+        return Verdict::drop(Stat::NoFlow).counted_for(svc);
     }
     let from_outside = ORIGIN == origin::OUTSIDE;
     if from_outside && svc.flags & SVC_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, pkt.src) {
-        return Verdict::drop(Stat::SourceDenied);
+        return Verdict::drop(Stat::SourceDenied).counted_for(svc);
     }
     let Some((slot, backend)) = lb::select_backend(svc, from_outside, pkt.src as u64) else {
         // No endpoint anywhere: refused. An empty local-only set (a Local
@@ -374,15 +381,16 @@ fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceV
             let Some(ctx) = frame.tc() else {
                 return Verdict::untouched(Stat::Rejected);
             };
-            return match reject::port_unreachable(ctx, pkt, ORIGIN == origin::HOST) {
+            let verdict = match reject::port_unreachable(ctx, pkt, ORIGIN == origin::HOST) {
                 Ok(action) => Verdict::answered(Stat::Rejected, action),
                 Err(_) => Verdict::drop(Stat::Error),
             };
+            return verdict.counted_for(svc);
         }
         if from_outside && svc.flags & SVC_EXTERNAL_LOCAL != 0 {
-            return Verdict::drop(Stat::NoLocalBackend);
+            return Verdict::drop(Stat::NoLocalBackend).counted_for(svc);
         }
-        return Verdict::drop(Stat::NoBackend);
+        return Verdict::drop(Stat::NoBackend).counted_for(svc);
     };
     let mut flow = Flow {
         service_id: svc.id,
@@ -404,18 +412,18 @@ fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceV
     if needs_snat {
         flow.redirect_replies = true;
         let Some(node) = maps::snat_addr() else {
-            return Verdict::drop(Stat::Error);
+            return Verdict::drop(Stat::Error).counted_for(svc);
         };
         match conntrack::create_nated(pkt, &mut flow, node) {
             Ok(()) => {}
-            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted),
-            Err(NatError::Map) => return Verdict::drop(Stat::Error),
+            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted).counted_for(svc),
+            Err(NatError::Map) => return Verdict::drop(Stat::Error).counted_for(svc),
         }
     } else {
         match conntrack::create_new(pkt, &mut flow) {
             Ok(()) => {}
-            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted),
-            Err(NatError::Map) => return Verdict::drop(Stat::Error),
+            Err(NatError::Exhausted) => return Verdict::drop(Stat::NatExhausted).counted_for(svc),
+            Err(NatError::Map) => return Verdict::drop(Stat::Error).counted_for(svc),
         }
     }
     translate::<F, ORIGIN>(frame, pkt, &flow, Stat::NewFlow)

@@ -65,10 +65,13 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         0
     };
     let Some((_, backend)) = lb::select_backend(&svc, false, client) else {
-        if svc.flags & SVC_REJECT != 0 {
-            return Some(Stat::SocketRejected);
-        }
-        return Some(Stat::SocketNoBackend);
+        let stat = if svc.flags & SVC_REJECT != 0 {
+            Stat::SocketRejected
+        } else {
+            Stat::SocketNoBackend
+        };
+        maps::count_service_verdict(svc.id, stat);
+        return Some(stat);
     };
     let peer = SocketPeer {
         service_addr: addr,

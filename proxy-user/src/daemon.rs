@@ -20,9 +20,10 @@ use crate::{
     },
     healthcheck::HealthCheckServers,
     model::topology::NodePortAddresses,
+    model::{Frontend, FrontendState},
     source::{self, manifests::ManifestDir, state::ClusterState},
-    sync::Syncer,
-    telemetry::{self, labels, Telemetry},
+    sync::{SyncReport, Syncer},
+    telemetry::{self, labels, FrontendLabels, Telemetry},
 };
 
 pub enum SourceConfig {
@@ -50,6 +51,8 @@ pub struct Config {
     pub sync_period: Duration,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Per-backend new-flow counters on /metrics too.
+    pub metrics_per_backend: bool,
     /// The cgroup the socket-level balancer is attached to; none: TC only.
     pub socket_lb: Option<PathBuf>,
     /// How often expired flows are swept from the flow table.
@@ -195,7 +198,11 @@ impl Attacher {
 
 pub async fn run(config: Config) -> Result<()> {
     // kube-proxy's health timeout: twice the sync period.
-    let telemetry = Telemetry::new(config.pin_dir.clone(), config.sync_period * 2);
+    let telemetry = Telemetry::new(
+        config.pin_dir.clone(),
+        config.sync_period * 2,
+        config.metrics_per_backend,
+    );
     // The watchers list the cluster (most of a cold start at scale) on the
     // runtime's workers while the dataplane is loaded here; nothing is
     // programmed before the sync loop starts below.
@@ -495,10 +502,16 @@ impl SyncLoop {
             tracing::warn!("not served: {note}");
         }
         let report = if full || complete {
-            self.syncer.sync(&state.desired(), &mut self.maps)
+            let desired = state.desired();
+            let report = self.syncer.sync(&desired, &mut self.maps);
+            self.label_frontends(true, desired.frontends.iter(), &report);
+            report
         } else {
             let frontends: Vec<_> = changes.frontends.iter().map(|(f, s)| (*f, s.as_ref())).collect();
-            self.syncer.sync_changes(&frontends, &mut self.maps)
+            let report = self.syncer.sync_changes(&frontends, &mut self.maps);
+            let changed = changes.frontends.iter().filter_map(|(f, s)| Some((f, s.as_ref()?)));
+            self.label_frontends(false, changed, &report);
+            report
         };
         let (services, frontends, endpoints) = state.counts();
         let (rejected, ignored, unsupported) = (
@@ -577,6 +590,38 @@ impl SyncLoop {
             release_freed_memory();
         }
         true
+    }
+}
+
+impl SyncLoop {
+    /// Keeps the per-service metrics' labels in step with the ids the sync
+    /// gave frontends: `frontends` are those programmed (all of them when
+    /// `whole`), the report's removed ids are gone.
+    fn label_frontends<'a>(
+        &self,
+        whole: bool,
+        frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>,
+        report: &SyncReport,
+    ) {
+        let mut labels = self.telemetry.frontends.lock().expect("frontends lock");
+        if whole {
+            labels.clear();
+        }
+        for id in &report.removed_ids {
+            labels.remove(id);
+        }
+        for (frontend, state) in frontends {
+            if let Some(id) = self.syncer.id_of(frontend) {
+                labels.insert(
+                    id,
+                    FrontendLabels {
+                        service: state.service.to_string(),
+                        frontend: frontend.to_string(),
+                        kind: state.kind.name(),
+                    },
+                );
+            }
+        }
     }
 }
 

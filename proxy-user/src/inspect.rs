@@ -11,9 +11,9 @@ use std::{
 };
 
 use proxy_common::{
-    addr_from_map, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, NatEntry, ServiceKey, ServiceValue,
-    AFFINITY_NETNS, FLOW_TCP_CLOSED_SECS, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY, NAT_SNAT, SVC_EXTERNAL_LOCAL,
-    SVC_REJECT, SVC_SOURCE_RANGES,
+    addr_from_map, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, NatEntry, ServiceCounterKey, ServiceKey,
+    ServiceValue, Stat, AFFINITY_NETNS, FLOW_TCP_CLOSED_SECS, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY, NAT_SNAT,
+    SVC_EXTERNAL_LOCAL, SVC_REJECT, SVC_SOURCE_RANGES,
 };
 use serde::Serialize;
 
@@ -51,6 +51,9 @@ pub struct ServiceView {
     /// traffic, dropped.
     pub rejecting: bool,
     pub backends: Vec<BackendView>,
+    /// New flows refused or dropped, by verdict (`kpr stats`' names):
+    /// `rejected`, `no_local_backend`, `source_denied`, ...
+    pub refused_or_dropped: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -62,10 +65,18 @@ pub struct BackendView {
     /// Under externalTrafficPolicy Local, which traffic may reach it:
     /// `local` (every origin), `outside only` or `inside only`.
     pub set: Option<&'static str>,
+    /// New flows (TCP connections, UDP flows) sent to it by this node, on
+    /// both paths, since it became a backend of the service.
+    pub new_flows: u64,
 }
 
-/// The frontends as programmed, with their backends by slot.
-pub fn services(frontends: &[(ServiceKey, ServiceValue, Vec<Backend>)]) -> Vec<ServiceView> {
+/// The frontends as programmed, with their backends by slot, the new flows
+/// each was sent and the new flows refused or dropped (`counts`, from
+/// `SERVICE_COUNTERS`).
+pub fn services(
+    frontends: &[(ServiceKey, ServiceValue, Vec<Backend>)],
+    counts: &HashMap<ServiceCounterKey, u64>,
+) -> Vec<ServiceView> {
     frontends
         .iter()
         .map(|(key, value, backends)| {
@@ -91,7 +102,21 @@ pub fn services(frontends: &[(ServiceKey, ServiceValue, Vec<Backend>)]) -> Vec<S
                             s if s < value.local_count => "local",
                             _ => "inside only",
                         }),
+                        new_flows: counts
+                            .get(&ServiceCounterKey {
+                                service_id: value.id,
+                                addr: b.addr,
+                                port: b.port,
+                                stat: Stat::NewFlow as u16,
+                            })
+                            .copied()
+                            .unwrap_or(0),
                     })
+                    .collect(),
+                refused_or_dropped: counts
+                    .iter()
+                    .filter(|(k, _)| k.service_id == value.id && k.stat != Stat::NewFlow as u16)
+                    .filter_map(|(k, n)| Some((Stat::from_index(k.stat as u32)?.name(), *n)))
                     .collect(),
             }
         })

@@ -104,6 +104,10 @@ enum Command {
         /// Where /metrics (and /healthz) are served; "" to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
+        /// Also export new flows per backend (`kpr_backend_new_flows_total`):
+        /// one series per endpoint of every service, hence off by default.
+        #[arg(long)]
+        metrics_per_backend: bool,
         /// The cgroup v2 directory whose processes get the socket-level
         /// balancer (a TCP connect to a service goes straight to a backend,
         /// with no per-packet translation). Default: the hierarchy's root,
@@ -207,6 +211,7 @@ fn main() -> Result<()> {
             xdp,
             healthz_bind_address,
             metrics_bind_address,
+            metrics_per_backend,
             socket_lb_cgroup,
             no_socket_lb,
             external_interfaces,
@@ -235,6 +240,7 @@ fn main() -> Result<()> {
                 xdp,
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
                 metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
+                metrics_per_backend,
                 socket_lb: match (no_socket_lb, socket_lb_cgroup) {
                     (true, _) => None,
                     (false, Some(cgroup)) => Some(cgroup),
@@ -249,7 +255,8 @@ fn main() -> Result<()> {
         }
         Command::Services { service } => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
-            let views: Vec<inspect::ServiceView> = inspect::services(&maps.frontends()?)
+            let counts = maps::FlowMaps::open(&cli.pin_dir)?.service_counters()?;
+            let views: Vec<inspect::ServiceView> = inspect::services(&maps.frontends()?, &counts)
                 .into_iter()
                 .filter(|v| service.is_none_or(|f| f.matches(v.frontend)))
                 .collect();
@@ -364,22 +371,30 @@ fn print_services(views: &[inspect::ServiceView]) {
             .backends
             .iter()
             .map(|b| match b.set {
-                Some(set) => format!("{} ({set})", b.address),
-                None => b.address.to_string(),
+                Some(set) => format!("{} ({set}) [{}]", b.address, b.new_flows),
+                None => format!("{} [{}]", b.address, b.new_flows),
             })
             .collect();
-        let backends = match (backends.is_empty(), view.rejecting) {
+        let mut backends = match (backends.is_empty(), view.rejecting) {
             (true, true) => "(none: new connections refused)".to_string(),
             (true, false) => "(none here: traffic dropped)".to_string(),
             (false, _) => backends.join(", "),
         };
+        if !view.refused_or_dropped.is_empty() {
+            let ended: Vec<String> = view
+                .refused_or_dropped
+                .iter()
+                .map(|(v, n)| format!("{v}={n}"))
+                .collect();
+            backends.push_str(&format!("; refused/dropped: {}", ended.join(", ")));
+        }
         println!(
             "{:<24} {:<5} {:<25} {:>4} {:>8}  {}",
             view.frontend,
             view.protocol,
             kind,
             view.id,
-            or_dash(view.affinity_timeout_secs.map(|t| format!("{t}s"))),
+            or_dash(view.affinity_timeout_secs.map(duration)),
             backends
         );
     }

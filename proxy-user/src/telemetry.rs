@@ -2,7 +2,8 @@
 //! see of the daemon. Metric names follow kube-proxy's where the meaning is
 //! the same, so existing dashboards keep working.
 use std::{
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap},
+    net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,6 +15,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use proxy_common::{addr_from_map, ServiceCounterKey, Stat};
 
 use crate::dataplane::maps;
 
@@ -174,14 +177,33 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub health: Mutex<Health>,
     pub pin_dir: PathBuf,
+    /// What the per-service counters are labelled with, by service id
+    /// (kept by the daemon as it programs frontends).
+    pub frontends: Mutex<HashMap<u32, FrontendLabels>>,
+    /// Per-backend counters too (one series per endpoint: off by default,
+    /// for the cardinality).
+    pub per_backend: bool,
+}
+
+/// A frontend as the per-service metrics name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendLabels {
+    /// `namespace/name`
+    pub service: String,
+    /// `address:port/protocol`
+    pub frontend: String,
+    /// ClusterIP, NodePort, LoadBalancer, externalIP.
+    pub kind: &'static str,
 }
 
 impl Telemetry {
-    pub fn new(pin_dir: PathBuf, health_timeout: Duration) -> Arc<Self> {
+    pub fn new(pin_dir: PathBuf, health_timeout: Duration, per_backend: bool) -> Arc<Self> {
         Arc::new(Telemetry {
             metrics: Metrics::default(),
             health: Mutex::new(Health::new(health_timeout)),
             pin_dir,
+            frontends: Mutex::new(HashMap::new()),
+            per_backend,
         })
     }
 
@@ -209,9 +231,72 @@ impl Telemetry {
                 ));
             }
         }
+        if let Ok(counters) = maps::FlowMaps::open(&self.pin_dir).and_then(|f| f.service_counters()) {
+            let frontends = self.frontends.lock().expect("frontends lock");
+            out.push_str(&render_service_counters(&counters, &frontends, self.per_backend));
+        }
         encode_eof(&mut out).expect("writing to a String");
         out
     }
+}
+
+/// The per-service counters (see `ServiceCounterKey`): new flows, and new
+/// flows refused or dropped by verdict; new flows per backend when asked.
+/// Counters of ids no frontend has (a service just removed) are left out.
+fn render_service_counters(
+    counters: &HashMap<ServiceCounterKey, u64>,
+    frontends: &HashMap<u32, FrontendLabels>,
+    per_backend: bool,
+) -> String {
+    let mut new_flows: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut ended: BTreeMap<(u32, &str), u64> = BTreeMap::new();
+    let mut backends: BTreeMap<(u32, SocketAddrV4), u64> = BTreeMap::new();
+    for (key, n) in counters {
+        if !frontends.contains_key(&key.service_id) {
+            continue;
+        }
+        match Stat::from_index(key.stat as u32) {
+            Some(Stat::NewFlow) => {
+                *new_flows.entry(key.service_id).or_default() += n;
+                let backend = SocketAddrV4::new(addr_from_map(key.addr), u16::from_be(key.port));
+                *backends.entry((key.service_id, backend)).or_default() += n;
+            }
+            Some(stat) => *ended.entry((key.service_id, stat.name())).or_default() += n,
+            None => {}
+        }
+    }
+    let series = |id: &u32| {
+        let f = &frontends[id];
+        format!(
+            "service=\"{}\",frontend=\"{}\",kind=\"{}\"",
+            f.service, f.frontend, f.kind
+        )
+    };
+    let mut out = String::new();
+    out.push_str("# HELP kpr_service_new_flows New flows (TCP connections, UDP flows) sent to a backend, per service frontend.\n");
+    out.push_str("# TYPE kpr_service_new_flows counter\n");
+    for (id, n) in &new_flows {
+        out.push_str(&format!("kpr_service_new_flows_total{{{}}} {n}\n", series(id)));
+    }
+    out.push_str("# HELP kpr_service_refused_or_dropped New flows of a service frontend refused (REJECT) or dropped, by verdict.\n");
+    out.push_str("# TYPE kpr_service_refused_or_dropped counter\n");
+    for ((id, verdict), n) in &ended {
+        out.push_str(&format!(
+            "kpr_service_refused_or_dropped_total{{{},verdict=\"{verdict}\"}} {n}\n",
+            series(id)
+        ));
+    }
+    if per_backend {
+        out.push_str("# HELP kpr_backend_new_flows New flows sent to each backend of a service frontend.\n");
+        out.push_str("# TYPE kpr_backend_new_flows counter\n");
+        for ((id, backend), n) in &backends {
+            out.push_str(&format!(
+                "kpr_backend_new_flows_total{{{},backend=\"{backend}\"}} {n}\n",
+                series(id)
+            ));
+        }
+    }
+    out
 }
 
 async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
@@ -308,8 +393,77 @@ mod tests {
     }
 
     #[test]
+    fn service_counters_are_labelled_by_service_and_summed_per_frontend() {
+        let backend = |last: u8| {
+            (
+                proxy_common::addr_to_map(std::net::Ipv4Addr::new(10, 1, 0, last)),
+                8080u16.to_be(),
+            )
+        };
+        let key = |id: u32, (addr, port): (u32, u16), stat: Stat| ServiceCounterKey {
+            service_id: id,
+            addr,
+            port,
+            stat: stat as u16,
+        };
+        let counters: HashMap<ServiceCounterKey, u64> = [
+            (key(1, backend(5), Stat::NewFlow), 3),
+            (key(1, backend(6), Stat::NewFlow), 2),
+            (key(1, (0, 0), Stat::Rejected), 4),
+            (key(1, (0, 0), Stat::SocketRejected), 1),
+            // An id no frontend has any more: left out.
+            (key(9, backend(7), Stat::NewFlow), 8),
+        ]
+        .into();
+        let frontends: HashMap<u32, FrontendLabels> = [(
+            1,
+            FrontendLabels {
+                service: "default/web".into(),
+                frontend: "10.96.0.1:80/TCP".into(),
+                kind: "ClusterIP",
+            },
+        )]
+        .into();
+        let series = "service=\"default/web\",frontend=\"10.96.0.1:80/TCP\",kind=\"ClusterIP\"";
+        let text = render_service_counters(&counters, &frontends, false);
+        assert!(
+            text.contains(&format!("kpr_service_new_flows_total{{{series}}} 5\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "kpr_service_refused_or_dropped_total{{{series},verdict=\"rejected\"}} 4\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "kpr_service_refused_or_dropped_total{{{series},verdict=\"socket_rejected\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains("kpr_backend_new_flows") && !text.contains(" 8\n"),
+            "{text}"
+        );
+        let text = render_service_counters(&counters, &frontends, true);
+        assert!(
+            text.contains(&format!(
+                "kpr_backend_new_flows_total{{{series},backend=\"10.1.0.5:8080\"}} 3\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "kpr_backend_new_flows_total{{{series},backend=\"10.1.0.6:8080\"}} 2\n"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn metrics_use_kube_proxy_names() {
-        let t = Telemetry::new("/nonexistent".into(), Duration::from_secs(1));
+        let t = Telemetry::new("/nonexistent".into(), Duration::from_secs(1), false);
         t.metrics.sync_duration.observe(0.002);
         t.metrics
             .rejections

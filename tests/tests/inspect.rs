@@ -2,21 +2,24 @@
 //! `kpr conntrack` and `kpr affinity` print (as JSON, and as tables) is
 //! compared with what the test programmed and sent.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    io::ErrorKind,
     net::{Ipv4Addr, SocketAddr},
     process::Command,
+    time::Duration,
 };
 
 use kpr_testbed::{
     cluster::{kpr_binary, POD_PORT},
-    manifests::{web, Endpoint, Exposure},
-    pod::{connect, Conn, Datagrams},
+    manifests::{exposed_service_with_endpoints, tcp, web, Endpoint, Exposure},
+    pod::{connect, http_get, Conn, Datagrams},
     Cluster, ClusterSpec,
 };
 use proxy_common::IPPROTO_TCP;
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 91);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 92);
 const AFFINITY_SECS: u32 = 600;
 
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -88,7 +91,9 @@ fn pairs(flows: &[Value]) -> BTreeSet<(String, String)> {
 fn the_inspection_commands_show_what_was_programmed_and_sent() {
     let mut spec = ClusterSpec::pods("web", 3);
     spec.pods.extend(["client-a".into(), "client-b".into()]);
-    let cluster = Cluster::start(spec).unwrap();
+    spec.daemon = false;
+    let mut cluster = Cluster::start(spec).unwrap();
+    cluster.start_daemon_on(0, &["--metrics-per-backend"]).unwrap();
     let pods = ["web-0", "web-1", "web-2"];
     let endpoints: Vec<Endpoint> = pods
         .iter()
@@ -101,6 +106,16 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     cluster
         .write_manifest("web.yaml", &web(VIP, &exposure, &endpoints))
         .unwrap();
+    // And a service without endpoints, which refuses new connections.
+    let empty = exposed_service_with_endpoints(
+        "empty",
+        EMPTY_VIP,
+        &[tcp("http", 80)],
+        &Exposure::default(),
+        POD_PORT,
+        &[],
+    );
+    cluster.write_manifest("empty.yaml", &empty).unwrap();
     let backends: Vec<SocketAddr> = pods.iter().map(|p| at(cluster.pod(p).ip, POD_PORT)).collect();
     cluster.wait_for_backends(at(VIP, 80), IPPROTO_TCP, &backends).unwrap();
 
@@ -141,6 +156,27 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     }
     let client_b = cluster.pod("client-b").ip.to_string();
     assert_eq!(pairs(&tcp_flows(&cluster, &["--client", &client_b])), sent_b);
+
+    // services again: each backend with the new connections it was sent.
+    let services = kpr_json(&cluster, &["services", "--service", "10.96.0.91:80"]);
+    let counted: BTreeMap<String, u64> = services[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (field(b, "address"), b["new_flows"].as_u64().unwrap()))
+        .collect();
+    let mut per_backend: BTreeMap<String, u64> = backends.iter().map(|b| (b.to_string(), 0)).collect();
+    for (_, backend) in sent_a.union(&sent_b) {
+        *per_backend.get_mut(backend).unwrap() += 1;
+    }
+    assert_eq!(counted, per_backend, "new connections per backend");
+    let table = kpr(&cluster, &["services"]);
+    for (backend, n) in &per_backend {
+        assert!(
+            table.contains(&format!("{backend} [{n}]")),
+            "{backend}'s count in:\n{table}"
+        );
+    }
     let (_, one_backend) = sent_a.iter().next().unwrap().clone();
     let to_backend = tcp_flows(&cluster, &["--backend", &one_backend]);
     assert!(to_backend.iter().all(|f| field(f, "backend") == one_backend));
@@ -209,4 +245,36 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     }
     let only_a = kpr_json(&cluster, &["affinity", "--client", &client_a]);
     assert!(only_a.iter().all(|r| field(r, "client") == client_a) && !only_a.is_empty());
+
+    // Refusals are counted for the service that refused them.
+    for _ in 0..2 {
+        let refused = cluster
+            .pod("client-a")
+            .ns
+            .run(|| std::net::TcpStream::connect_timeout(&at(EMPTY_VIP, 80), Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(refused.unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    }
+    let empty = kpr_json(&cluster, &["services", "--service", "10.96.0.92:80"]);
+    assert_eq!(empty[0]["rejecting"], true);
+    assert_eq!(empty[0]["refused_or_dropped"], serde_json::json!({"rejected": 2}));
+
+    // The same counters on /metrics, labelled by service.
+    let (_, metrics) = http_get(cluster.node(), "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+    let web = "service=\"default/web\",frontend=\"10.96.0.91:80/TCP\",kind=\"ClusterIP\"";
+    let empty = "service=\"default/empty\",frontend=\"10.96.0.92:80/TCP\",kind=\"ClusterIP\"";
+    let sent = sent_a.len() + sent_b.len();
+    for line in [
+        format!("kpr_service_new_flows_total{{{web}}} {sent}"),
+        format!("kpr_service_refused_or_dropped_total{{{empty},verdict=\"rejected\"}} 2"),
+    ]
+    .into_iter()
+    .chain(
+        per_backend
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(backend, n)| format!("kpr_backend_new_flows_total{{{web},backend=\"{backend}\"}} {n}")),
+    ) {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }

@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, IterableMap, Map, MapData, PerCpuArray,
+    Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap,
 };
 use proxy_common::{
     addr_from_map, addr_to_map, filter_bits, map_name, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey,
-    NatEntry, NodeConfig, ServiceKey, ServiceValue, SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF,
-    IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
+    NatEntry, NodeConfig, ServiceCounterKey, ServiceKey, ServiceValue, SourceRange, Stat, BACKEND_HALF,
+    FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
 };
 
 use super::sys;
@@ -358,6 +358,7 @@ pub struct FlowMaps {
     conntrack: HashMap<MapData, FlowKey, NatEntry>,
     cursors: Array<MapData, u64>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    service_counters: PerCpuHashMap<MapData, ServiceCounterKey, u64>,
 }
 
 impl FlowMaps {
@@ -366,6 +367,10 @@ impl FlowMaps {
             conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_name::CONNTRACK)?))?,
             cursors: Array::try_from(Map::Array(open(pin_dir, map_name::RR_CURSORS)?))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_name::AFFINITY)?))?,
+            service_counters: PerCpuHashMap::try_from(Map::PerCpuLruHashMap(open(
+                pin_dir,
+                map_name::SERVICE_COUNTERS,
+            )?))?,
         })
     }
 
@@ -436,6 +441,18 @@ impl FlowMaps {
         })
     }
 
+    /// What became of each service's new flows (`ServiceCounterKey`),
+    /// summed over CPUs.
+    pub fn service_counters(&self) -> Result<std::collections::HashMap<ServiceCounterKey, u64>> {
+        self.service_counters
+            .iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry?;
+                Ok((key, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
     /// The remembered choices of ClientIP affinity.
     pub fn affinities(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
         Ok(self.affinity.iter().collect::<Result<_, _>>()?)
@@ -478,6 +495,16 @@ impl FlowMaps {
             .collect();
         for key in &clients {
             let _ = self.affinity.remove(key);
+        }
+        // A service that gets the id next counts from zero.
+        let counted: Vec<ServiceCounterKey> = self
+            .service_counters
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| ids.contains(&k.service_id))
+            .collect();
+        for key in &counted {
+            let _ = self.service_counters.remove(key);
         }
         Ok(stale.len())
     }

@@ -162,6 +162,11 @@ fn backend(b: &BackendAddr) -> Backend {
 }
 
 impl Syncer {
+    /// The service id the frontend has in the maps, once programmed.
+    pub fn id_of(&self, frontend: &Frontend) -> Option<u32> {
+        self.applied.get(&service_key(frontend)).map(|a| a.id)
+    }
+
     /// Takes over whatever a previous daemon left in the maps, keeping its
     /// service ids (and so the round-robin cursors and tracked flows).
     /// Backends of no service are removed.
