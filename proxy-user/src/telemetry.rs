@@ -327,16 +327,26 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
     )
 }
 
-/// Serves `/healthz` and `/metrics` on `addr` until the process ends.
+/// kube-proxy's `/livez`: whether the daemon is alive, for a liveness
+/// probe. It answers as `/healthz` less what only says the node should not
+/// get traffic (kube-proxy leaves out a node being deleted; kpr's
+/// `/healthz` has nothing of the kind yet, so the two agree).
+async fn livez(state: State<Arc<Telemetry>>) -> impl IntoResponse {
+    healthz(state).await
+}
+
+/// Serves `/healthz`, `/livez` and `/metrics` on `addr` until the process
+/// ends.
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .with_state(telemetry);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the health/metrics server to {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /healthz and /metrics");
+    tracing::info!(%addr, "serving /healthz, /livez and /metrics");
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -148,6 +148,9 @@ pub struct Cluster {
     pub api: Option<ApiServer>,
     kubeconfig: PathBuf,
     test_timings: bool,
+    /// A command the daemon is started through (`setpriv ...`), after
+    /// `ip netns exec`.
+    pub daemon_wrapper: Vec<String>,
     /// Holds the test's directory too; dropped last.
     bpffs: Option<BpffsMount>,
 }
@@ -172,6 +175,7 @@ impl Cluster {
             api: None,
             kubeconfig: bpffs.dir.join("kubeconfig"),
             test_timings: spec.test_timings,
+            daemon_wrapper: Vec::new(),
             bpffs: None,
         };
         let lan = Netns::new(&format!("{id}-lan"))?;
@@ -549,6 +553,7 @@ impl Cluster {
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &node.ns.name])
+            .args(&self.daemon_wrapper)
             .arg(kpr_binary()?)
             .arg("--pin-dir")
             .arg(&node.pin_dir)

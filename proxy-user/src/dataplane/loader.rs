@@ -372,9 +372,17 @@ pub fn attached_interfaces(pin_dir: &Path) -> BTreeSet<String> {
 /// one of its NodePorts back in through `lo` (both ends are node addresses,
 /// which the stack otherwise drops as martian). Packets enter `lo` only
 /// from the node itself, so this admits nothing from elsewhere.
+///
+/// Already on is enough: an unprivileged container cannot write /proc/sys
+/// (the DaemonSet's privileged init step sets it).
 pub fn accept_local_on_lo() -> Result<()> {
     let path = "/proc/sys/net/ipv4/conf/lo/accept_local";
-    std::fs::write(path, "1").with_context(|| format!("writing 1 to {path}"))
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(path, "1").with_context(|| {
+        format!("writing 1 to {path} (in a container, set net.ipv4.conf.lo.accept_local=1 from a privileged init step)")
+    })
 }
 
 /// The interfaces of the current network namespace, loopback excepted.
