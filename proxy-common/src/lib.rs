@@ -27,6 +27,15 @@ pub mod map_name {
     pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 }
 
+/// The mark `XDP_PROGRAM` leaves in a frame's metadata (a native-endian
+/// `u32` in front of the frame) when it passes a frame it translated, for
+/// the TC program behind it: "kpr", then what XDP did. A frame XDP left
+/// untouched carries none.
+pub const XDP_MARK_TRANSLATED: u32 = 0x6b70_7201;
+/// Translated, but the FIB had no neighbour entry for the next hop: the TC
+/// program forwards it through the neighbour subsystem.
+pub const XDP_MARK_FORWARD: u32 = 0x6b70_7202;
+
 /// Name of the TC classifier in the eBPF object, for the ingress of the
 /// node's pod-facing interfaces: traffic from inside the cluster.
 pub const TC_PROGRAM: &str = "kpr_tc";

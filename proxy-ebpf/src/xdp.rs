@@ -16,10 +16,8 @@ use aya_ebpf::{
 
 use crate::{nat, parse::Packet};
 
-/// "kpr", then what XDP did.
-const MAGIC: u32 = 0x6b70_7200;
-const TRANSLATED: u32 = MAGIC | 1;
-const FORWARD: u32 = MAGIC | 2;
+const TRANSLATED: u32 = proxy_common::XDP_MARK_TRANSLATED;
+const FORWARD: u32 = proxy_common::XDP_MARK_FORWARD;
 const MARK_LEN: usize = core::mem::size_of::<u32>();
 
 pub enum Mark {

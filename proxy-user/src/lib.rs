@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod healthcheck;
 pub mod inspect;
 pub mod model;
+pub mod packet;
 pub mod source;
 pub mod sync;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -11,16 +11,38 @@ use proxy_user::{
     dataplane::{
         self,
         loader::{self, XdpSetting},
-        maps, socket_lb,
+        maps, socket_lb, trace,
     },
     inspect::{self, AddrFilter, Filters},
     model::topology::NodePortAddresses,
+    packet,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TraceProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TraceOrigin {
+    Pod,
+    Outside,
+    Host,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TcpFlag {
+    Syn,
+    Ack,
+    Fin,
+    Rst,
 }
 
 /// kpr: a kube-proxy replacement on eBPF.
@@ -147,6 +169,32 @@ enum Command {
         /// Only this client (its address).
         #[arg(long)]
         client: Option<Ipv4Addr>,
+    },
+    /// Run one packet through the data path as it stands and say what
+    /// happens to it and why: which frontend, which backend and how it was
+    /// chosen, the rewritten addresses. It runs on a snapshot of the live
+    /// maps (BPF_PROG_TEST_RUN): nothing is sent, and no flow, cursor or
+    /// counter of the live data path changes.
+    Trace {
+        /// The packet's source, address:port.
+        #[arg(long)]
+        src: SocketAddrV4,
+        /// Its destination, address:port.
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: TraceProtocol,
+        /// Who sends it: a pod, a host outside the node (arriving on an
+        /// external interface), or the node itself.
+        #[arg(long, value_enum, default_value = "pod")]
+        from: TraceOrigin,
+        /// TCP flags, comma separated (default: a SYN, a new connection).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "syn")]
+        flags: Vec<TcpFlag>,
+        /// Through the XDP program first, as on an external interface that
+        /// runs it (with --from outside).
+        #[arg(long)]
+        xdp: bool,
     },
     /// Print the data path's packet counters.
     Stats,
@@ -313,6 +361,46 @@ fn main() -> Result<()> {
                     .collect();
             print_views(cli.output, &views, print_affinities)
         }
+        Command::Trace {
+            src,
+            dst,
+            proto,
+            from,
+            flags,
+            xdp,
+        } => {
+            let probe = trace::Probe {
+                origin: match from {
+                    TraceOrigin::Pod => trace::Origin::Pod,
+                    TraceOrigin::Outside => trace::Origin::Outside,
+                    TraceOrigin::Host => trace::Origin::Host,
+                },
+                proto: match proto {
+                    TraceProtocol::Tcp => proxy_common::IPPROTO_TCP,
+                    TraceProtocol::Udp => proxy_common::IPPROTO_UDP,
+                },
+                src,
+                dst,
+                tcp_flags: flags
+                    .iter()
+                    .map(|f| match f {
+                        TcpFlag::Syn => packet::TCP_SYN,
+                        TcpFlag::Ack => packet::TCP_ACK,
+                        TcpFlag::Fin => packet::TCP_FIN,
+                        TcpFlag::Rst => packet::TCP_RST,
+                    })
+                    .fold(0, |all, f| all | f),
+                xdp,
+            };
+            let snapshot = trace::Snapshot::take(&cli.pin_dir)?;
+            let traced = snapshot.trace(&probe)?;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&traced)?);
+            } else {
+                print_trace(&traced);
+            }
+            Ok(())
+        }
         Command::Stats => {
             let stats: std::collections::BTreeMap<&str, u64> = maps::read_stats(&cli.pin_dir)?
                 .into_iter()
@@ -328,6 +416,28 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Uninstall => loader::uninstall(&cli.pin_dir),
+    }
+}
+
+fn print_trace(t: &trace::Trace) {
+    println!(
+        "packet    {} {} -> {} (from {})",
+        t.protocol, t.before.src, t.before.dst, t.origin
+    );
+    for stage in &t.stages {
+        let verdict = stage.verdict.map_or(String::new(), |v| format!(" [{v}]"));
+        println!("program   {}: {}{verdict}", stage.program, stage.action);
+    }
+    match t.after {
+        Some(a) if a == t.before => println!("leaves    unchanged"),
+        Some(a) => println!("leaves    {} -> {}", a.src, a.dst),
+        None => println!("leaves    (dropped)"),
+    }
+    for (i, line) in t.because.iter().enumerate() {
+        println!("{}{line}", if i == 0 { "because   " } else { "          " });
+    }
+    if !t.same_programs_as_live {
+        println!("note      the daemon runs another build than this kpr: traced with this one's programs");
     }
 }
 

@@ -10,7 +10,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod manifests;
 pub mod netns;
-pub mod packet;
+pub use proxy_user::packet;
 pub mod pod;
 
 pub use cluster::{Cluster, ClusterSpec};

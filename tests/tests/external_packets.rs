@@ -19,7 +19,8 @@ use kpr_testbed::{
     sh, unique_id,
 };
 use proxy_common::{
-    Stat, FLOW_NAT_TAKEOVER_CLOSED_SECS, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
+    Stat, FLOW_NAT_TAKEOVER_CLOSED_SECS, SEEN_RST, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_MARK_FORWARD,
+    XDP_MARK_TRANSLATED, XDP_PROGRAM,
 };
 use proxy_user::model::{
     objects::{Cidr, ObjectName, Protocol},
@@ -508,10 +509,6 @@ fn tc_outcome(verdict: i32) -> Outcome {
         other => panic!("unexpected TC verdict {other}"),
     }
 }
-
-/// kpr's marks in front of a frame XDP passed on (see proxy-ebpf's `xdp`).
-const XDP_MARK_TRANSLATED: u32 = 0x6b70_7201;
-const XDP_MARK_FORWARD: u32 = 0x6b70_7202;
 
 impl Node {
     /// The frame through the XDP program and then, as on the interface, the

@@ -23,7 +23,7 @@ use crate::{
     sync::{ServiceTable, TableError},
 };
 
-fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
+pub(crate) fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
     let path = pin_dir.join(name);
     MapData::from_pin(&path).with_context(|| {
         format!(

@@ -7,6 +7,7 @@ pub mod maps;
 pub mod socket_lb;
 pub mod sweep;
 mod sys;
+pub mod trace;
 
 /// The eBPF object built by `cargo xtask build-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT_PATH"));

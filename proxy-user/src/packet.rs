@@ -1,5 +1,6 @@
-//! Crafting Ethernet/IPv4/TCP/UDP frames with correct checksums, and
-//! checking the checksums of frames the programs wrote.
+//! Crafting Ethernet/IPv4/TCP/UDP frames with correct checksums (for
+//! `kpr trace`, and the tests' packet fixtures), and reading back what the
+//! programs wrote.
 use std::net::Ipv4Addr;
 
 pub const ETH_P_IP: u16 = 0x0800;
