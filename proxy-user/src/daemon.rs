@@ -565,8 +565,15 @@ impl SyncLoop {
         let now = Instant::now();
         for at in pending {
             metrics
-                .programming_latency
+                .change_programming
                 .observe(now.duration_since(*at).as_secs_f64());
+        }
+        let wall_now = SystemTime::now();
+        for triggered in &changes.trigger_times {
+            // A trigger time ahead of this node's clock (skew) says nothing.
+            if let Ok(took) = wall_now.duration_since(*triggered) {
+                metrics.network_programming.observe(took.as_secs_f64());
+            }
         }
         metrics.last_sync.set(
             SystemTime::now()

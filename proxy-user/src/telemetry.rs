@@ -22,10 +22,25 @@ use crate::dataplane::maps;
 
 type Labels = Vec<(String, String)>;
 
+/// kube-proxy's buckets for network programming latency, in seconds:
+/// 0.25 and 0.5, every second to 59, every 5 to 115, every 30 to 300.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut buckets = vec![0.25, 0.5];
+    buckets.extend((1..=59).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
-    pub programming_latency: Histogram,
+    /// kube-proxy's network programming latency: from the cluster's
+    /// change (the EndpointSlice's trigger time) to the maps holding it.
+    pub network_programming: Histogram,
+    /// From kpr observing a change (any: Services, slices, Nodes, the
+    /// node's addresses) to the maps holding it.
+    pub change_programming: Histogram,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub services: Gauge,
     pub frontends: Gauge,
@@ -48,7 +63,8 @@ impl Default for Metrics {
         let buckets = || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 17);
         let m = Metrics {
             sync_duration: Histogram::new(buckets()),
-            programming_latency: Histogram::new(buckets()),
+            network_programming: Histogram::new(network_programming_buckets()),
+            change_programming: Histogram::new(buckets()),
             last_sync: Gauge::default(),
             services: Gauge::default(),
             frontends: Gauge::default(),
@@ -70,8 +86,13 @@ impl Default for Metrics {
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
-            "Time from a Service or EndpointSlice change being observed to the maps holding it",
-            m.programming_latency.clone(),
+            "Time from the change in the cluster (an EndpointSlice's last-change-trigger-time) to the maps holding it, for changes that reach the data path",
+            m.network_programming.clone(),
+        );
+        registry.register(
+            "kpr_change_programming_duration_seconds",
+            "Time from kpr observing a change (Service, EndpointSlice, Node, the node's addresses) to the maps holding it",
+            m.change_programming.clone(),
         );
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",

@@ -140,7 +140,9 @@ pub fn ready(ips: &[Ipv4Addr]) -> Vec<Endpoint> {
 
 pub fn endpoint_slice(name: &str, service: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
     let mut yaml = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\nports:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\nports:\n",
+        // As the EndpointSlice controller stamps it: the change is now.
+        k8s_openapi::jiff::Timestamp::now()
     );
     for p in ports {
         let _ = write!(

@@ -349,7 +349,10 @@ fn health_metrics_and_rejections_are_reported() {
     }
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        // From the slices' trigger times (the test stamps them as the
+        // EndpointSlice controller does).
         "kubeproxy_network_programming_duration_seconds_count",
+        "kpr_change_programming_duration_seconds_count",
     ] {
         let count: u64 = metrics
             .lines()

@@ -28,7 +28,8 @@ pub struct DesiredTracker {
 impl DesiredTracker {
     /// Replaces everything `service` asks for with `claims` (empty: the
     /// Service is gone). Frontends whose programmed state may change are
-    /// added to `changed`.
+    /// added to `changed`; returns whether any did change (a Service that
+    /// claims its frontends again as they were changes nothing).
     /// `created`: the Service's creation time in seconds, when known.
     pub fn set_service(
         &mut self,
@@ -36,7 +37,7 @@ impl DesiredTracker {
         created: Option<i64>,
         claims: Vec<Claim>,
         changed: &mut BTreeSet<Frontend>,
-    ) {
+    ) -> bool {
         let (old, frontends) = self.by_service.remove(service).unwrap_or_else(|| {
             let none = Precedence {
                 created: i64::MAX,
@@ -44,6 +45,13 @@ impl DesiredTracker {
             };
             (none, Vec::new())
         });
+        // What each touched frontend had, to tell which changed.
+        let mut before: BTreeMap<Frontend, Option<FrontendState>> = BTreeMap::new();
+        for frontend in frontends.iter().chain(claims.iter().map(|c| &c.frontend)) {
+            before
+                .entry(*frontend)
+                .or_insert_with(|| self.winner(frontend).cloned());
+        }
         for frontend in frontends {
             let winner_before = self.winner(&frontend).map(|s| s.backends.len());
             if let Some(claimants) = self.claims.get_mut(&frontend) {
@@ -54,7 +62,6 @@ impl DesiredTracker {
             }
             self.endpoints -= winner_before.unwrap_or(0);
             self.endpoints += self.winner(&frontend).map_or(0, |s| s.backends.len());
-            changed.insert(frontend);
         }
         let precedence = Precedence {
             created: created.unwrap_or(i64::MAX),
@@ -62,19 +69,24 @@ impl DesiredTracker {
         };
         let mut frontends = Vec::with_capacity(claims.len());
         for claim in claims {
-            let before = self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
+            let before_count = self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
             self.claims
                 .entry(claim.frontend)
                 .or_default()
                 .insert(precedence.clone(), (claim.field, claim.state));
-            self.endpoints -= before;
+            self.endpoints -= before_count;
             self.endpoints += self.winner(&claim.frontend).map_or(0, |s| s.backends.len());
-            changed.insert(claim.frontend);
             frontends.push(claim.frontend);
         }
         if !frontends.is_empty() {
             self.by_service.insert(service.clone(), (precedence, frontends));
         }
+        let mut effective = false;
+        for (frontend, was) in before {
+            effective |= self.winner(&frontend) != was.as_ref();
+            changed.insert(frontend);
+        }
+        effective
     }
 
     /// The state the dataplane should have for `frontend`.

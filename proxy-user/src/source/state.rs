@@ -9,6 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     ops::RangeInclusive,
+    time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
@@ -44,6 +45,22 @@ pub struct Changes {
     /// What of the changed Services this node does not serve as asked,
     /// reported once.
     pub notes: Vec<String>,
+    /// When the changes behind these frontends were triggered in the
+    /// cluster (the EndpointSlices' `endpoints.kubernetes.io/
+    /// last-change-trigger-time`): kube-proxy's start of network
+    /// programming. Only of slice changes that changed a frontend.
+    pub trigger_times: Vec<SystemTime>,
+}
+
+/// The annotation the EndpointSlice controller sets to the time of the
+/// last Pod or Service change that led to the slice's update.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A slice's trigger time, if it has a readable one.
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let text = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let at: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    Some(SystemTime::from(at))
 }
 
 #[derive(Default)]
@@ -73,6 +90,16 @@ pub struct ClusterState {
     /// The health checks Services ask of this node, kept current as dirty
     /// Services are recomputed.
     health_checks: BTreeMap<ObjectName, HealthCheck>,
+    /// Trigger times of the slice changes applied since the last
+    /// `take_changes`, by Service.
+    trigger_times: BTreeMap<ObjectName, Vec<SystemTime>>,
+    /// Trigger times before this are not this daemon's to measure (a
+    /// (re)start lists slices changed long ago), as kube-proxy ignores
+    /// those before its tracker started.
+    measuring_since: Option<SystemTime>,
+    /// Services whose recomputation changed what a frontend should do since
+    /// the last `take_changes`.
+    effective: BTreeSet<ObjectName>,
 }
 
 impl ClusterState {
@@ -100,6 +127,7 @@ impl ClusterState {
                 ..Default::default()
             },
             nodeport_addresses,
+            measuring_since: Some(SystemTime::now()),
             ..Default::default()
         }
     }
@@ -216,7 +244,9 @@ impl ClusterState {
                 None => self.health_checks.remove(&service),
             };
             let created = self.snapshot.services.get(&service).and_then(|s| s.created);
-            self.desired.set_service(&service, created, claims, &mut changed);
+            if self.desired.set_service(&service, created, claims, &mut changed) {
+                self.effective.insert(service.clone());
+            }
             if self
                 .model_notes
                 .get(&service)
@@ -241,6 +271,14 @@ impl ClusterState {
             notes: std::mem::take(&mut self.pending_notes),
             ..Default::default()
         };
+        // A slice change that changed no frontend never reaches the data
+        // path: its time is dropped, as kube-proxy does.
+        let mut triggers = std::mem::take(&mut self.trigger_times);
+        for service in std::mem::take(&mut self.effective) {
+            changes
+                .trigger_times
+                .extend(triggers.remove(&service).unwrap_or_default());
+        }
         for frontend in changed {
             changes.conflicts.extend(self.desired.conflicts_at(&frontend));
             changes
@@ -318,6 +356,9 @@ impl ClusterState {
                 self.unlink_slice(&name);
                 let service = service_of(&name, &info);
                 self.slices_of.entry(service.clone()).or_default().insert(name.clone());
+                if let Some(at) = trigger_time(slice).filter(|at| self.measuring_since.is_none_or(|s| *at >= s)) {
+                    self.trigger_times.entry(service.clone()).or_default().push(at);
+                }
                 self.dirty.insert(service);
                 self.snapshot.slices.insert(name, info);
                 Vec::new()

@@ -181,3 +181,48 @@ fn a_relist_drops_what_was_deleted_meanwhile() {
     );
     assert!(state.snapshot().slices.is_empty());
 }
+
+/// kube-proxy's network programming latency starts at the slice's trigger
+/// time, and only changes that reach the data path count; slices changed
+/// before the daemon started are not its to measure.
+#[test]
+fn trigger_times_count_only_for_changes_that_reach_the_data_path() {
+    let mut state = ClusterState::new("node0".into());
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    let slice = |address: &str, triggered: &str| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {
+                "name": "web-abc", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": triggered},
+            },
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+        }))
+        .unwrap()
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let later = (now + k8s_openapi::jiff::SignedDuration::from_secs(1)).to_string();
+    state.apply_service(&service);
+    state.apply_slice(&slice("10.1.0.1", &later));
+    let changes = state.take_changes();
+    assert_eq!(changes.trigger_times.len(), 1, "a new backend reaches the data path");
+    // The same slice again (a relist, or a change to nothing served): no
+    // frontend changes, no latency recorded.
+    state.apply_slice(&slice("10.1.0.1", &later));
+    assert!(state.take_changes().trigger_times.is_empty());
+    // A change triggered before the daemon started: not measured.
+    state.apply_slice(&slice("10.1.0.2", "2020-01-01T00:00:00Z"));
+    let changes = state.take_changes();
+    assert!(!changes.frontends.is_empty() && changes.trigger_times.is_empty());
+    // A readable time with fractions, as the controller writes it.
+    let fractional = (now + k8s_openapi::jiff::SignedDuration::from_millis(1500)).to_string();
+    state.apply_slice(&slice("10.1.0.3", &fractional));
+    assert_eq!(state.take_changes().trigger_times.len(), 1);
+}

@@ -79,8 +79,8 @@ fn programming_latency(cluster: &Cluster) -> Result<(f64, f64)> {
             .with_context(|| format!("no {name} in the daemon's metrics"))
     };
     Ok((
-        value("kubeproxy_network_programming_duration_seconds_sum")?,
-        value("kubeproxy_network_programming_duration_seconds_count")?,
+        value("kpr_change_programming_duration_seconds_sum")?,
+        value("kpr_change_programming_duration_seconds_count")?,
     ))
 }
 
