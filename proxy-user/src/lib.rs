@@ -4,6 +4,7 @@
 //! and EndpointSlices; the pure [`model`] turns them into the desired
 //! frontends and backends; the [`sync`] writes only the differences into the
 //! BPF maps; the programs in `proxy-ebpf` read them per packet.
+pub mod cleanup;
 pub mod daemon;
 pub mod dataplane;
 pub mod healthcheck;

@@ -200,6 +200,10 @@ enum Command {
     Stats,
     /// Detach the programs and remove every pin.
     Uninstall,
+    /// Remove what kube-proxy left in this node's netfilter rules (its
+    /// iptables chains and the jumps to them, its nftables table), as
+    /// `kube-proxy --cleanup` does; nothing else is touched.
+    CleanupKubeProxy,
 }
 
 fn init_logging(json: bool) {
@@ -416,6 +420,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Uninstall => loader::uninstall(&cli.pin_dir),
+        Command::CleanupKubeProxy => {
+            let report = proxy_user::cleanup::cleanup_kube_proxy()?;
+            println!(
+                "removed {} iptables chains of kube-proxy; nftables tables: {}",
+                report.iptables_chains,
+                if report.nftables_tables.is_empty() {
+                    "none".to_string()
+                } else {
+                    report.nftables_tables.join(", ")
+                }
+            );
+            Ok(())
+        }
     }
 }
 

@@ -152,7 +152,7 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
         let text = std::fs::read_to_string(file).unwrap();
         parse_all(&text, &file.display().to_string(), &mut objects);
     }
-    for overlay in ["", "kind", "privileged"] {
+    for overlay in ["", "kind", "privileged", "replace-kube-proxy"] {
         parse_all(
             &kustomize(overlay),
             &format!("kubectl kustomize deploy/{overlay}"),
@@ -162,7 +162,7 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
     // Every source and rendering has its DaemonSet.
     assert_eq!(
         objects.daemonsets.len(),
-        1 + 3,
+        1 + 4,
         "{:?}",
         objects.daemonsets.iter().map(|d| &d.0).collect::<Vec<_>>()
     );
@@ -207,6 +207,13 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
         );
         let resources = container.resources.as_ref().unwrap();
         assert!(resources.requests.is_some() && resources.limits.is_some(), "{origin}");
+        // kube-proxy's rules are removed only where asked.
+        let cleans_up = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.args.as_deref() == Some(&["cleanup-kube-proxy".to_string()][..]));
+        assert_eq!(cleans_up, origin.contains("replace-kube-proxy"), "{origin}");
         let privileged = container.security_context.as_ref().and_then(|s| s.privileged);
         assert_eq!(
             privileged,
@@ -320,4 +327,103 @@ fn answered(ns: &Netns, to: SocketAddr) {
 
 fn pods_set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
+}
+
+/// Runs `program` in the namespace `ns`, feeding it `input`.
+fn in_netns(ns: &str, program: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The DaemonSet's optional init step (`kpr cleanup-kube-proxy`) on a node
+/// holding kube-proxy's rules in both layouts beside the kubelet's chain
+/// and a CNI's rules: kube-proxy's chains, the jumps to them and its
+/// nftables table go; everything else stays.
+#[test]
+fn cleanup_removes_kube_proxys_rules_and_nothing_else() {
+    use kpr_testbed::bench::rules::{iptables_restore, nft_script, RuleService};
+    let ns = Netns::new(&kpr_testbed::unique_id()).unwrap();
+    let mut nodeport = RuleService::cluster_ip(
+        "web".into(),
+        Ipv4Addr::new(10, 96, 0, 10),
+        80,
+        vec![
+            (Ipv4Addr::new(10, 244, 0, 5), 8080),
+            (Ipv4Addr::new(10, 244, 1, 5), 8080),
+        ],
+    );
+    nodeport.node_port = Some(30080);
+    nodeport.load_balancer_ip = Some(Ipv4Addr::new(203, 0, 113, 10));
+    nodeport.source_ranges = vec!["198.51.100.0/24".into()];
+    let services = [
+        RuleService::cluster_ip(
+            "dns".into(),
+            Ipv4Addr::new(10, 96, 0, 53),
+            53,
+            vec![(Ipv4Addr::new(10, 244, 0, 9), 53)],
+        ),
+        nodeport,
+    ];
+    in_netns(&ns.name, "iptables-restore", &[], &iptables_restore(&services));
+    in_netns(&ns.name, "nft", &["-f", "-"], &nft_script(&services));
+    // Others' rules: the kubelet's chain, a CNI's masquerade, a plain rule.
+    let others = "*filter\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n*nat\n:CNI-NAT - [0:0]\n-A POSTROUTING -j CNI-NAT\n-A CNI-NAT -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
+    in_netns(&ns.name, "iptables-restore", &["--noflush"], others);
+    let before = in_netns(&ns.name, "iptables-save", &[], "");
+    assert!(
+        before.contains("KUBE-SVC-") && before.contains("KUBE-NODEPORTS"),
+        "{before}"
+    );
+
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(kpr_testbed::cluster::kpr_binary().unwrap())
+        .arg("cleanup-kube-proxy")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("ip kube-proxy"), "{report}");
+
+    let after = in_netns(&ns.name, "iptables-save", &[], "");
+    let kube_proxys: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("KUBE-") && !l.contains("KUBE-FIREWALL"))
+        .collect();
+    assert!(kube_proxys.is_empty(), "left: {kube_proxys:?}\n{after}");
+    for kept in [
+        "-A INPUT -j KUBE-FIREWALL",
+        "-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP",
+        "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
+        "-A POSTROUTING -j CNI-NAT",
+        "-A CNI-NAT -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE",
+    ] {
+        assert!(after.lines().any(|l| l == kept), "{kept} kept:\n{after}");
+    }
+    let tables = in_netns(&ns.name, "nft", &["list", "tables"], "");
+    assert!(!tables.contains("kube-proxy"), "{tables}");
+    // Run again: nothing left to do, and no error.
+    let again = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(kpr_testbed::cluster::kpr_binary().unwrap())
+        .arg("cleanup-kube-proxy")
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("removed 0 iptables chains"));
 }
