@@ -297,6 +297,7 @@ pub async fn run(config: Config) -> Result<()> {
         telemetry,
         snat_addr: None,
         nat_exhausted: 0,
+        adopt_until: Instant::now() + NETFILTER_ADOPTION,
     };
     sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
@@ -343,7 +344,16 @@ struct SyncLoop {
     snat_addr: Option<Option<Ipv4Addr>>,
     /// New flows dropped for want of a NAT port, as last reported.
     nat_exhausted: u64,
+    /// Until when netfilter's translated connections are taken over (see
+    /// `adopt_netfilter_connections`): the first moments after a start,
+    /// while kube-proxy's rules may still be making them.
+    adopt_until: Instant,
 }
+
+/// How long after a start netfilter's connections are adopted: kube-proxy's
+/// rules may still be there for a moment (a migration removes them after
+/// kpr is up), making connections kpr must leave to netfilter.
+const NETFILTER_ADOPTION: Duration = Duration::from_secs(30);
 
 /// Sweeps expired flows from the flow table every `flow_sweep_interval`,
 /// on a thread of its own: a full table takes a while to read, and syncs
@@ -535,6 +545,9 @@ impl SyncLoop {
                 }
             }
         }
+        if Instant::now() < self.adopt_until {
+            adopt_netfilter_connections(&mut self.maps, &mut self.flows);
+        }
         let removed_ids = report.removed_ids.iter().copied().collect();
         if let Err(e) = self.flows.forget_services(&removed_ids) {
             tracing::warn!(error = %e, "cannot clear the flows of removed services");
@@ -597,6 +610,23 @@ impl SyncLoop {
             release_freed_memory();
         }
         true
+    }
+}
+
+/// Takes over the connections netfilter translated to frontends kpr now
+/// serves (kube-proxy's, from before kpr): see
+/// `ServiceMaps::adopt_netfilter`.
+fn adopt_netfilter_connections(maps: &mut ServiceMaps, flows: &mut FlowMaps) {
+    let adopted = crate::dataplane::netfilter::connections()
+        .map_err(anyhow::Error::from)
+        .and_then(|c| maps.adopt_netfilter(flows, &c, crate::dataplane::monotonic_secs()));
+    match adopted {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            connections = n,
+            "took over connections netfilter translated (kube-proxy's rules), each keeping its backend"
+        ),
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "reading netfilter's connections"),
     }
 }
 

@@ -14,10 +14,10 @@ use aya::maps::{
 use proxy_common::{
     addr_from_map, addr_to_map, filter_bits, map_name, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey,
     NatEntry, NodeConfig, ServiceCounterKey, ServiceKey, ServiceValue, SourceRange, Stat, BACKEND_HALF,
-    FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP, NAT_REPLY,
+    FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, IPPROTO_UDP, NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT,
 };
 
-use super::sys;
+use super::{netfilter, sys};
 use crate::{
     model::objects::Cidr,
     sync::{ServiceTable, TableError},
@@ -157,6 +157,94 @@ impl ServiceMaps {
         filter_bits(addr, port, proto)
             .into_iter()
             .all(|bit| half[(bit >> 6) as usize].load(Ordering::SeqCst) & (1u64 << (bit & 63)) != 0)
+    }
+
+    /// Takes over netfilter's translated connections to frontends kpr
+    /// serves (kube-proxy's, made before kpr started): each becomes a flow
+    /// of kpr's to the backend netfilter chose, both directions recorded as
+    /// the data path records them, so it keeps its backend whatever becomes
+    /// of kube-proxy's rules and of netfilter's NAT state (which netfilter
+    /// drops with its NAT hooks). A tuple kpr tracks already stays kpr's.
+    /// Returns how many were taken over.
+    pub fn adopt_netfilter(
+        &mut self,
+        flows: &mut FlowMaps,
+        connections: &[netfilter::Connection],
+        now: u32,
+    ) -> Result<usize> {
+        let mut adopted = 0;
+        for c in connections.iter().filter(|c| c.destination_translated()) {
+            let (o, r) = (&c.original, &c.reply);
+            let Some(svc) = self.service(&ServiceKey::new(o.dst, o.dst_port, o.proto))? else {
+                continue;
+            };
+            let backend = (addr_to_map(r.src), r.src_port.to_be());
+            let slot = (0..svc.backend_count)
+                .find(|&slot| {
+                    let key = BackendKey {
+                        service_id: svc.id,
+                        slot,
+                    };
+                    self.backend(&key)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|b| (b.addr, b.port) == backend)
+                })
+                .unwrap_or(u32::MAX);
+            let client = (addr_to_map(o.src), o.src_port.to_be());
+            let frontend = (addr_to_map(o.dst), o.dst_port.to_be());
+            // Masqueraded: the backend answers the node's address and port.
+            let source = (addr_to_map(r.dst), r.dst_port.to_be());
+            let snat = source != client;
+            let redirect_replies = snat || svc.kind() == proxy_common::FrontendKind::NodePort;
+            let mut request_flags = 0;
+            let mut reply_flags = NAT_REPLY;
+            if snat {
+                request_flags |= NAT_SNAT | NAT_REDIRECT;
+                reply_flags |= NAT_SNAT;
+            }
+            if redirect_replies {
+                request_flags |= NAT_REPLY_REDIRECT;
+                reply_flags |= NAT_REDIRECT;
+            }
+            let request = NatEntry {
+                addr: backend.0,
+                port: backend.1,
+                flags: request_flags,
+                service_id: svc.id,
+                slot,
+                nat_addr: source.0,
+                nat_port: source.1,
+                last_seen: now,
+                ..NatEntry::default()
+            };
+            let reply = NatEntry {
+                addr: frontend.0,
+                port: frontend.1,
+                flags: reply_flags,
+                service_id: svc.id,
+                slot,
+                nat_addr: client.0,
+                nat_port: client.1,
+                last_seen: now,
+                ..NatEntry::default()
+            };
+            let request_key = FlowKey::new(client.0, client.1, frontend.0, frontend.1, o.proto);
+            let reply_key = FlowKey::new(backend.0, backend.1, source.0, source.1, o.proto);
+            if !flows.insert_new(&reply_key, &reply) {
+                continue;
+            }
+            if !flows.insert_new(&request_key, &request) {
+                flows.remove(&reply_key)?;
+                continue;
+            }
+            adopted += 1;
+        }
+        if adopted > 0 {
+            // Their replies are looked up from now on.
+            self.mark_tracked_backends(flows)?;
+        }
+        Ok(adopted)
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
@@ -451,6 +539,12 @@ impl FlowMaps {
                 Ok((key, per_cpu.iter().sum()))
             })
             .collect()
+    }
+
+    /// Records `entry` under `key` unless the tuple is tracked already.
+    pub fn insert_new(&mut self, key: &FlowKey, entry: &NatEntry) -> bool {
+        // BPF_NOEXIST
+        self.conntrack.insert(key, entry, 1).is_ok()
     }
 
     /// The remembered choices of ClientIP affinity.

@@ -4,6 +4,7 @@ pub mod bpffs;
 pub mod ethtool;
 pub mod loader;
 pub mod maps;
+pub mod netfilter;
 pub mod socket_lb;
 pub mod sweep;
 mod sys;

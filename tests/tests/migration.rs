@@ -1,0 +1,169 @@
+//! Live migration from kube-proxy: on a node running kube-proxy's rules (its
+//! iptables layout, and its nftables layout), with TCP connections and a UDP
+//! flow open through its NAT, kpr starts and kube-proxy's rules are removed
+//! (`kpr cleanup-kube-proxy`); every established connection keeps working,
+//! with its backend, while new connections go through kpr.
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+};
+
+use kpr_testbed::{
+    bench::rules::{iptables_restore, nft_script, RuleService},
+    cluster::{kpr_binary, POD_PORT},
+    manifests::{web, Endpoint, Exposure},
+    pod::{connect, Conn, Datagrams},
+    Cluster, ClusterSpec,
+};
+use proxy_common::IPPROTO_TCP;
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 97);
+
+fn in_node(cluster: &Cluster, program: &str, args: &[&str], input: &str) -> String {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &cluster.node().name, program])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn kpr_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let out = Command::new(kpr_binary().unwrap())
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Iptables,
+    Nftables,
+}
+
+#[test]
+fn connections_through_kube_proxys_iptables_rules_survive_the_switch_to_kpr() {
+    switch_from_kube_proxy(Layout::Iptables);
+}
+
+#[test]
+fn connections_through_kube_proxys_nftables_rules_survive_the_switch_to_kpr() {
+    switch_from_kube_proxy(Layout::Nftables);
+}
+
+fn switch_from_kube_proxy(layout: Layout) {
+    let mut spec = ClusterSpec::pods("web", 3);
+    spec.pods.push("client".into());
+    spec.daemon = false;
+    let mut cluster = Cluster::start(spec).unwrap();
+    let pods = ["web-0", "web-1", "web-2"];
+    let backends: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (cluster.pod(p).ip, POD_PORT)).collect();
+
+    // kube-proxy's layout for the Service, TCP and UDP.
+    let mut udp = RuleService::cluster_ip("web-dns".into(), VIP, 53, backends.clone());
+    udp.protocol = "udp";
+    let services = [RuleService::cluster_ip("web".into(), VIP, 80, backends.clone()), udp];
+    match layout {
+        Layout::Iptables => in_node(&cluster, "iptables-restore", &[], &iptables_restore(&services)),
+        Layout::Nftables => in_node(&cluster, "nft", &["-f", "-"], &nft_script(&services)),
+    };
+
+    // Connections through kube-proxy's NAT: each answered by its backend.
+    let client = &cluster.pod("client").ns.handle();
+    let mut old: Vec<(Conn, String)> = (0..6)
+        .map(|_| {
+            let mut conn = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+            let pod = conn.request().unwrap().pod;
+            (conn, pod)
+        })
+        .collect();
+    let datagrams = Datagrams::open(client).unwrap();
+    let udp_pod = datagrams.request(SocketAddr::from((VIP, 53))).unwrap().pod;
+
+    // kpr starts, serving the same Service; then kube-proxy's rules go.
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
+        .collect();
+    cluster
+        .write_manifest("web.yaml", &web(VIP, &Exposure::default(), &endpoints))
+        .unwrap();
+    cluster.start_daemon_on(0, &[]).unwrap();
+    let want: Vec<SocketAddr> = backends.iter().map(|&b| SocketAddr::from(b)).collect();
+    cluster
+        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &want)
+        .unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &cluster.node().name])
+        .arg(kpr_binary().unwrap())
+        .arg("cleanup-kube-proxy")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let left = in_node(&cluster, "nft", &["list", "ruleset"], "");
+    assert!(
+        !left.contains("KUBE-SVC-") && !left.contains("kube-proxy"),
+        "kube-proxy's rules are gone:\n{left}"
+    );
+
+    // Every established connection keeps talking, to its backend.
+    for (conn, pod) in &mut old {
+        let again = conn
+            .request()
+            .unwrap_or_else(|e| panic!("a connection to {pod} broke: {e}"));
+        assert_eq!(&again.pod, pod);
+    }
+    assert_eq!(
+        datagrams.request(SocketAddr::from((VIP, 53))).unwrap().pod,
+        udp_pod,
+        "the UDP flow keeps its backend"
+    );
+    // kpr tracks them now, each with the backend netfilter had chosen.
+    let flows = kpr_json(&cluster, &["conntrack", "--service", "10.96.0.97:80"]);
+    for (conn, pod) in &old {
+        let tuple = conn.local_addr().to_string();
+        let flow = flows.as_array().unwrap().iter().find(|f| f["client"] == tuple.as_str());
+        let backend = SocketAddr::from((cluster.pod(pod).ip, POD_PORT)).to_string();
+        assert_eq!(
+            flow.map(|f| f["backend"].clone()),
+            Some(Value::from(backend)),
+            "{flows:#}"
+        );
+    }
+
+    // New connections are kpr's: balanced and tracked by it.
+    let mut fresh = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+    fresh.request().unwrap();
+    let tuple = fresh.local_addr().to_string();
+    let flows = kpr_json(&cluster, &["conntrack", "--service", "10.96.0.97:80"]);
+    let mine = flows.as_array().unwrap().iter().find(|f| f["client"] == tuple.as_str());
+    assert_eq!(
+        mine.map(|f| f["state"].clone()),
+        Some(Value::from("established")),
+        "{flows:#}"
+    );
+    assert!(
+        cluster.nodes[0]
+            .log()
+            .contains("took over connections netfilter translated"),
+        "{}",
+        cluster.nodes[0].log()
+    );
+}
