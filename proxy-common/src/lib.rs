@@ -737,8 +737,14 @@ pub struct NodeConfig {
     /// The address source-NATed flows leave with (the node's primary
     /// address); 0 until the daemon knows it, and then nothing is NATed.
     pub snat_addr: u32,
-    pub _pad: u32,
+    /// `NODE_*` bits.
+    pub flags: u32,
 }
+
+/// `NodeConfig::flags`: draining — flows kpr tracks keep being translated,
+/// new ones are left to whatever comes after kpr (kube-proxy's rules, when
+/// handing a node back to it), at `connect()` and per packet alike.
+pub const NODE_DRAINING: u32 = 1;
 
 /// Value of `SOCKET_PEERS`, keyed by socket cookie: the service a socket
 /// connected to and the backend it was sent to instead. `getpeername`

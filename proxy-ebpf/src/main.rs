@@ -363,6 +363,12 @@ fn icmp_error<const ORIGIN: u8>(ctx: &TcContext, pkt: &Packet) -> Verdict {
 /// first packet translated.
 #[inline(always)]
 fn open_flow<F: Frame, const ORIGIN: u8>(frame: &F, pkt: &Packet, svc: &ServiceValue) -> Verdict {
+    // Handing the node back: new flows go on untouched, to whatever follows
+    // kpr on the hook (kube-proxy's rules).
+    if maps::draining() {
+        cold_path();
+        return Verdict::untouched(Stat::NoMatch);
+    }
     // Only a SYN opens a TCP connection. Any other TCP packet here belongs
     // to a connection whose entry is gone: a backend chosen now would not
     // know it and could only reset it.

@@ -98,6 +98,13 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(MAX_SOURCE_
 #[map]
 pub static NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
+/// Whether the node is being handed back (`NODE_DRAINING`): new flows are
+/// not kpr's.
+#[inline(always)]
+pub fn draining() -> bool {
+    NODE.get(0).is_some_and(|n| n.flags & proxy_common::NODE_DRAINING != 0)
+}
+
 /// The address source-NATed flows leave with; none until the daemon knows.
 #[inline(always)]
 pub fn snat_addr() -> Option<u32> {

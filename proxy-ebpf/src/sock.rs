@@ -57,6 +57,9 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         return None;
     }
     let svc = lb::lookup_service(addr, port, IPPROTO_TCP)?;
+    if maps::draining() {
+        return None;
+    }
     // The client, for affinity only: a helper call the others need not pay.
     let client = if svc.affinity_timeout != 0 {
         // SAFETY: a sock_addr context is what the cookie helper takes.

@@ -200,6 +200,14 @@ enum Command {
     Stats,
     /// Detach the programs and remove every pin.
     Uninstall,
+    /// Hand the node over to what comes after kpr (kube-proxy's rules):
+    /// flows kpr tracks keep being translated until they end, new ones
+    /// (per packet and at connect()) are left alone. `--undo` takes new
+    /// flows back.
+    Drain {
+        #[arg(long)]
+        undo: bool,
+    },
     /// Remove what kube-proxy left in this node's netfilter rules (its
     /// iptables chains and the jumps to them, its nftables table), as
     /// `kube-proxy --cleanup` does; nothing else is touched.
@@ -420,6 +428,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Uninstall => loader::uninstall(&cli.pin_dir),
+        Command::Drain { undo } => {
+            let mut maps = maps::ServiceMaps::open(&cli.pin_dir)?;
+            maps.set_draining(!undo)?;
+            if undo {
+                println!("new flows are kpr's again");
+            } else {
+                let tracked = maps::FlowMaps::open(&cli.pin_dir)?
+                    .entries()?
+                    .iter()
+                    .filter(|(_, e)| e.flags & proxy_common::NAT_REPLY == 0)
+                    .count();
+                println!(
+                    "draining: new flows are left to what follows kpr; {tracked} tracked flows still translated \
+                     (`kpr conntrack` lists them; `kpr uninstall` once they are gone)"
+                );
+            }
+            Ok(())
+        }
         Command::CleanupKubeProxy => {
             let report = proxy_user::cleanup::cleanup_kube_proxy()?;
             println!(

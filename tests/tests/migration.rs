@@ -167,3 +167,88 @@ fn switch_from_kube_proxy(layout: Layout) {
         cluster.nodes[0].log()
     );
 }
+
+fn kpr_in_node(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &cluster.node().name])
+        .arg(kpr_binary().unwrap())
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// And back: kube-proxy's rules return, `kpr drain` leaves new connections
+/// to them while kpr keeps translating its own until they end, then kpr
+/// goes.
+#[test]
+fn draining_hands_a_node_back_to_kube_proxy_without_dropping_a_connection() {
+    let mut spec = ClusterSpec::pods("web", 3);
+    spec.pods.push("client".into());
+    let mut cluster = Cluster::start(spec).unwrap();
+    let pods = ["web-0", "web-1", "web-2"];
+    let backends: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (cluster.pod(p).ip, POD_PORT)).collect();
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
+        .collect();
+    cluster
+        .write_manifest("web.yaml", &web(VIP, &Exposure::default(), &endpoints))
+        .unwrap();
+    let want: Vec<SocketAddr> = backends.iter().map(|&b| SocketAddr::from(b)).collect();
+    cluster
+        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &want)
+        .unwrap();
+    let client = &cluster.pod("client").ns.handle();
+    let mut kprs: Vec<(Conn, String)> = (0..4)
+        .map(|_| {
+            let mut conn = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+            let pod = conn.request().unwrap().pod;
+            (conn, pod)
+        })
+        .collect();
+
+    // kube-proxy's rules come back; kpr drains.
+    let services = [RuleService::cluster_ip("web".into(), VIP, 80, backends.clone())];
+    in_node(&cluster, "iptables-restore", &[], &iptables_restore(&services));
+    let said = kpr_in_node(&cluster, &["drain"]);
+    assert!(said.contains("4 tracked flows"), "{said}");
+
+    // kpr's connections keep their backends; new ones are netfilter's.
+    for (conn, pod) in &mut kprs {
+        assert_eq!(&conn.request().unwrap().pod, pod);
+    }
+    let mut fresh = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+    fresh.request().unwrap();
+    let port = fresh.local_addr().port().to_string();
+    let netfilters = in_node(
+        &cluster,
+        "conntrack",
+        &["-L", "-p", "tcp", "--orig-port-src", &port],
+        "",
+    );
+    assert!(
+        netfilters.contains("dst=10.96.0.97"),
+        "kube-proxy's rules translated it: {netfilters}"
+    );
+    let flows = kpr_json(&cluster, &["conntrack", "--service", "10.96.0.97:80"]);
+    assert_eq!(flows.as_array().unwrap().len(), 4, "only kpr's own: {flows:#}");
+    // At connect() too: the socket-level balancer leaves new sockets alone.
+    let socket = cluster.socket_clients(client, SocketAddr::from((VIP, 80)), 2).unwrap();
+    assert!(socket.iter().all(|r| r.is_ok()), "{socket:?}");
+
+    // Its connections over, kpr goes; kube-proxy serves alone.
+    drop(kprs);
+    cluster.stop_daemon().unwrap();
+    kpr_in_node(&cluster, &["uninstall"]);
+    fresh.request().unwrap();
+    let mut after = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+    after.request().unwrap();
+}

@@ -83,9 +83,25 @@ impl ServiceMaps {
     pub fn set_snat_addr(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
         let config = NodeConfig {
             snat_addr: addr.map_or(0, addr_to_map),
-            _pad: 0,
+            ..self.node.get(&0, 0)?
         };
         Ok(self.node.set(0, config, 0)?)
+    }
+
+    /// Draining (`NODE_DRAINING`): new flows are left alone, tracked ones
+    /// still translated.
+    pub fn set_draining(&mut self, draining: bool) -> Result<()> {
+        let mut config = self.node.get(&0, 0)?;
+        if draining {
+            config.flags |= proxy_common::NODE_DRAINING;
+        } else {
+            config.flags &= !proxy_common::NODE_DRAINING;
+        }
+        Ok(self.node.set(0, config, 0)?)
+    }
+
+    pub fn draining(&self) -> Result<bool> {
+        Ok(self.node.get(&0, 0)?.flags & proxy_common::NODE_DRAINING != 0)
     }
 
     pub fn snat_addr(&self) -> Result<Option<std::net::Ipv4Addr>> {
