@@ -21,7 +21,14 @@ use proxy_common::ServiceKey;
 use proxy_user::dataplane::maps::ServiceMaps;
 
 use crate::{
-    apiserver::ApiServer, bpffs::BpffsMount, cgroup::TestCgroup, netns::Netns, pod::PodServer, pod::Reply, sh,
+    apiserver::ApiServer,
+    bpffs::BpffsMount,
+    cgroup::TestCgroup,
+    manifests::{self, Endpoint, Exposure},
+    netns::Netns,
+    pod::PodServer,
+    pod::Reply,
+    sh,
 };
 
 /// The first node's address.
@@ -636,6 +643,69 @@ impl Cluster {
     }
 
     /// Writes a manifest file atomically, as an editor or `kubectl` would.
+    /// Serves the tests' usual `web` Service (`manifests::web`) at `vip`
+    /// over the named pods of the first node, exposed as `exposure`, and
+    /// waits until the first node programs its TCP backends: those.
+    pub fn serve_web(&self, vip: Ipv4Addr, exposure: &Exposure, pods: &[&str]) -> Result<Vec<SocketAddr>> {
+        let endpoints: Vec<Endpoint> = pods
+            .iter()
+            .map(|p| Endpoint::ready(self.pod(p).ip).on("node0"))
+            .collect();
+        self.write_manifest("web.yaml", &manifests::web(vip, exposure, &endpoints))?;
+        let backends: Vec<SocketAddr> = pods
+            .iter()
+            .map(|p| SocketAddr::from((self.pod(p).ip, POD_PORT)))
+            .collect();
+        self.wait_for_backends(SocketAddr::from((vip, 80)), proxy_common::IPPROTO_TCP, &backends)?;
+        Ok(backends)
+    }
+
+    /// A Service `name` at `vip` (80/TCP) without any endpoint: new
+    /// connections to it are refused. Waits until it is programmed.
+    pub fn serve_nothing(&self, name: &str, vip: Ipv4Addr) -> Result<()> {
+        let yaml = manifests::exposed_service_with_endpoints(
+            name,
+            vip,
+            &[manifests::tcp("http", 80)],
+            &Exposure::default(),
+            POD_PORT,
+            &[],
+        );
+        self.write_manifest(&format!("{name}.yaml"), &yaml)?;
+        self.wait_for_backends(SocketAddr::from((vip, 80)), proxy_common::IPPROTO_TCP, &[])
+    }
+
+    /// The `kpr` CLI on the first node's pins, from the test's own
+    /// namespace (the pinned maps are all it reads): its stdout.
+    pub fn kpr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(kpr_binary()?)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("kpr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `kpr -o json ...`, parsed.
+    pub fn kpr_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let text = self.kpr(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("kpr {args:?} printed no JSON: {text}"))
+    }
+
+    /// The `kpr` CLI inside the first node's namespace (what acts on its
+    /// interfaces or netfilter rules): its stdout.
+    pub fn kpr_in_node(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["--pin-dir", self.pin_dir.to_str().context("utf-8 pin dir")?];
+        all.extend_from_slice(args);
+        self.node()
+            .exec(kpr_binary()?.to_str().context("utf-8 path")?, &all, "")
+    }
+
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
         let tmp = self.manifests.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, yaml)?;

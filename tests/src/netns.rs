@@ -32,6 +32,29 @@ impl Netns {
         }
     }
 
+    /// Runs `program` in the namespace with `input` on its stdin: its
+    /// stdout, or an error with its stderr.
+    pub fn exec(&self, program: &str, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{program} {args:?} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `ip -n <ns> ...`
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["-n", self.name.as_str()];

@@ -16,13 +16,12 @@ use k8s_openapi::api::{
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use kpr_testbed::{
-    cluster::{node_ip, POD_PORT},
-    manifests::{web, Endpoint, Exposure},
+    cluster::node_ip,
+    manifests::Exposure,
     netns::Netns,
     pod::{connect, http_get},
     Cluster, ClusterSpec,
 };
-use proxy_common::IPPROTO_TCP;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
@@ -277,26 +276,12 @@ fn the_daemonsets_capabilities_are_all_the_daemon_needs() {
         "the daemon runs with exactly {capabilities:?}"
     );
 
-    let pods = ["web-0", "web-1"];
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
-        .collect();
     let exposure = Exposure {
         type_: Some("NodePort"),
         node_ports: &[NODE_PORT, 30094],
         ..Exposure::default()
     };
-    cluster
-        .write_manifest("web.yaml", &web(VIP, &exposure, &endpoints))
-        .unwrap();
-    let backends: Vec<SocketAddr> = pods
-        .iter()
-        .map(|p| SocketAddr::from((cluster.pod(p).ip, POD_PORT)))
-        .collect();
-    cluster
-        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &backends)
-        .unwrap();
+    cluster.serve_web(VIP, &exposure, &["web-0", "web-1"]).unwrap();
     // Per packet, from a pod; from outside, through the NodePort; and at
     // connect(), from processes of the node's cgroup.
     answered(&cluster.pod("client").ns, SocketAddr::from((VIP, 80)));
@@ -329,27 +314,6 @@ fn pods_set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
 
-/// Runs `program` in the namespace `ns`, feeding it `input`.
-fn in_netns(ns: &str, program: &str, args: &[&str], input: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The DaemonSet's optional init step (`kpr cleanup-kube-proxy`) on a node
 /// holding kube-proxy's rules in both layouts beside the kubelet's chain
 /// and a CNI's rules: kube-proxy's chains, the jumps to them and its
@@ -379,28 +343,23 @@ fn cleanup_removes_kube_proxys_rules_and_nothing_else() {
         ),
         nodeport,
     ];
-    in_netns(&ns.name, "iptables-restore", &[], &iptables_restore(&services));
-    in_netns(&ns.name, "nft", &["-f", "-"], &nft_script(&services));
+    ns.exec("iptables-restore", &[], &iptables_restore(&services)).unwrap();
+    ns.exec("nft", &["-f", "-"], &nft_script(&services)).unwrap();
     // Others' rules: the kubelet's chain, a CNI's masquerade, a plain rule.
     let others = "*filter\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n*nat\n:CNI-NAT - [0:0]\n-A POSTROUTING -j CNI-NAT\n-A CNI-NAT -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
-    in_netns(&ns.name, "iptables-restore", &["--noflush"], others);
-    let before = in_netns(&ns.name, "iptables-save", &[], "");
+    ns.exec("iptables-restore", &["--noflush"], others).unwrap();
+    let before = ns.exec("iptables-save", &[], "").unwrap();
     assert!(
         before.contains("KUBE-SVC-") && before.contains("KUBE-NODEPORTS"),
         "{before}"
     );
 
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(kpr_testbed::cluster::kpr_binary().unwrap())
-        .arg("cleanup-kube-proxy")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let kpr = kpr_testbed::cluster::kpr_binary().unwrap();
+    let kpr = kpr.to_str().unwrap();
+    let report = ns.exec(kpr, &["cleanup-kube-proxy"], "").unwrap();
     assert!(report.contains("ip kube-proxy"), "{report}");
 
-    let after = in_netns(&ns.name, "iptables-save", &[], "");
+    let after = ns.exec("iptables-save", &[], "").unwrap();
     let kube_proxys: Vec<&str> = after
         .lines()
         .filter(|l| l.contains("KUBE-") && !l.contains("KUBE-FIREWALL"))
@@ -415,15 +374,9 @@ fn cleanup_removes_kube_proxys_rules_and_nothing_else() {
     ] {
         assert!(after.lines().any(|l| l == kept), "{kept} kept:\n{after}");
     }
-    let tables = in_netns(&ns.name, "nft", &["list", "tables"], "");
+    let tables = ns.exec("nft", &["list", "tables"], "").unwrap();
     assert!(!tables.contains("kube-proxy"), "{tables}");
     // Run again: nothing left to do, and no error.
-    let again = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(kpr_testbed::cluster::kpr_binary().unwrap())
-        .arg("cleanup-kube-proxy")
-        .output()
-        .unwrap();
-    assert!(again.status.success());
-    assert!(String::from_utf8_lossy(&again.stdout).contains("removed 0 iptables chains"));
+    let again = ns.exec(kpr, &["cleanup-kube-proxy"], "").unwrap();
+    assert!(again.contains("removed 0 iptables chains"), "{again}");
 }

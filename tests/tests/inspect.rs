@@ -5,17 +5,15 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr},
-    process::Command,
     time::Duration,
 };
 
 use kpr_testbed::{
-    cluster::{kpr_binary, POD_PORT},
-    manifests::{exposed_service_with_endpoints, tcp, web, Endpoint, Exposure},
+    cluster::POD_PORT,
+    manifests::Exposure,
     pod::{connect, http_get, Conn, Datagrams},
     Cluster, ClusterSpec,
 };
-use proxy_common::IPPROTO_TCP;
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 91);
@@ -27,25 +25,12 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
 }
 
 fn kpr(cluster: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kpr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    cluster.kpr(args).unwrap()
 }
 
+/// A JSON list.
 fn kpr_json(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["-o", "json"];
-    all.extend_from_slice(args);
-    let text = kpr(cluster, &all);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("kpr {args:?} printed no JSON list ({e}): {text}"))
+    serde_json::from_value(cluster.kpr_json(args).unwrap()).unwrap()
 }
 
 fn field(value: &Value, name: &str) -> String {
@@ -94,30 +79,13 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     spec.daemon = false;
     let mut cluster = Cluster::start(spec).unwrap();
     cluster.start_daemon_on(0, &["--metrics-per-backend"]).unwrap();
-    let pods = ["web-0", "web-1", "web-2"];
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
-        .collect();
     let exposure = Exposure {
         affinity_timeout: Some(AFFINITY_SECS),
         ..Exposure::default()
     };
-    cluster
-        .write_manifest("web.yaml", &web(VIP, &exposure, &endpoints))
-        .unwrap();
+    let backends = cluster.serve_web(VIP, &exposure, &["web-0", "web-1", "web-2"]).unwrap();
     // And a service without endpoints, which refuses new connections.
-    let empty = exposed_service_with_endpoints(
-        "empty",
-        EMPTY_VIP,
-        &[tcp("http", 80)],
-        &Exposure::default(),
-        POD_PORT,
-        &[],
-    );
-    cluster.write_manifest("empty.yaml", &empty).unwrap();
-    let backends: Vec<SocketAddr> = pods.iter().map(|p| at(cluster.pod(p).ip, POD_PORT)).collect();
-    cluster.wait_for_backends(at(VIP, 80), IPPROTO_TCP, &backends).unwrap();
+    cluster.serve_nothing("empty", EMPTY_VIP).unwrap();
 
     // services: the frontend as the manifest has it.
     let services = kpr_json(&cluster, &["services", "--service", "10.96.0.91:80"]);

@@ -3,53 +3,29 @@
 //! flow open through its NAT, kpr starts and kube-proxy's rules are removed
 //! (`kpr cleanup-kube-proxy`); every established connection keeps working,
 //! with its backend, while new connections go through kpr.
-use std::{
-    io::Write,
-    net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
-};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use kpr_testbed::{
     bench::rules::{iptables_restore, nft_script, RuleService},
-    cluster::{kpr_binary, POD_PORT},
-    manifests::{web, Endpoint, Exposure},
+    cluster::POD_PORT,
+    manifests::Exposure,
     pod::{connect, Conn, Datagrams},
     Cluster, ClusterSpec,
 };
-use proxy_common::IPPROTO_TCP;
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 97);
 
 fn in_node(cluster: &Cluster, program: &str, args: &[&str], input: &str) -> String {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &cluster.node().name, program])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    cluster.node().exec(program, args, input).unwrap()
 }
 
 fn kpr_json(cluster: &Cluster, args: &[&str]) -> Value {
-    let out = Command::new(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    cluster.kpr_json(args).unwrap()
+}
+
+fn kpr_in_node(cluster: &Cluster, args: &[&str]) -> String {
+    cluster.kpr_in_node(args).unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -98,25 +74,9 @@ fn switch_from_kube_proxy(layout: Layout) {
     let udp_pod = datagrams.request(SocketAddr::from((VIP, 53))).unwrap().pod;
 
     // kpr starts, serving the same Service; then kube-proxy's rules go.
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
-        .collect();
-    cluster
-        .write_manifest("web.yaml", &web(VIP, &Exposure::default(), &endpoints))
-        .unwrap();
     cluster.start_daemon_on(0, &[]).unwrap();
-    let want: Vec<SocketAddr> = backends.iter().map(|&b| SocketAddr::from(b)).collect();
-    cluster
-        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &want)
-        .unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &cluster.node().name])
-        .arg(kpr_binary().unwrap())
-        .arg("cleanup-kube-proxy")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cluster.serve_web(VIP, &Exposure::default(), &pods).unwrap();
+    kpr_in_node(&cluster, &["cleanup-kube-proxy"]);
     let left = in_node(&cluster, "nft", &["list", "ruleset"], "");
     assert!(
         !left.contains("KUBE-SVC-") && !left.contains("kube-proxy"),
@@ -168,23 +128,6 @@ fn switch_from_kube_proxy(layout: Layout) {
     );
 }
 
-fn kpr_in_node(cluster: &Cluster, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &cluster.node().name])
-        .arg(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kpr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// And back: kube-proxy's rules return, `kpr drain` leaves new connections
 /// to them while kpr keeps translating its own until they end, then kpr
 /// goes.
@@ -195,17 +138,7 @@ fn draining_hands_a_node_back_to_kube_proxy_without_dropping_a_connection() {
     let mut cluster = Cluster::start(spec).unwrap();
     let pods = ["web-0", "web-1", "web-2"];
     let backends: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (cluster.pod(p).ip, POD_PORT)).collect();
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
-        .collect();
-    cluster
-        .write_manifest("web.yaml", &web(VIP, &Exposure::default(), &endpoints))
-        .unwrap();
-    let want: Vec<SocketAddr> = backends.iter().map(|&b| SocketAddr::from(b)).collect();
-    cluster
-        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &want)
-        .unwrap();
+    cluster.serve_web(VIP, &Exposure::default(), &pods).unwrap();
     let client = &cluster.pod("client").ns.handle();
     let mut kprs: Vec<(Conn, String)> = (0..4)
         .map(|_| {

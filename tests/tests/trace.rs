@@ -4,16 +4,14 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
-    process::Command,
 };
 
 use kpr_testbed::{
-    cluster::{kpr_binary, node_ip, POD_PORT},
-    manifests::{exposed_service_with_endpoints, tcp, web, Endpoint, Exposure},
+    cluster::{node_ip, POD_PORT},
+    manifests::Exposure,
     pod::connect,
     Cluster, ClusterSpec,
 };
-use proxy_common::IPPROTO_TCP;
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 94);
@@ -21,19 +19,9 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 95);
 const NODE_PORT: u16 = 30095;
 
 fn trace(cluster: &Cluster, args: &[&str]) -> Value {
-    let out = Command::new(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(["-o", "json", "trace"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kpr trace {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut all = vec!["trace"];
+    all.extend_from_slice(args);
+    cluster.kpr_json(&all).unwrap()
 }
 
 fn leaves(traced: &Value) -> (String, String) {
@@ -45,13 +33,8 @@ fn leaves(traced: &Value) -> (String, String) {
 }
 
 fn flows_from(cluster: &Cluster, client: Ipv4Addr) -> usize {
-    let out = Command::new(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(["-o", "json", "conntrack", "--client", &client.to_string()])
-        .output()
-        .unwrap();
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap().len()
+    let flows = cluster.kpr_json(&["conntrack", "--client", &client.to_string()]);
+    flows.unwrap().as_array().unwrap().len()
 }
 
 #[test]
@@ -59,38 +42,13 @@ fn trace_tells_what_the_data_path_does_without_changing_it() {
     let mut spec = ClusterSpec::pods("web", 3);
     spec.pods.push("client".into());
     let cluster = Cluster::start(spec).unwrap();
-    let pods = ["web-0", "web-1", "web-2"];
-    let endpoints: Vec<Endpoint> = pods
-        .iter()
-        .map(|p| Endpoint::ready(cluster.pod(p).ip).on("node0"))
-        .collect();
     let exposure = Exposure {
         type_: Some("NodePort"),
         node_ports: &[NODE_PORT, 30096],
         ..Exposure::default()
     };
-    cluster
-        .write_manifest("web.yaml", &web(VIP, &exposure, &endpoints))
-        .unwrap();
-    let empty = exposed_service_with_endpoints(
-        "empty",
-        EMPTY_VIP,
-        &[tcp("http", 80)],
-        &Exposure::default(),
-        POD_PORT,
-        &[],
-    );
-    cluster.write_manifest("empty.yaml", &empty).unwrap();
-    let backends: Vec<SocketAddr> = pods
-        .iter()
-        .map(|p| SocketAddr::from((cluster.pod(p).ip, POD_PORT)))
-        .collect();
-    cluster
-        .wait_for_backends(SocketAddr::from((VIP, 80)), IPPROTO_TCP, &backends)
-        .unwrap();
-    cluster
-        .wait_for_backends(SocketAddr::from((EMPTY_VIP, 80)), IPPROTO_TCP, &[])
-        .unwrap();
+    let backends = cluster.serve_web(VIP, &exposure, &["web-0", "web-1", "web-2"]).unwrap();
+    cluster.serve_nothing("empty", EMPTY_VIP).unwrap();
     let backend_names: BTreeSet<String> = backends.iter().map(|b| b.to_string()).collect();
     let client = cluster.pod("client").ip;
     let vip = format!("{VIP}:80");
@@ -168,15 +126,11 @@ fn trace_tells_what_the_data_path_does_without_changing_it() {
     assert_eq!(flows_from(&cluster, "198.51.100.7".parse().unwrap()), 0);
 
     // The table says the same.
-    let out = Command::new(kpr_binary().unwrap())
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args([
+    let table = cluster
+        .kpr(&[
             "trace", "--src", outside, "--dst", &node_port, "--from", "outside", "--xdp",
         ])
-        .output()
         .unwrap();
-    let table = String::from_utf8(out.stdout).unwrap();
     assert!(
         table.contains("kpr_xdp") && table.contains("[new_flow]") && table.contains("because"),
         "{table}"

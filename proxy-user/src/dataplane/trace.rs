@@ -217,24 +217,13 @@ impl Snapshot {
 
     fn run_tc(&self, program: &str, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
         let program: &SchedClassifier = self.ebpf.program(program).context("no such program")?.try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = program.test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        let (verdict, out) = test_run(program, frame)?;
+        Ok((verdict as i32, out))
     }
 
     fn run_xdp(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let program: &Xdp = self.ebpf.program(XDP_PROGRAM).context("no XDP program")?.try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = program.test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        test_run(program, frame)
     }
 
     /// The counter that moved since `before` (each program run moves
@@ -417,6 +406,21 @@ impl Snapshot {
         }
         Ok(notes)
     }
+}
+
+/// One run of `program` on `frame` (BPF_PROG_TEST_RUN, which sends
+/// nothing): its return value and the frame it leaves.
+fn test_run<P>(program: &P, frame: &[u8]) -> Result<(u32, Vec<u8>)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let result = program.test_run(opts)?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
 }
 
 fn endpoint(at: SocketAddrV4) -> (Ipv4Addr, u16) {
