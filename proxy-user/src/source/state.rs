@@ -279,6 +279,10 @@ impl ClusterState {
                 .trigger_times
                 .extend(triggers.remove(&service).unwrap_or_default());
         }
+        // A slice may come before its Service: its change reaches the data
+        // path when the Service does.
+        triggers.retain(|service, _| !self.snapshot.services.contains_key(service));
+        self.trigger_times = triggers;
         for frontend in changed {
             changes.conflicts.extend(self.desired.conflicts_at(&frontend));
             changes

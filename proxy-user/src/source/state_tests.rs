@@ -209,8 +209,11 @@ fn trigger_times_count_only_for_changes_that_reach_the_data_path() {
     };
     let now = k8s_openapi::jiff::Timestamp::now();
     let later = (now + k8s_openapi::jiff::SignedDuration::from_secs(1)).to_string();
-    state.apply_service(&service);
+    // The slice before its Service (watch events race): measured when the
+    // Service comes and the backend reaches the data path.
     state.apply_slice(&slice("10.1.0.1", &later));
+    assert!(state.take_changes().trigger_times.is_empty());
+    state.apply_service(&service);
     let changes = state.take_changes();
     assert_eq!(changes.trigger_times.len(), 1, "a new backend reaches the data path");
     // The same slice again (a relist, or a change to nothing served): no

@@ -764,6 +764,13 @@ struct Window {
 fn window(site: &Site, to: SocketAddr, flows: u32, seconds: f64, counted: &dyn Fn() -> Result<u64>) -> Result<Window> {
     let outside = site.cluster.outside();
     let generator = Generator::start(site, to, flows)?;
+    // trafgen takes a moment to start sending, longer on a loaded machine:
+    // the window opens once it has (or fails below if it never does).
+    let (_, launched) = packet_counters(outside, "eth0")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while packet_counters(outside, "eth0")?.1 == launched && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let (_, sent_before) = packet_counters(outside, "eth0")?;
     let counted_before = counted()?;
