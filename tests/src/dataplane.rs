@@ -141,6 +141,11 @@ impl Loaded {
         maps::read_stats(&self.pin_dir)
     }
 
+    /// `kpr drain` (or its undoing), as the CLI sets it.
+    pub fn set_draining(&mut self, draining: bool) -> Result<()> {
+        self.maps.set_draining(draining)
+    }
+
     /// The address flows are source-NATed to, as the daemon sets it.
     pub fn set_snat_addr(&mut self, addr: std::net::Ipv4Addr) -> Result<()> {
         self.maps.set_snat_addr(Some(addr))

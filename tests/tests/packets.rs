@@ -1024,3 +1024,76 @@ fn fragments_of_a_translated_datagram_follow_the_first() {
         );
     }
 }
+
+/// The per-service counters (`SERVICE_COUNTERS`): a new flow counts for the
+/// backend it went to, and only once (not its later packets); a drop for
+/// the service whose new flow it ended. And the drain flag: a new flow is then left
+/// untouched, while a tracked one is still translated.
+#[test]
+fn new_flows_and_refusals_are_counted_per_service_and_draining_leaves_new_flows_alone() {
+    let mut dp = loaded();
+    let syn = packet::tcp((CLIENT, 43000), (VIP, 80), TCP_SYN);
+    let first = dp.run(&syn.frame()).unwrap();
+    let chosen = backend_of(&first.frame);
+    for _ in 0..3 {
+        dp.run(&packet::tcp((CLIENT, 43000), (VIP, 80), TCP_ACK).frame())
+            .unwrap();
+    }
+    // EMPTY_VIP has no endpoint here and no REJECT: dropped.
+    let dropped = dp
+        .run(&packet::tcp((CLIENT, 43001), (EMPTY_VIP, 80), TCP_SYN).frame())
+        .unwrap();
+    assert_eq!(dropped.verdict, TC_ACT_SHOT);
+
+    let maps = ServiceMaps::open(&dp.pin_dir).unwrap();
+    let id = |vip, port| {
+        maps.service(&proxy_common::ServiceKey::new(vip, port, IPPROTO_TCP))
+            .unwrap()
+            .unwrap()
+            .id
+    };
+    let counters = FlowMaps::open(&dp.pin_dir).unwrap().service_counters().unwrap();
+    let mut counted: Vec<(u32, Ipv4Addr, u16, &str, u64)> = counters
+        .iter()
+        .map(|(k, n)| {
+            let stat = Stat::from_index(k.stat as u32).unwrap().name();
+            (
+                k.service_id,
+                proxy_common::addr_from_map(k.addr),
+                u16::from_be(k.port),
+                stat,
+                *n,
+            )
+        })
+        .collect();
+    counted.sort();
+    let mut want = vec![
+        (id(VIP, 80), chosen.0, chosen.1, "new_flow", 1),
+        (id(EMPTY_VIP, 80), Ipv4Addr::UNSPECIFIED, 0, "no_backend", 1),
+    ];
+    want.sort();
+    assert_eq!(counted, want);
+
+    // Draining: a new connection goes on untouched; the tracked one is
+    // still sent to its backend.
+    dp.set_draining(true).unwrap();
+    let new = packet::tcp((CLIENT, 43002), (VIP, 80), TCP_SYN);
+    expect(
+        &dp,
+        "new flow while draining",
+        &new.frame(),
+        TC_ACT_UNSPEC,
+        &new.frame(),
+        Stat::NoMatch,
+    );
+    let ack = packet::tcp((CLIENT, 43000), (VIP, 80), TCP_ACK);
+    let translated = ack.clone().with_dst(chosen).frame();
+    expect(
+        &dp,
+        "tracked flow while draining",
+        &ack.frame(),
+        TC_ACT_UNSPEC,
+        &translated,
+        Stat::Established,
+    );
+}
