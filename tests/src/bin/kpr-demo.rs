@@ -80,11 +80,11 @@ fn manifest(cluster: &Cluster, ready: &[&str], local: bool) -> String {
 }
 
 /// Runs a `kpr` subcommand against the node's pins and prints its output indented.
-fn show_kpr(cluster: &Cluster, subcommand: &str) -> Result<()> {
+fn show_kpr(cluster: &Cluster, args: &[&str]) -> Result<()> {
     let out = Command::new(kpr_binary()?)
         .arg("--pin-dir")
         .arg(&cluster.pin_dir)
-        .arg(subcommand)
+        .args(args)
         .output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("    {line}");
@@ -159,7 +159,7 @@ fn main() -> Result<()> {
         cluster.wait_for_backends_on(node, frontend, IPPROTO_TCP, &backends)?;
     }
     println!("    `kpr services` on node0 reads its pinned maps:");
-    show_kpr(&cluster, "services")?;
+    show_kpr(&cluster, &["services"])?;
 
     step(&format!(
         "30 requests from the outside host to http://{LB_IP}/ (new connection each)"
@@ -171,6 +171,8 @@ fn main() -> Result<()> {
         30,
     )?;
     println!("    (externalTrafficPolicy Cluster: pods on node1 see node0, which source-NATs so the answer comes back through it; the pod on node0 itself sees the client)");
+    println!("    `kpr services` counts them per backend, no pod logs needed:");
+    show_kpr(&cluster, &["services", "--service", &format!("{LB_IP}:80")])?;
 
     step(&format!(
         "The NodePort answers on every node: 30 requests to {}:{NODE_PORT}",
@@ -229,7 +231,7 @@ fn main() -> Result<()> {
     println!("    (node0 answers 503: the load balancer stops sending it traffic, which it would drop)");
 
     step("Data path counters on node0 (`kpr stats`)");
-    show_kpr(&cluster, "stats")?;
+    show_kpr(&cluster, &["stats"])?;
 
     step("Cleaning up");
     drop(cluster);
