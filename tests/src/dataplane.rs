@@ -16,16 +16,10 @@ use proxy_user::{
 
 use crate::{bpffs::BpffsMount, packet::hex};
 
-/// TC verdicts as the program returns them.
-pub const TC_ACT_OK: i32 = 0;
-pub const TC_ACT_SHOT: i32 = 2;
-pub const TC_ACT_UNSPEC: i32 = -1;
-pub const TC_ACT_REDIRECT: i32 = 7;
-/// XDP actions.
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
+/// TC verdicts and XDP actions as the programs return them.
+pub use proxy_user::dataplane::trace::{
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+};
 
 pub struct Loaded {
     pub ebpf: Ebpf,

@@ -445,14 +445,16 @@ fn split_mark(input: &[u8], out: Vec<u8>) -> (Option<u32>, Vec<u8>) {
     }
 }
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_UNSPEC: i32 = -1;
-const TC_ACT_REDIRECT: i32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+/// TC verdicts and XDP actions as the programs return them (also what the
+/// test harness's packet fixtures expect).
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_REDIRECT: i32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// The verdict in words.
 fn explain(stat: Stat, probe: &Probe, after: Option<&Addresses>) -> String {
