@@ -230,6 +230,55 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
     assert_eq!(kind_host, vec!["kind-control-plane"]);
 }
 
+/// `cargo xtask kind-test` cannot run here (no Docker), but what it
+/// deploys is checked as the manifests above: valid objects, no unknown
+/// field, and the Services its checks address.
+#[test]
+fn the_kind_tests_workload_is_valid() {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{Namespace, Pod, Service},
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kind/workload.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut services = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let doc: Value = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+        let origin = format!("{} ({} {})", path.display(), doc["kind"], doc["metadata"]["name"]);
+        match doc["kind"].as_str().unwrap() {
+            "Namespace" => drop(strict::<Namespace>(&doc, &origin)),
+            "Deployment" => drop(strict::<Deployment>(&doc, &origin)),
+            "Pod" => drop(strict::<Pod>(&doc, &origin)),
+            "Service" => services.push(strict::<Service>(&doc, &origin)),
+            other => panic!("{origin}: unexpected kind {other}"),
+        }
+    }
+    let shape: BTreeSet<String> = services
+        .iter()
+        .map(|s| {
+            let spec = s.spec.as_ref().unwrap();
+            format!(
+                "{} type={} nodePort={} eTP={} affinity={}",
+                s.metadata.name.as_deref().unwrap(),
+                spec.type_.as_deref().unwrap_or("-"),
+                spec.ports.as_ref().unwrap()[0].node_port.unwrap_or(0),
+                spec.external_traffic_policy.as_deref().unwrap_or("-"),
+                spec.session_affinity.as_deref().unwrap_or("-"),
+            )
+        })
+        .collect();
+    let want: BTreeSet<String> = [
+        "web type=- nodePort=0 eTP=- affinity=-",
+        "web-nodeport type=NodePort nodePort=30080 eTP=- affinity=-",
+        "web-lb type=LoadBalancer nodePort=30082 eTP=- affinity=-",
+        "web-sticky type=- nodePort=0 eTP=- affinity=ClientIP",
+        "web-local type=NodePort nodePort=30081 eTP=Local affinity=-",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(shape, want, "the Services xtask/src/kind.rs addresses");
+}
+
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 93);
 const NODE_PORT: u16 = 30093;
 

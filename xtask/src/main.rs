@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|test|demo>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|test|demo|bench|kind-test>`.
+mod kind;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -35,6 +36,18 @@ enum Task {
         /// `--only datapath|packets|control`, `--skip-rule-loads`, `--out PATH`).
         #[arg(last = true)]
         bench_args: Vec<String>,
+    },
+    /// kpr on a kind cluster: build and load the image, deploy `deploy/kind`,
+    /// check ClusterIP, NodePort, LoadBalancer, affinity, externalTrafficPolicy
+    /// Local and a restart under load (and upstream conformance where
+    /// `e2e.test` is installed). Without Docker and kind it says so and exits 0.
+    KindTest {
+        /// Load this image instead of building deploy/Dockerfile.
+        #[arg(long)]
+        image: Option<String>,
+        /// Keep the cluster afterwards.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -109,6 +122,7 @@ fn main() -> Result<()> {
             toolchain::remove_stale_test_leftovers();
             run(Command::new(root().join("target/release/kpr-bench")).args(&bench_args))
         }
+        Task::KindTest { image, keep } => kind::run(kind::Options { image, keep }),
         Task::Demo => {
             require_root("the demo")?;
             toolchain::setup()?;
