@@ -335,6 +335,10 @@ pub struct BackendKey {
 /// `Backend::flags`: the endpoint runs on this node, so traffic from
 /// outside reaches it without source NAT (the reply passes this node anyway).
 pub const BACKEND_LOCAL: u16 = 1;
+/// `Backend::flags`: the endpoint is terminating but still serving, used
+/// because the service has no ready one (kube-proxy's fallback). The data
+/// path treats it as any backend; the flag is there for `kpr services`.
+pub const BACKEND_TERMINATING: u16 = 2;
 
 /// Value of `BACKENDS`: where a new flow of that service may be sent.
 #[repr(C)]
@@ -358,6 +362,17 @@ impl Backend {
 
     pub fn is_local(&self) -> bool {
         self.flags & BACKEND_LOCAL != 0
+    }
+
+    pub fn with_terminating(mut self, terminating: bool) -> Self {
+        if terminating {
+            self.flags |= BACKEND_TERMINATING;
+        }
+        self
+    }
+
+    pub fn is_terminating(&self) -> bool {
+        self.flags & BACKEND_TERMINATING != 0
     }
 }
 addr_port_accessors!(Backend);

@@ -530,7 +530,33 @@ impl SyncLoop {
             state.unsupported_ports(),
         );
         let (snat_addr, health_checks) = (state.snat_addr(), state.health_checks());
+        let (service_changes, endpoint_changes) = state.pending_changes();
+        let no_local = state.no_local_endpoints();
+        let node_eligible = state.node_eligible();
         drop(state);
+        metrics.service_changes_pending.set(service_changes as i64);
+        metrics.endpoint_changes_pending.set(endpoint_changes as i64);
+        for (policy, n) in [("internal", no_local.internal), ("external", no_local.external)] {
+            metrics
+                .no_local_endpoints
+                .get_or_create(&labels(&[("traffic_policy", policy)]))
+                .set(n as i64);
+        }
+        {
+            let mut health = self.telemetry.health.lock().expect("health lock");
+            if health.node_eligible != node_eligible {
+                tracing::info!(
+                    node_eligible,
+                    "node eligibility for new traffic changed: /healthz answers {}",
+                    if node_eligible {
+                        "200 again"
+                    } else {
+                        "503 (the node is being deleted)"
+                    }
+                );
+                health.node_eligible = node_eligible;
+            }
+        }
         self.health_checks.update(health_checks);
         if self.snat_addr != Some(snat_addr) {
             match self.maps.set_snat_addr(snat_addr) {

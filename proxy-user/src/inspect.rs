@@ -17,7 +17,7 @@ use proxy_common::{
 };
 use serde::Serialize;
 
-use crate::dataplane::sweep;
+use crate::{dataplane::sweep, telemetry::NamedFrontend};
 
 fn endpoint(addr: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr_from_map(addr), u16::from_be(port))
@@ -34,6 +34,9 @@ fn protocol_name(proto: u8) -> String {
 /// One programmed frontend and its backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceView {
+    /// The Service (`namespace/name`) as the daemon named the frontend;
+    /// none when the daemon could not be asked (the maps hold only ids).
+    pub service: Option<String>,
     pub frontend: SocketAddrV4,
     pub protocol: String,
     /// ClusterIP, NodePort, LoadBalancer or externalIP.
@@ -62,6 +65,9 @@ pub struct BackendView {
     pub slot: u32,
     /// The endpoint runs on this node.
     pub local: bool,
+    /// `ready`, or `terminating` (still serving, used because there is no
+    /// ready endpoint: kube-proxy's fallback).
+    pub state: &'static str,
     /// Under externalTrafficPolicy Local, which traffic may reach it:
     /// `local` (every origin), `outside only` or `inside only`.
     pub set: Option<&'static str>,
@@ -72,18 +78,29 @@ pub struct BackendView {
 
 /// The frontends as programmed, with their backends by slot, the new flows
 /// each was sent and the new flows refused or dropped (`counts`, from
-/// `SERVICE_COUNTERS`).
+/// `SERVICE_COUNTERS`), named after their Service where the daemon said
+/// (`names`: a name counts only for the id and frontend it was given for,
+/// so a frontend reprogrammed in between is not misnamed).
 pub fn services(
     frontends: &[(ServiceKey, ServiceValue, Vec<Backend>)],
     counts: &HashMap<ServiceCounterKey, u64>,
+    names: &[NamedFrontend],
 ) -> Vec<ServiceView> {
+    let names: HashMap<(u32, &str), &str> = names
+        .iter()
+        .map(|n| ((n.id, n.frontend.as_str()), n.service.as_str()))
+        .collect();
     frontends
         .iter()
         .map(|(key, value, backends)| {
             let external_local = value.flags & SVC_EXTERNAL_LOCAL != 0;
+            let frontend = SocketAddrV4::new(key.ip(), key.port());
+            let protocol = protocol_name(key.proto);
+            let described = format!("{frontend}/{protocol}");
             ServiceView {
-                frontend: SocketAddrV4::new(key.ip(), key.port()),
-                protocol: protocol_name(key.proto),
+                service: names.get(&(value.id, described.as_str())).map(|s| s.to_string()),
+                frontend,
+                protocol,
                 kind: value.kind().name(),
                 id: value.id,
                 external_local,
@@ -97,6 +114,7 @@ pub fn services(
                         address: SocketAddrV4::new(b.ip(), b.port()),
                         slot,
                         local: b.is_local(),
+                        state: if b.is_terminating() { "terminating" } else { "ready" },
                         set: external_local.then_some(match slot {
                             s if s < value.cluster_start => "outside only",
                             s if s < value.local_count => "local",
@@ -552,5 +570,42 @@ mod tests {
         // Affinity turned off: nothing is in force, nothing expires.
         let off = affinities(&table, &[frontend(0)], &backends, NOW);
         assert!(off.iter().all(|v| !v.in_force && v.expires_in_secs.is_none()));
+    }
+
+    #[test]
+    fn services_are_named_by_id_and_frontend_and_show_backend_locality_and_state() {
+        let key = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 1), 80, IPPROTO_TCP);
+        let value = ServiceValue {
+            id: 7,
+            backend_count: 2,
+            ..ServiceValue::default()
+        };
+        let here = Backend::new(Ipv4Addr::new(10, 1, 0, 5), 8080, true);
+        let elsewhere = Backend::new(Ipv4Addr::new(10, 2, 0, 5), 8080, false).with_terminating(true);
+        let frontends = [(key, value, vec![here, elsewhere])];
+        let named = |id, frontend: &str| NamedFrontend {
+            id,
+            service: "shop/web".into(),
+            frontend: frontend.into(),
+            kind: "ClusterIP".into(),
+        };
+        let views = services(&frontends, &HashMap::new(), &[named(7, "10.96.0.1:80/TCP")]);
+        assert_eq!(views[0].service.as_deref(), Some("shop/web"));
+        let shown: Vec<(String, bool, &str)> = views[0]
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.local, b.state))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("10.1.0.5:8080".to_string(), true, "ready"),
+                ("10.2.0.5:8080".to_string(), false, "terminating"),
+            ]
+        );
+        // A name given for another id, or another frontend, is not this one's.
+        for stale in [named(8, "10.96.0.1:80/TCP"), named(7, "10.96.0.1:80/UDP")] {
+            assert_eq!(services(&frontends, &HashMap::new(), &[stale])[0].service, None);
+        }
     }
 }

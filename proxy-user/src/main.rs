@@ -15,7 +15,7 @@ use proxy_user::{
     },
     inspect::{self, AddrFilter, Filters},
     model::topology::NodePortAddresses,
-    packet,
+    packet, telemetry,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,11 +141,22 @@ enum Command {
         #[arg(long, conflicts_with = "socket_lb_cgroup")]
         no_socket_lb: bool,
     },
-    /// Print the programmed frontends and their backends, from the pinned maps.
+    /// Print the programmed frontends and their backends, from the pinned
+    /// maps, named after their Service (asked of the daemon).
     Services {
+        /// Only the Services of this name (in every namespace, unless
+        /// --namespace is given too).
+        name: Option<String>,
+        /// Only the Services of this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
         /// Only this frontend (address, or address:port).
         #[arg(long)]
         service: Option<AddrFilter>,
+        /// Where the daemon serves /metrics (its --metrics-bind-address):
+        /// it names the frontends, as the maps hold only service ids.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        daemon_address: std::net::SocketAddr,
     },
     /// Print the tracked flows (both directions paired): client, frontend,
     /// backend, source NAT, state, idle time and expiry.
@@ -313,12 +324,35 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(daemon::run(config))
         }
-        Command::Services { service } => {
+        Command::Services {
+            name,
+            namespace,
+            service,
+            daemon_address,
+        } => {
             let maps = maps::ServiceMaps::open(&cli.pin_dir)?;
             let counts = maps::FlowMaps::open(&cli.pin_dir)?.service_counters()?;
-            let views: Vec<inspect::ServiceView> = inspect::services(&maps.frontends()?, &counts)
+            let by_name = name.is_some() || namespace.is_some();
+            let names = match telemetry::fetch_frontend_names(daemon_address) {
+                Ok(names) => names,
+                Err(e) if by_name => anyhow::bail!(
+                    "cannot filter by Service: the maps hold only service ids and the daemon, which names them, did not answer at {daemon_address}: {e:#} (is --daemon-address its --metrics-bind-address?)"
+                ),
+                Err(e) => {
+                    eprintln!("note: Service names unknown: the daemon did not answer at {daemon_address}: {e:#}");
+                    Vec::new()
+                }
+            };
+            let wanted = |view: &inspect::ServiceView| {
+                let Some((ns, n)) = view.service.as_deref().and_then(|s| s.split_once('/')) else {
+                    return !by_name;
+                };
+                namespace.as_deref().is_none_or(|want| want == ns) && name.as_deref().is_none_or(|want| want == n)
+            };
+            let views: Vec<inspect::ServiceView> = inspect::services(&maps.frontends()?, &counts, &names)
                 .into_iter()
                 .filter(|v| service.is_none_or(|f| f.matches(v.frontend)))
+                .filter(wanted)
                 .collect();
             print_views(cli.output, &views, print_services)
         }
@@ -509,8 +543,8 @@ fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
 
 fn print_services(views: &[inspect::ServiceView]) {
     println!(
-        "{:<24} {:<5} {:<25} {:>4} {:>8}  BACKENDS",
-        "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
+        "{:<24} {:<24} {:<5} {:<25} {:>4} {:>8}  BACKENDS",
+        "SERVICE", "FRONTEND", "PROTO", "KIND", "ID", "AFFINITY"
     );
     for view in views {
         let mut kind = view.kind.to_string();
@@ -523,9 +557,20 @@ fn print_services(views: &[inspect::ServiceView]) {
         let backends: Vec<String> = view
             .backends
             .iter()
-            .map(|b| match b.set {
-                Some(set) => format!("{} ({set}) [{}]", b.address, b.new_flows),
-                None => format!("{} [{}]", b.address, b.new_flows),
+            .map(|b| {
+                let notes: Vec<&str> = [
+                    b.local.then_some("this node"),
+                    (b.state != "ready").then_some(b.state),
+                    b.set,
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if notes.is_empty() {
+                    format!("{} [{}]", b.address, b.new_flows)
+                } else {
+                    format!("{} ({}) [{}]", b.address, notes.join(", "), b.new_flows)
+                }
             })
             .collect();
         let mut backends = match (backends.is_empty(), view.rejecting) {
@@ -542,7 +587,8 @@ fn print_services(views: &[inspect::ServiceView]) {
             backends.push_str(&format!("; refused/dropped: {}", ended.join(", ")));
         }
         println!(
-            "{:<24} {:<5} {:<25} {:>4} {:>8}  {}",
+            "{:<24} {:<24} {:<5} {:<25} {:>4} {:>8}  {}",
+            view.service.as_deref().unwrap_or("-"),
             view.frontend,
             view.protocol,
             kind,

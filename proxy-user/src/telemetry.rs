@@ -53,6 +53,15 @@ pub struct Metrics {
     pub watch_errors: Family<Labels, Counter>,
     pub flow_entries: Gauge,
     pub flows_expired: Counter,
+    /// kube-proxy's change trackers: Services with a Service (or endpoint)
+    /// change not yet synced, and every change seen.
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes_pending: Gauge,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    /// Service ports whose Local traffic policy finds no endpoint on this
+    /// node, by `traffic_policy` (`internal`, `external`).
+    pub no_local_endpoints: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -77,6 +86,11 @@ impl Default for Metrics {
             watch_errors: Family::default(),
             flow_entries: Gauge::default(),
             flows_expired: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,6 +168,32 @@ impl Default for Metrics {
             "Flow table entries removed by the sweep because their flow expired",
             m.flows_expired.clone(),
         );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Services whose Service object changed since the last sync",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Services whose EndpointSlices changed since the last sync",
+            m.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Service objects added, changed or deleted",
+            m.service_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "EndpointSlices added, changed or deleted",
+            m.endpoint_changes.clone(),
+        );
+        // kube-proxy's name, although a gauge: the count as of the last sync.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports whose Local traffic policy finds no endpoint on this node (their traffic is dropped here), by traffic_policy",
+            m.no_local_endpoints.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -168,6 +208,9 @@ pub struct Health {
     timeout: Duration,
     oldest_pending: Option<Instant>,
     last_updated: Option<SystemTime>,
+    /// kube-proxy's node eligibility: `false` while the node is being
+    /// deleted, so that `/healthz` (not `/livez`) turns load balancers away.
+    pub node_eligible: bool,
 }
 
 impl Health {
@@ -177,6 +220,7 @@ impl Health {
             timeout,
             oldest_pending: Some(Instant::now()),
             last_updated: None,
+            node_eligible: true,
         }
     }
 
@@ -320,17 +364,37 @@ fn render_service_counters(
     out
 }
 
+/// kube-proxy's `/healthz`: healthy while changes reach the data path in
+/// time and the node is not being deleted (`nodeEligible`), so that a load
+/// balancer checking it stops sending new connections to a node on its way
+/// out.
 async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    let (healthy, last_updated) = {
+    health_answer(&t, true)
+}
+
+/// kube-proxy's `/livez`: whether the daemon is alive, for a liveness
+/// probe: `/healthz` less the node's eligibility (a node being deleted is
+/// no reason to restart its proxy).
+async fn livez(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    health_answer(&t, false)
+}
+
+fn health_answer(t: &Telemetry, with_eligibility: bool) -> impl IntoResponse {
+    let (healthy, last_updated, eligible) = {
         let health = t.health.lock().expect("health lock");
-        (health.healthy(), health.last_updated)
+        (health.healthy(), health.last_updated, health.node_eligible)
+    };
+    let eligibility = if with_eligibility {
+        format!(",\"nodeEligible\":{eligible}")
+    } else {
+        String::new()
     };
     let body = format!(
-        "{{\"lastUpdated\":{},\"currentTime\":\"{}\"}}\n",
+        "{{\"lastUpdated\":{},\"currentTime\":\"{}\"{eligibility}}}\n",
         last_updated.map_or("null".to_string(), |u| format!("\"{}\"", rfc3339(u))),
         rfc3339(SystemTime::now())
     );
-    let status = if healthy {
+    let status = if healthy && (eligible || !with_eligibility) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -348,26 +412,78 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
     )
 }
 
-/// kube-proxy's `/livez`: whether the daemon is alive, for a liveness
-/// probe. It answers as `/healthz` less what only says the node should not
-/// get traffic (kube-proxy leaves out a node being deleted; kpr's
-/// `/healthz` has nothing of the kind yet, so the two agree).
-async fn livez(state: State<Arc<Telemetry>>) -> impl IntoResponse {
-    healthz(state).await
+/// Where the daemon tells which Service each programmed frontend belongs
+/// to: the maps hold only service ids, so `kpr services` asks here to show
+/// and filter by namespace and name.
+pub const FRONTENDS_PATH: &str = "/frontends";
+
+/// One programmed frontend, named: an element of `/frontends`' JSON array.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NamedFrontend {
+    /// The service id the maps key it by.
+    pub id: u32,
+    /// `namespace/name`
+    pub service: String,
+    /// `address:port/protocol`
+    pub frontend: String,
+    pub kind: String,
 }
 
-/// Serves `/healthz`, `/livez` and `/metrics` on `addr` until the process
-/// ends.
+async fn frontends(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    let mut named: Vec<NamedFrontend> = t
+        .frontends
+        .lock()
+        .expect("frontends lock")
+        .iter()
+        .map(|(&id, labels)| NamedFrontend {
+            id,
+            service: labels.service.clone(),
+            frontend: labels.frontend.clone(),
+            kind: labels.kind.to_string(),
+        })
+        .collect();
+    named.sort_by_key(|n| n.id);
+    let body = serde_json::to_string(&named).expect("serializing strings and numbers");
+    ([("content-type", "application/json")], body)
+}
+
+/// Asks the daemon serving `addr` (its `--metrics-bind-address` or
+/// `--healthz-bind-address`) which Service each frontend belongs to.
+pub fn fetch_frontend_names(addr: SocketAddr) -> anyhow::Result<Vec<NamedFrontend>> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {FRONTENDS_PATH} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("an HTTP response without a body"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        anyhow::bail!("GET {FRONTENDS_PATH} answered {status:?} (a kpr daemon older than this CLI?)");
+    }
+    Ok(serde_json::from_str(body)?)
+}
+
+/// Serves `/healthz`, `/livez`, `/metrics` and `/frontends` on `addr` until
+/// the process ends.
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/metrics", get(metrics))
+        .route(FRONTENDS_PATH, get(frontends))
         .with_state(telemetry);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the health/metrics server to {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /healthz, /livez and /metrics");
+    tracing::info!(%addr, "serving /healthz, /livez, /metrics and {FRONTENDS_PATH}");
     axum::serve(listener, app).await?;
     Ok(())
 }

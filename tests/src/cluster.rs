@@ -675,18 +675,16 @@ impl Cluster {
         self.wait_for_backends(SocketAddr::from((vip, 80)), proxy_common::IPPROTO_TCP, &[])
     }
 
-    /// The `kpr` CLI on the first node's pins, from the test's own
-    /// namespace (the pinned maps are all it reads): its stdout.
+    /// The `kpr` CLI on the first node's pins, inside that node's namespace,
+    /// as an operator runs it on the node: what acts on its interfaces or
+    /// netfilter rules acts there, and `kpr services` finds the daemon's
+    /// metrics address (which names the frontends) on the node's loopback.
+    /// Its stdout.
     pub fn kpr(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(kpr_binary()?)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!("kpr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8(out.stdout)?)
+        let mut all = vec!["--pin-dir", self.pin_dir.to_str().context("utf-8 pin dir")?];
+        all.extend_from_slice(args);
+        self.node()
+            .exec(kpr_binary()?.to_str().context("utf-8 path")?, &all, "")
     }
 
     /// `kpr -o json ...`, parsed.
@@ -695,15 +693,6 @@ impl Cluster {
         all.extend_from_slice(args);
         let text = self.kpr(&all)?;
         serde_json::from_str(&text).with_context(|| format!("kpr {args:?} printed no JSON: {text}"))
-    }
-
-    /// The `kpr` CLI inside the first node's namespace (what acts on its
-    /// interfaces or netfilter rules): its stdout.
-    pub fn kpr_in_node(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["--pin-dir", self.pin_dir.to_str().context("utf-8 pin dir")?];
-        all.extend_from_slice(args);
-        self.node()
-            .exec(kpr_binary()?.to_str().context("utf-8 path")?, &all, "")
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {

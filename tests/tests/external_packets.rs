@@ -40,11 +40,13 @@ const LOCAL: BackendAddr = BackendAddr {
     ip: Ipv4Addr::new(10, 244, 0, 10),
     port: 8080,
     local: true,
+    terminating: false,
 };
 const REMOTE: BackendAddr = BackendAddr {
     ip: Ipv4Addr::new(10, 244, 1, 10),
     port: 8080,
     local: false,
+    terminating: false,
 };
 
 /// Frontends: NodePort 30090 to REMOTE only, 30091 to LOCAL only, 30081

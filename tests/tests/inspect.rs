@@ -103,10 +103,64 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
         .collect();
     let want: BTreeSet<String> = backends.iter().map(|b| b.to_string()).collect();
     assert_eq!(shown, want);
+    for backend in service["backends"].as_array().unwrap() {
+        assert_eq!(backend["state"], "ready", "{backend}");
+        assert_eq!(backend["local"], true, "the pods run on this node: {backend}");
+    }
     assert!(
         kpr(&cluster, &["services"]).contains("10.96.0.91:80"),
         "the table lists the frontend"
     );
+
+    // By Service name, as the daemon named each frontend.
+    assert_eq!(service["service"], "default/web");
+    let frontends_of = |args: &[&str]| -> BTreeSet<String> {
+        let mut all = vec!["services"];
+        all.extend_from_slice(args);
+        kpr_json(&cluster, &all)
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}/{}",
+                    field(s, "service"),
+                    field(s, "frontend"),
+                    field(s, "protocol")
+                )
+            })
+            .collect()
+    };
+    let web: BTreeSet<String> = [
+        "default/web 10.96.0.91:80/TCP".to_string(),
+        "default/web 10.96.0.91:53/UDP".into(),
+    ]
+    .into();
+    assert_eq!(frontends_of(&["web"]), web);
+    assert_eq!(frontends_of(&["-n", "default", "web"]), web);
+    assert_eq!(
+        frontends_of(&["-n", "default"]),
+        web.iter()
+            .cloned()
+            .chain(["default/empty 10.96.0.92:80/TCP".to_string()])
+            .collect()
+    );
+    assert!(frontends_of(&["-n", "kube-system"]).is_empty());
+    assert!(frontends_of(&["web-0"]).is_empty(), "a name is matched whole");
+    let named_table = kpr(&cluster, &["services", "empty"]);
+    assert!(
+        named_table
+            .lines()
+            .any(|l| l.starts_with("default/empty ") && l.contains("10.96.0.92:80")),
+        "{named_table}"
+    );
+    // Without the daemon's answer, names cannot be filtered on: said, not guessed.
+    let unreachable = cluster.kpr(&["services", "--daemon-address", "127.0.0.1:9", "web"]);
+    let err = format!("{:#}", unreachable.unwrap_err());
+    assert!(
+        err.contains("cannot filter by Service") && err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+    let unnamed = kpr_json(&cluster, &["services", "--daemon-address", "127.0.0.1:9"]);
+    assert!(!unnamed.is_empty() && unnamed.iter().all(|s| s["service"].is_null()));
 
     // conntrack: exactly the connections sent, each to the backend that
     // answered it.
@@ -141,7 +195,7 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     let table = kpr(&cluster, &["services"]);
     for (backend, n) in &per_backend {
         assert!(
-            table.contains(&format!("{backend} [{n}]")),
+            table.contains(&format!("{backend} (this node) [{n}]")),
             "{backend}'s count in:\n{table}"
         );
     }

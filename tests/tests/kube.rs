@@ -569,3 +569,101 @@ fn a_load_balancer_service_from_the_api_follows_its_status_and_the_node() {
         })
         .unwrap();
 }
+
+/// kube-proxy's health semantics for a node on its way out, and its
+/// change-tracker and no-local-endpoints metrics: `/healthz` turns load
+/// balancers away (503, `nodeEligible: false`) once the Node is being
+/// deleted while `/livez` stays 200; a Local policy with endpoints only on
+/// other nodes is counted.
+#[test]
+fn a_node_being_deleted_fails_healthz_not_livez_and_local_policy_gaps_are_counted() {
+    let cluster = cluster();
+    let api = cluster.api();
+    let node_name = kpr_testbed::cluster::NODE_NAME;
+    let ip = |i: usize| cluster.pods[i].ip;
+    let elsewhere = [Endpoint::ready(ip(0)).on("node1"), Endpoint::ready(ip(1)).on("node1")];
+    let local_vip = Ipv4Addr::new(10, 96, 0, 42);
+    let objects = service_with_endpoints("elsewhere", local_vip, &[tcp("http", 80)], POD_PORT, &elsewhere);
+    api.apply(&objects.replace("  ports:", "  internalTrafficPolicy: Local\n  ports:"))
+        .unwrap();
+    api.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {node_name}\n"))
+        .unwrap();
+    cluster
+        .wait_for_backends(SocketAddr::from((local_vip, 80)), IPPROTO_TCP, &[])
+        .unwrap();
+    let node = cluster.node();
+    let get = |addr: &str, path: &str| kpr_testbed::pod::http_get(node, addr.parse().unwrap(), path).unwrap();
+    let metric = |name: &str| -> Option<f64> {
+        let (_, metrics) = get("127.0.0.1:10249", "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.parse().unwrap())
+    };
+    cluster
+        .wait_until("the iTP Local service without a local endpoint to be counted", || {
+            Ok(metric("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}") == Some(1.0))
+        })
+        .unwrap();
+    assert_eq!(
+        metric("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric("kubeproxy_sync_proxy_rules_service_changes_pending"),
+        Some(0.0),
+        "all synced"
+    );
+    assert_eq!(metric("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), Some(0.0));
+    assert!(metric("kubeproxy_sync_proxy_rules_service_changes_total").unwrap() >= 1.0);
+    assert!(metric("kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap() >= 1.0);
+    let (status, body) = get("127.0.0.1:10256", "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+
+    // An endpoint comes to this node: nothing left to count.
+    let with_local = [Endpoint::ready(ip(0)).on(node_name), Endpoint::ready(ip(1)).on("node1")];
+    let objects = service_with_endpoints("elsewhere", local_vip, &[tcp("http", 80)], POD_PORT, &with_local);
+    api.apply(&objects.replace("  ports:", "  internalTrafficPolicy: Local\n  ports:"))
+        .unwrap();
+    cluster
+        .wait_until("the gap to close", || {
+            Ok(metric("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}") == Some(0.0))
+        })
+        .unwrap();
+
+    // The node is being deleted: not eligible for new traffic, still alive.
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node_name}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n"
+    ))
+    .unwrap();
+    cluster
+        .wait_until("/healthz to turn the node away", || {
+            Ok(get("127.0.0.1:10256", "/healthz").0 == 503)
+        })
+        .unwrap();
+    let (_, body) = get("127.0.0.1:10256", "/healthz");
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    let (status, body) = get("127.0.0.1:10256", "/livez");
+    assert_eq!(
+        status, 200,
+        "a node being deleted is no reason to restart its proxy: {body}"
+    );
+    assert!(!body.contains("nodeEligible"), "{body}");
+    // Its services still answer meanwhile (kube-proxy keeps forwarding too).
+    let mut keep = Vec::new();
+    assert_eq!(
+        connections(&cluster, SocketAddr::from((local_vip, 80)), 2, &mut keep)
+            .values()
+            .sum::<usize>(),
+        2
+    );
+    // The deletion is called off (the object is recreated): eligible again.
+    api.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {node_name}\n"))
+        .unwrap();
+    cluster
+        .wait_until("/healthz to take the node back", || {
+            Ok(get("127.0.0.1:10256", "/healthz").0 == 200)
+        })
+        .unwrap();
+}

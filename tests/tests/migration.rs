@@ -24,8 +24,8 @@ fn kpr_json(cluster: &Cluster, args: &[&str]) -> Value {
     cluster.kpr_json(args).unwrap()
 }
 
-fn kpr_in_node(cluster: &Cluster, args: &[&str]) -> String {
-    cluster.kpr_in_node(args).unwrap()
+fn kpr(cluster: &Cluster, args: &[&str]) -> String {
+    cluster.kpr(args).unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -76,7 +76,7 @@ fn switch_from_kube_proxy(layout: Layout) {
     // kpr starts, serving the same Service; then kube-proxy's rules go.
     cluster.start_daemon_on(0, &[]).unwrap();
     cluster.serve_web(VIP, &Exposure::default(), &pods).unwrap();
-    kpr_in_node(&cluster, &["cleanup-kube-proxy"]);
+    kpr(&cluster, &["cleanup-kube-proxy"]);
     let left = in_node(&cluster, "nft", &["list", "ruleset"], "");
     assert!(
         !left.contains("KUBE-SVC-") && !left.contains("kube-proxy"),
@@ -151,7 +151,7 @@ fn draining_hands_a_node_back_to_kube_proxy_without_dropping_a_connection() {
     // kube-proxy's rules come back; kpr drains.
     let services = [RuleService::cluster_ip("web".into(), VIP, 80, backends.clone())];
     in_node(&cluster, "iptables-restore", &[], &iptables_restore(&services));
-    let said = kpr_in_node(&cluster, &["drain"]);
+    let said = kpr(&cluster, &["drain"]);
     assert!(said.contains("4 tracked flows"), "{said}");
 
     // kpr's connections keep their backends; new ones are netfilter's.
@@ -180,7 +180,7 @@ fn draining_hands_a_node_back_to_kube_proxy_without_dropping_a_connection() {
     // Its connections over, kpr goes; kube-proxy serves alone.
     drop(kprs);
     cluster.stop_daemon().unwrap();
-    kpr_in_node(&cluster, &["uninstall"]);
+    kpr(&cluster, &["uninstall"]);
     fresh.request().unwrap();
     let mut after = connect(client, SocketAddr::from((VIP, 80))).unwrap();
     after.request().unwrap();

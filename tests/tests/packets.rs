@@ -35,6 +35,7 @@ fn backend(i: u8) -> BackendAddr {
         ip: Ipv4Addr::new(10, 244, 0, 10 + i),
         port: 8080,
         local: false,
+        terminating: false,
     }
 }
 
@@ -107,7 +108,12 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
     let syn = packet::tcp((CLIENT, 40000), (VIP, 80), TCP_SYN);
     let first = dp.run(&syn.frame()).unwrap();
     let (ip, port) = backend_of(&first.frame);
-    let chosen = BackendAddr { ip, port, local: false };
+    let chosen = BackendAddr {
+        ip,
+        port,
+        local: false,
+        terminating: false,
+    };
     assert!([backend(0), backend(1), backend(2)].contains(&chosen));
     assert_eq!(first.verdict, TC_ACT_UNSPEC);
     assert_eq!(hex(&first.frame), hex(&with_dst(syn, chosen).frame()), "SYN after DNAT");
@@ -135,6 +141,7 @@ fn a_service_keeping_its_port_translates_only_the_address_with_exact_checksums()
         ip: Ipv4Addr::new(10, 244, 0, 20),
         port: 80,
         local: false,
+        terminating: false,
     };
     dp.program(&desired(vec![
         frontend(VIP, 80, Protocol::Tcp, &[same_port]),
@@ -169,7 +176,12 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let query = packet::udp((CLIENT, 5000), (VIP, 53));
     let out = dp.run(&query.frame()).unwrap();
     let (ip, port) = backend_of(&out.frame);
-    let chosen = BackendAddr { ip, port, local: false };
+    let chosen = BackendAddr {
+        ip,
+        port,
+        local: false,
+        terminating: false,
+    };
     assert_eq!(hex(&out.frame), hex(&with_dst(query, chosen).frame()));
 
     let mut bare = packet::udp((CLIENT, 5001), (VIP, 53));
@@ -179,7 +191,12 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let out = dp.run(&bare.frame()).unwrap();
     let chosen = {
         let (ip, port) = backend_of(&out.frame);
-        BackendAddr { ip, port, local: false }
+        BackendAddr {
+            ip,
+            port,
+            local: false,
+            terminating: false,
+        }
     };
     let expected = with_dst(bare, chosen).frame();
     assert_eq!(
@@ -204,7 +221,16 @@ fn ip_options_are_skipped_and_kept() {
     let (ip, port) = backend_of(&out.frame);
     assert_eq!(
         hex(&out.frame),
-        hex(&with_dst(syn, BackendAddr { ip, port, local: false }).frame())
+        hex(&with_dst(
+            syn,
+            BackendAddr {
+                ip,
+                port,
+                local: false,
+                terminating: false
+            }
+        )
+        .frame())
     );
 }
 
@@ -431,7 +457,16 @@ fn established_connections_of_a_deleted_service_keep_working() {
         "request",
         &ack.frame(),
         TC_ACT_UNSPEC,
-        &with_dst(ack.clone(), BackendAddr { ip, port, local: false }).frame(),
+        &with_dst(
+            ack.clone(),
+            BackendAddr {
+                ip,
+                port,
+                local: false,
+                terminating: false,
+            },
+        )
+        .frame(),
         Stat::Established,
     );
     let reply = packet::tcp((ip, port), (CLIENT, 46000), TCP_ACK);
@@ -562,6 +597,7 @@ fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
             ip: chosen.0,
             port: chosen.1,
             local: false,
+            terminating: false,
         },
     )
     .frame();

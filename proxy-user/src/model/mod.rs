@@ -35,6 +35,9 @@ pub struct BackendAddr {
     pub port: u16,
     /// The endpoint runs on this node.
     pub local: bool,
+    /// Terminating but still serving: used only while the service (or, for
+    /// a Local policy, this node) has no ready endpoint.
+    pub terminating: bool,
 }
 
 impl fmt::Display for BackendAddr {
@@ -99,6 +102,7 @@ pub fn service_frontends(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node:
                     ip: e.addresses[0],
                     port,
                     local: e.node_name.as_deref() == Some(node.name.as_str()),
+                    terminating: !e.ready,
                 })
                 .collect()
         };
@@ -214,6 +218,36 @@ pub fn health_check(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node: &Nod
         port,
         local_endpoints: local.len(),
     })
+}
+
+/// Ports of a Service whose traffic policy wants this node's endpoints and
+/// finds none, although the service has endpoints elsewhere: kube-proxy's
+/// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`, whose traffic the
+/// node drops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// internalTrafficPolicy Local: traffic from inside the cluster.
+    pub internal: usize,
+    /// externalTrafficPolicy Local: traffic from outside.
+    pub external: usize,
+}
+
+pub fn no_local_endpoints(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node: &NodeTopology) -> NoLocalEndpoints {
+    let mut counts = NoLocalEndpoints::default();
+    let external_local = svc.policy.external_local && svc.policy.externally_accessible;
+    if !(svc.policy.internal_local || external_local) {
+        return counts;
+    }
+    for port in &svc.ports {
+        let categorized = categorize_port(slices, &port.name, port.protocol, svc.policy, node);
+        // No endpoint anywhere is a REJECT, not this.
+        if !categorized.has_any || categorized.local.as_ref().is_some_and(|l| !l.is_empty()) {
+            continue;
+        }
+        counts.internal += usize::from(svc.policy.internal_local);
+        counts.external += usize::from(external_local);
+    }
+    counts
 }
 
 /// The desired dataplane state for these services and slices, from scratch.

@@ -77,6 +77,17 @@ pub struct ObjectName {
     pub name: String,
 }
 
+impl ObjectName {
+    /// An object's namespace (`default` when unset, as manifests often
+    /// leave it) and name.
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        ObjectName {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl fmt::Display for ObjectName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -229,14 +240,22 @@ pub struct EndpointInfo {
     pub node_hints: Vec<String>,
 }
 
-/// What the proxy reads of a Node: its zone (topology hints) and its
-/// InternalIPs (`--nodeport-addresses primary`, the SNAT address).
+/// What the proxy reads of a Node: its zone (topology hints), its
+/// InternalIPs (`--nodeport-addresses primary`, the SNAT address) and
+/// whether it is on its way out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
     pub zone: Option<String>,
     pub internal_ips: Vec<Ipv4Addr>,
+    /// Being deleted (a deletionTimestamp), or about to be (the cluster
+    /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint): kube-proxy's
+    /// `/healthz` then says the node should get no new traffic.
+    pub leaving: bool,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// The node label topology hints refer to.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -257,6 +276,12 @@ impl NodeInfo {
                     _ => None,
                 })
                 .collect(),
+            leaving: node.metadata.deletion_timestamp.is_some()
+                || node
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.taints.iter().flatten())
+                    .any(|t| t.key == TO_BE_DELETED_TAINT),
         }
     }
 }
@@ -337,7 +362,7 @@ impl ServiceInfo {
     pub fn from_k8s(svc: &Service) -> Result<Result<Self, Skipped>, Rejection> {
         let reject = Reject {
             kind: "Service",
-            object: crate::source::state::object_name(&svc.metadata),
+            object: ObjectName::of(&svc.metadata),
         };
         if reject.object.name.is_empty() {
             return Err(reject.at("metadata.name", "name is missing"));
@@ -506,7 +531,7 @@ impl EndpointSliceInfo {
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, Rejection> {
         let reject = Reject {
             kind: "EndpointSlice",
-            object: crate::source::state::object_name(&slice.metadata),
+            object: ObjectName::of(&slice.metadata),
         };
         if reject.object.name.is_empty() {
             return Err(reject.at("metadata.name", "name is missing"));

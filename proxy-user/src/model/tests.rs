@@ -557,6 +557,65 @@ fn health_checks_count_ready_local_endpoints() {
     );
 }
 
+/// kube-proxy's `serviceNoLocalEndpointsTotal{Internal,External}`: ports
+/// whose Local policy finds no endpoint on this node while the service has
+/// some elsewhere (without any, it is a REJECT and not counted).
+#[test]
+fn ports_without_local_endpoints_are_counted_per_policy() {
+    let on = |name: &str| NodeTopology {
+        name: name.into(),
+        ..Default::default()
+    };
+    let count = |yaml: &str, node: &str| {
+        let (services, slices) = objects(yaml);
+        let slices: Vec<&EndpointSliceInfo> = slices.iter().collect();
+        let n = super::no_local_endpoints(&services[0], &slices, &on(node));
+        (n.internal, n.external)
+    };
+    let etp_local = external("  type: NodePort\n  externalTrafficPolicy: Local\n", "");
+    let itp_local = external("  type: NodePort\n  internalTrafficPolicy: Local\n", "");
+    let both = external(
+        "  type: NodePort\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n",
+        "",
+    );
+    let cases: Vec<(&str, &str, &str, (usize, usize))> = vec![
+        ("eTP Local, local endpoints", &etp_local, "node-a", (0, 0)),
+        ("eTP Local, endpoints only elsewhere", &etp_local, "node-c", (0, 1)),
+        ("iTP Local, endpoints only elsewhere", &itp_local, "node-c", (1, 0)),
+        ("both Local, endpoints only elsewhere", &both, "node-c", (1, 1)),
+        ("both Local, a local endpoint", &both, "node-b", (0, 0)),
+    ];
+    for (name, yaml, node, want) in cases {
+        assert_eq!(count(yaml, node), want, "{name}");
+    }
+    let cluster = external("  type: NodePort\n", "");
+    assert_eq!(
+        count(&cluster, "node-c"),
+        (0, 0),
+        "Cluster policies want no local endpoint"
+    );
+    let clusterip_etp = svc("web", "10.96.0.1", "  - {name: http, port: 80}\n")
+        .replace("spec:\n", "spec:\n  externalTrafficPolicy: Local\n")
+        + &slice(
+            "web-a",
+            "web",
+            SLICE_HTTP_8080,
+            "- addresses: [10.0.0.3]\n  nodeName: node-b\n",
+        );
+    assert_eq!(
+        count(&clusterip_etp, "node-c"),
+        (0, 0),
+        "eTP only matters for a service reachable from outside"
+    );
+    let no_endpoints = svc("web", "10.96.0.1", "  - {name: http, port: 80, nodePort: 30080}\n")
+        .replace("spec:\n", "spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n");
+    assert_eq!(
+        count(&no_endpoints, "node-c"),
+        (0, 0),
+        "no endpoint anywhere is a REJECT"
+    );
+}
+
 /// kube-proxy's endpointslicecache.go: what it skips is skipped, not the
 /// whole slice; what it ignores is ignored, not rejected.
 #[test]

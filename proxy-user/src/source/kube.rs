@@ -28,7 +28,8 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::state::{object_name, ClusterState, Notice};
+use super::state::{ClusterState, Notice};
+use crate::model::objects::ObjectName;
 use crate::telemetry::{labels, Telemetry};
 
 /// A client from `--kubeconfig`, else `KUBECONFIG` or `~/.kube/config`, else
@@ -108,7 +109,7 @@ impl Watched for Service {
         state.apply_service(obj)
     }
     fn delete(state: &mut ClusterState, obj: &Self) {
-        state.delete_service(&object_name(&obj.metadata));
+        state.delete_service(&ObjectName::of(&obj.metadata));
     }
     fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<Notice> {
         state.replace_services(all)
@@ -121,7 +122,7 @@ impl Watched for EndpointSlice {
         state.apply_slice(obj)
     }
     fn delete(state: &mut ClusterState, obj: &Self) {
-        state.delete_slice(&object_name(&obj.metadata));
+        state.delete_slice(&ObjectName::of(&obj.metadata));
     }
     fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<Notice> {
         state.replace_slices(all)
@@ -197,7 +198,7 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
     let mut failing = false;
     while let Some(event) = events.next().await {
         let observed = Instant::now();
-        let notices = match event {
+        let (notices, seen) = match event {
             Ok(Event::Init) => {
                 listing.clear();
                 continue;
@@ -209,6 +210,7 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
             Ok(Event::InitDone) => {
                 tracing::info!(resource = K::RESOURCE, objects = listing.len(), "listed");
                 let notices = K::replace(&mut state.lock().expect("state lock"), &listing);
+                let seen = listing.len();
                 // Freeing a large listing takes tens of milliseconds that the
                 // first sync need not wait for.
                 let applied = std::mem::take(&mut listing);
@@ -220,12 +222,12 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
                     listed = true;
                     unlisted.fetch_sub(1, Ordering::SeqCst);
                 }
-                notices
+                (notices, seen)
             }
-            Ok(Event::Apply(obj)) => K::apply(&mut state.lock().expect("state lock"), &obj),
+            Ok(Event::Apply(obj)) => (K::apply(&mut state.lock().expect("state lock"), &obj), 1),
             Ok(Event::Delete(obj)) => {
                 K::delete(&mut state.lock().expect("state lock"), &obj);
-                Vec::new()
+                (Vec::new(), 1)
             }
             Err(e) => {
                 telemetry
@@ -246,11 +248,26 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
             failing = false;
         }
         report(&notices, &telemetry);
+        count_changes(K::RESOURCE, seen, &state.lock().expect("state lock"), &telemetry);
         if unlisted.load(Ordering::SeqCst) == 0 {
             // The receiver only goes away when the daemon is stopping.
             let _ = changed.send(observed);
         }
     }
+}
+
+/// kube-proxy's change tracker metrics: every Service and EndpointSlice
+/// change seen, and the Services with changes waiting for a sync.
+fn count_changes(resource: &str, seen: usize, state: &ClusterState, telemetry: &Telemetry) {
+    let metrics = &telemetry.metrics;
+    match resource {
+        "services" => metrics.service_changes.inc_by(seen as u64),
+        "endpointslices" => metrics.endpoint_changes.inc_by(seen as u64),
+        _ => 0,
+    };
+    let (services, endpoints) = state.pending_changes();
+    metrics.service_changes_pending.set(services as i64);
+    metrics.endpoint_changes_pending.set(endpoints as i64);
 }
 
 /// A list holds every object at once; hand the memory back once it is

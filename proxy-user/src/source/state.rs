@@ -20,7 +20,7 @@ use crate::model::{
     desired::DesiredTracker,
     objects::{EndpointSliceInfo, NodeInfo, ObjectName, Rejection, ServiceInfo},
     topology::{NodePortAddresses, NodeTopology},
-    DesiredState, Frontend, FrontendState, HealthCheck,
+    DesiredState, Frontend, FrontendState, HealthCheck, NoLocalEndpoints,
 };
 
 /// A notable change of an object, to be logged once.
@@ -100,6 +100,17 @@ pub struct ClusterState {
     /// Services whose recomputation changed what a frontend should do since
     /// the last `take_changes`.
     effective: BTreeSet<ObjectName>,
+    /// Services whose Service object, and whose slices, changed since the
+    /// last recomputation: kube-proxy's pending service and endpoint changes.
+    service_changes: BTreeSet<ObjectName>,
+    endpoint_changes: BTreeSet<ObjectName>,
+    /// Per Service, its ports whose Local policy finds no endpoint here;
+    /// and the sum over all of them.
+    no_local: BTreeMap<ObjectName, NoLocalEndpoints>,
+    no_local_total: NoLocalEndpoints,
+    /// This node's Node object has been seen (so its absence now means it
+    /// was deleted).
+    node_seen: bool,
 }
 
 impl ClusterState {
@@ -183,11 +194,47 @@ impl ClusterState {
 
     /// The Node object of this node (`None`: not known, or deleted).
     fn set_node_info(&mut self, info: Option<NodeInfo>) {
+        let seen = info.is_some();
         self.node_info = info.unwrap_or_else(|| NodeInfo {
             name: self.node.name.clone(),
+            // Seen once and gone now: deleted.
+            leaving: self.node_seen,
             ..Default::default()
         });
+        self.node_seen |= seen;
         self.update_node();
+    }
+
+    /// kube-proxy's node eligibility: whether load balancers should send
+    /// this node new traffic, `false` once its Node is being deleted (or
+    /// is gone, or the cluster autoscaler has marked it for deletion). A
+    /// node never seen (manifests without Nodes) is eligible.
+    pub fn node_eligible(&self) -> bool {
+        !self.node_info.leaving
+    }
+
+    /// Services with Service changes, and with endpoint changes, not yet
+    /// taken by a sync.
+    pub fn pending_changes(&self) -> (usize, usize) {
+        (self.service_changes.len(), self.endpoint_changes.len())
+    }
+
+    /// Ports whose Local traffic policy finds no endpoint on this node, as
+    /// of the last recomputation.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        self.no_local_total
+    }
+
+    fn set_no_local(&mut self, service: &ObjectName, counts: NoLocalEndpoints) {
+        let old = if counts == NoLocalEndpoints::default() {
+            self.no_local.remove(service)
+        } else {
+            self.no_local.insert(service.clone(), counts)
+        }
+        .unwrap_or_default();
+        let total = &mut self.no_local_total;
+        total.internal = total.internal + counts.internal - old.internal;
+        total.external = total.external + counts.external - old.external;
     }
 
     /// Zone and NodePort addresses from what is known of the node; a change
@@ -226,8 +273,10 @@ impl ClusterState {
     /// Recomputes the dirty Services; the frontends they touched.
     fn flush(&mut self) -> BTreeSet<Frontend> {
         let mut changed = BTreeSet::new();
+        self.service_changes.clear();
+        self.endpoint_changes.clear();
         for service in std::mem::take(&mut self.dirty) {
-            let (claims, notes, health_check) = match self.snapshot.services.get(&service) {
+            let (claims, notes, health_check, no_local) = match self.snapshot.services.get(&service) {
                 Some(info) => {
                     let slices = self.slices_of_service(&service);
                     let notes: Vec<String> = model::service_notes(info, &self.node)
@@ -235,10 +284,13 @@ impl ClusterState {
                         .map(|(field, why)| format!("Service {service}: {field}: {why}"))
                         .collect();
                     let health_check = model::health_check(info, &slices, &self.node);
-                    (model::service_frontends(info, &slices, &self.node), notes, health_check)
+                    let no_local = model::no_local_endpoints(info, &slices, &self.node);
+                    let claims = model::service_frontends(info, &slices, &self.node);
+                    (claims, notes, health_check, no_local)
                 }
-                None => (Vec::new(), Vec::new(), None),
+                None => (Vec::new(), Vec::new(), None, NoLocalEndpoints::default()),
             };
+            self.set_no_local(&service, no_local);
             match health_check {
                 Some(check) => self.health_checks.insert(service.clone(), check),
                 None => self.health_checks.remove(&service),
@@ -313,7 +365,7 @@ impl ClusterState {
 
     /// An added or modified Service.
     pub fn apply_service(&mut self, svc: &Service) -> Vec<Notice> {
-        let name = object_name(&svc.metadata);
+        let name = ObjectName::of(&svc.metadata);
         match ServiceInfo::from_k8s(svc) {
             Ok(Ok(info)) => {
                 self.rejected.remove(&("Service", name.clone()));
@@ -328,6 +380,7 @@ impl ClusterState {
                     self.unsupported.insert(name.clone(), unsupported);
                 }
                 self.dirty.insert(name.clone());
+                self.service_changes.insert(name.clone());
                 self.snapshot.services.insert(name, info);
                 notices
             }
@@ -345,6 +398,7 @@ impl ClusterState {
 
     pub fn delete_service(&mut self, name: &ObjectName) {
         self.dirty.insert(name.clone());
+        self.service_changes.insert(name.clone());
         self.snapshot.services.remove(name);
         self.rejected.remove(&("Service", name.clone()));
         self.unsupported.remove(name);
@@ -352,7 +406,7 @@ impl ClusterState {
 
     /// An added or modified EndpointSlice.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<Notice> {
-        let name = object_name(&slice.metadata);
+        let name = ObjectName::of(&slice.metadata);
         match EndpointSliceInfo::from_k8s(slice) {
             Ok(Some(info)) => {
                 self.rejected.remove(&("EndpointSlice", name.clone()));
@@ -363,6 +417,7 @@ impl ClusterState {
                 if let Some(at) = trigger_time(slice).filter(|at| self.measuring_since.is_none_or(|s| *at >= s)) {
                     self.trigger_times.entry(service.clone()).or_default().push(at);
                 }
+                self.endpoint_changes.insert(service.clone());
                 self.dirty.insert(service);
                 self.snapshot.slices.insert(name, info);
                 Vec::new()
@@ -408,6 +463,7 @@ impl ClusterState {
                 self.slices_of.remove(&service);
             }
         }
+        self.endpoint_changes.insert(service.clone());
         self.dirty.insert(service);
     }
 
@@ -427,7 +483,7 @@ impl ClusterState {
 
     /// After a (re-)list: exactly these Services exist.
     pub fn replace_services(&mut self, services: &[Service]) -> Vec<Notice> {
-        let listed: BTreeSet<ObjectName> = services.iter().map(|s| object_name(&s.metadata)).collect();
+        let listed: BTreeSet<ObjectName> = services.iter().map(|s| ObjectName::of(&s.metadata)).collect();
         let known: Vec<ObjectName> = self
             .snapshot
             .services
@@ -443,7 +499,7 @@ impl ClusterState {
 
     /// After a (re-)list: exactly these EndpointSlices exist.
     pub fn replace_slices(&mut self, slices: &[EndpointSlice]) -> Vec<Notice> {
-        let listed: BTreeSet<ObjectName> = slices.iter().map(|s| object_name(&s.metadata)).collect();
+        let listed: BTreeSet<ObjectName> = slices.iter().map(|s| ObjectName::of(&s.metadata)).collect();
         let known: Vec<ObjectName> = self
             .snapshot
             .slices
@@ -532,12 +588,5 @@ fn service_of(slice: &ObjectName, info: &EndpointSliceInfo) -> ObjectName {
     ObjectName {
         namespace: slice.namespace.clone(),
         name: info.service.clone(),
-    }
-}
-
-pub fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
-    ObjectName {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
     }
 }

@@ -108,7 +108,7 @@ fn incremental_event_syncs_equal_a_sync_from_scratch() {
                 2 => {
                     let i = rng.below(4);
                     if let Some(svc) = services.remove(&i) {
-                        state.delete_service(&super::state::object_name(&svc.metadata));
+                        state.delete_service(&crate::model::objects::ObjectName::of(&svc.metadata));
                     }
                 }
                 3 => {
@@ -120,7 +120,7 @@ fn incremental_event_syncs_equal_a_sync_from_scratch() {
                 _ => {
                     let j = rng.below(6);
                     if let Some(slice) = slices.remove(&j) {
-                        state.delete_slice(&super::state::object_name(&slice.metadata));
+                        state.delete_slice(&crate::model::objects::ObjectName::of(&slice.metadata));
                     }
                 }
             }
@@ -228,4 +228,87 @@ fn trigger_times_count_only_for_changes_that_reach_the_data_path() {
     let fractional = (now + k8s_openapi::jiff::SignedDuration::from_millis(1500)).to_string();
     state.apply_slice(&slice("10.1.0.3", &fractional));
     assert_eq!(state.take_changes().trigger_times.len(), 1);
+}
+
+/// kube-proxy's pending-change gauges, no-local-endpoints gauge and node
+/// eligibility, as the state keeps them across events and syncs.
+#[test]
+fn pending_changes_no_local_endpoints_and_node_eligibility() {
+    let mut state = ClusterState::new("node0".into());
+    let service = |policy: &str| -> Service {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1", "type": "NodePort", "externalTrafficPolicy": policy,
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]},
+        }))
+        .unwrap()
+    };
+    let slice = |name: &str, node: &str| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.1"], "nodeName": node, "conditions": {"ready": true}}],
+        }))
+        .unwrap()
+    };
+    state.apply_service(&service("Local"));
+    state.apply_slice(&slice("web-a", "node1"));
+    state.apply_slice(&slice("web-b", "node1"));
+    assert_eq!(
+        state.pending_changes(),
+        (1, 1),
+        "counted by Service, as kube-proxy's trackers"
+    );
+    state.take_changes();
+    assert_eq!(state.pending_changes(), (0, 0));
+    assert_eq!(
+        (state.no_local_endpoints().internal, state.no_local_endpoints().external),
+        (0, 1),
+        "eTP Local with endpoints only on another node"
+    );
+    state.apply_slice(&slice("web-b", "node0"));
+    assert_eq!(state.pending_changes(), (0, 1));
+    state.take_changes();
+    assert_eq!(state.no_local_endpoints().external, 0, "a local endpoint came");
+    state.apply_service(&service("Cluster"));
+    state.apply_slice(&slice("web-b", "node1"));
+    state.take_changes();
+    assert_eq!(state.no_local_endpoints().external, 0, "Cluster policy");
+    state.apply_service(&service("Local"));
+    state.take_changes();
+    assert_eq!(state.no_local_endpoints().external, 1);
+    state.delete_service(&crate::model::objects::ObjectName {
+        namespace: "default".into(),
+        name: "web".into(),
+    });
+    state.take_changes();
+    assert_eq!(
+        state.no_local_endpoints().external,
+        0,
+        "a deleted Service counts no more"
+    );
+
+    let node = |json: serde_json::Value| -> k8s_openapi::api::core::v1::Node { serde_json::from_value(json).unwrap() };
+    assert!(state.node_eligible(), "a node never seen is eligible");
+    state.apply_node(&node(json!({"metadata": {"name": "node0"}})));
+    assert!(state.node_eligible());
+    state.apply_node(&node(json!({"metadata": {"name": "node0"}, "spec": {"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}]}})));
+    assert!(!state.node_eligible(), "the cluster autoscaler is deleting it");
+    state.apply_node(&node(json!({"metadata": {"name": "node0"}})));
+    assert!(state.node_eligible(), "the autoscaler changed its mind");
+    state.apply_node(&node(
+        json!({"metadata": {"name": "node1", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    ));
+    assert!(state.node_eligible(), "another node's deletion is not ours");
+    state.apply_node(&node(
+        json!({"metadata": {"name": "node0", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    ));
+    assert!(!state.node_eligible(), "being deleted");
+    state.delete_node("node0");
+    assert!(!state.node_eligible(), "deleted");
+    state.replace_nodes(&[node(json!({"metadata": {"name": "node0"}}))]);
+    assert!(state.node_eligible(), "created again");
 }

@@ -158,7 +158,7 @@ pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
 }
 
 fn backend(b: &BackendAddr) -> Backend {
-    Backend::new(b.ip, b.port, b.local)
+    Backend::new(b.ip, b.port, b.local).with_terminating(b.terminating)
 }
 
 impl Syncer {

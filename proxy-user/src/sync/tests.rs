@@ -25,6 +25,7 @@ fn backends(ids: &[u8]) -> BTreeSet<BackendAddr> {
             ip: Ipv4Addr::new(10, 244, 0, i),
             port: 8080,
             local: false,
+            terminating: false,
         })
         .collect()
 }

@@ -271,7 +271,12 @@ pub fn service_vip(i: usize) -> Ipv4Addr {
 pub fn services_desired(n: usize, backends: &[(Ipv4Addr, u16)]) -> DesiredState {
     let backends = backends
         .iter()
-        .map(|&(ip, port)| BackendAddr { ip, port, local: true })
+        .map(|&(ip, port)| BackendAddr {
+            ip,
+            port,
+            local: true,
+            terminating: false,
+        })
         .collect();
     DesiredState {
         frontends: (0..n)
