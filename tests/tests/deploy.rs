@@ -94,6 +94,8 @@ struct Objects {
     daemonsets: Vec<(String, DaemonSet)>,
     cluster_roles: Vec<(String, ClusterRole)>,
     config_maps: Vec<(String, ConfigMap)>,
+    /// `deploy/uninstall`'s DaemonSet.
+    uninstallers: Vec<(String, DaemonSet)>,
 }
 
 fn parse_all(text: &str, origin: &str, objects: &mut Objects) {
@@ -110,6 +112,9 @@ fn parse_all(text: &str, origin: &str, objects: &mut Objects) {
             "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(&doc, &origin)),
             "ClusterRole" => objects.cluster_roles.push((origin.clone(), strict(&doc, &origin))),
             "ConfigMap" => objects.config_maps.push((origin.clone(), strict(&doc, &origin))),
+            "DaemonSet" if doc["metadata"]["name"] == "kpr-uninstall" => {
+                objects.uninstallers.push((origin.clone(), strict(&doc, &origin)))
+            }
             "DaemonSet" => objects.daemonsets.push((origin.clone(), strict(&doc, &origin))),
             other => panic!("{origin}: unexpected kind {other}"),
         }
@@ -151,7 +156,7 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
         let text = std::fs::read_to_string(file).unwrap();
         parse_all(&text, &file.display().to_string(), &mut objects);
     }
-    for overlay in ["", "kind", "privileged", "replace-kube-proxy"] {
+    for overlay in ["", "kind", "privileged", "replace-kube-proxy", "uninstall"] {
         parse_all(
             &kustomize(overlay),
             &format!("kubectl kustomize deploy/{overlay}"),
@@ -228,6 +233,39 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
         .filter_map(|(_, c)| c.data.as_ref()?.get("KUBERNETES_SERVICE_HOST").map(String::as_str))
         .collect();
     assert_eq!(kind_host, vec!["kind-control-plane"]);
+
+    // deploy/uninstall: on every node, `kpr uninstall` on the pin directory
+    // the daemon uses, unprivileged.
+    assert_eq!(objects.uninstallers.len(), 2, "the file and its rendering");
+    let daemon_pin_dir = daemon_container(&objects.daemonsets[0].1)
+        .args
+        .iter()
+        .flatten()
+        .find(|a| a.starts_with("--pin-dir="))
+        .cloned()
+        .unwrap();
+    for (origin, daemonset) in &objects.uninstallers {
+        let spec = daemonset.spec.template.spec.as_ref().unwrap();
+        assert!(
+            spec.tolerations
+                .iter()
+                .flatten()
+                .any(|t| t.operator.as_deref() == Some("Exists")),
+            "{origin}: every node, tainted or not"
+        );
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            init.args.clone().unwrap(),
+            vec![daemon_pin_dir.clone(), "uninstall".to_string()],
+            "{origin}"
+        );
+        for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            let security = c.security_context.as_ref().unwrap();
+            assert_ne!(security.privileged, Some(true), "{origin}");
+            let dropped = security.capabilities.as_ref().and_then(|c| c.drop.clone());
+            assert_eq!(dropped, Some(vec!["ALL".to_string()]), "{origin}");
+        }
+    }
 }
 
 /// `cargo xtask kind-test` cannot run here (no Docker), but what it
