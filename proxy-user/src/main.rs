@@ -206,6 +206,10 @@ enum Command {
         /// runs it (with --from outside).
         #[arg(long)]
         xdp: bool,
+        /// The interface it arrives on: the programs kpr runs there decide
+        /// (instead of --from and --xdp).
+        #[arg(long, conflicts_with_all = ["from", "xdp"])]
+        interface: Option<String>,
     },
     /// Print the data path's packet counters.
     Stats,
@@ -414,13 +418,31 @@ fn main() -> Result<()> {
             from,
             flags,
             xdp,
+            interface,
         } => {
-            let probe = trace::Probe {
-                origin: match from {
-                    TraceOrigin::Pod => trace::Origin::Pod,
-                    TraceOrigin::Outside => trace::Origin::Outside,
-                    TraceOrigin::Host => trace::Origin::Host,
+            let (origin, xdp) = match interface {
+                None => (
+                    match from {
+                        TraceOrigin::Pod => trace::Origin::Pod,
+                        TraceOrigin::Outside => trace::Origin::Outside,
+                        TraceOrigin::Host => trace::Origin::Host,
+                    },
+                    xdp,
+                ),
+                Some(iface) => match loader::ingress_hooks(&cli.pin_dir, &iface)? {
+                    (Some(loader::Role::Pods), xdp) => (trace::Origin::Pod, xdp),
+                    (Some(_), xdp) => (trace::Origin::Outside, xdp),
+                    (None, _) => anyhow::bail!(
+                        "kpr runs no program at the ingress of {iface} (it is attached to: {})",
+                        loader::attached_interfaces(&cli.pin_dir)
+                            .into_iter()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 },
+            };
+            let probe = trace::Probe {
+                origin,
                 proto: match proto {
                     TraceProtocol::Tcp => proxy_common::IPPROTO_TCP,
                     TraceProtocol::Udp => proxy_common::IPPROTO_UDP,

@@ -125,6 +125,31 @@ fn trace_tells_what_the_data_path_does_without_changing_it() {
     }
     assert_eq!(flows_from(&cluster, "198.51.100.7".parse().unwrap()), 0);
 
+    // By the interface it arrives on: the programs attached there decide
+    // (`--xdp auto` leaves veths to TC).
+    let programs = |traced: &Value| -> Vec<String> {
+        traced["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["program"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let via_external = trace(
+        &cluster,
+        &["--src", outside, "--dst", &node_port, "--interface", "eth0"],
+    );
+    assert_eq!(programs(&via_external), ["kpr_tc_external"], "{via_external:#}");
+    assert_eq!(via_external["verdict"], "new_flow");
+    let via_pod = trace(&cluster, &["--src", &src, "--dst", &vip, "--interface", "vpod0"]);
+    assert_eq!(programs(&via_pod), ["kpr_tc"], "{via_pod:#}");
+    let nowhere = cluster.kpr(&["trace", "--src", &src, "--dst", &vip, "--interface", "lo"]);
+    let said = format!("{:#}", nowhere.unwrap_err());
+    assert!(
+        said.contains("no program at the ingress of lo") && said.contains("eth0"),
+        "{said}"
+    );
+
     // The table says the same.
     let table = cluster
         .kpr(&[

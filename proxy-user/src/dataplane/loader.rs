@@ -351,6 +351,24 @@ pub fn detach_egress(pin_dir: &Path, iface: &str) {
     let _ = std::fs::remove_file(link_path(pin_dir, iface, Role::Host.direction()));
 }
 
+/// What kpr runs on packets arriving on `iface`: the classifier at its
+/// ingress, known by the program its pinned link holds (none: kpr is not
+/// attached there), and whether the XDP program runs before it.
+pub fn ingress_hooks(pin_dir: &Path, iface: &str) -> Result<(Option<Role>, bool)> {
+    let xdp = xdp_link_path(pin_dir, iface).exists();
+    let path = link_path(pin_dir, iface, Role::Pods.direction());
+    if !path.exists() {
+        return Ok((None, xdp));
+    }
+    let link = FdLink::from(PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?);
+    let program_id = link.info()?.program_id();
+    let role = [Role::Pods, Role::External].into_iter().find(|role| {
+        aya::programs::ProgramInfo::from_pin(pin_dir.join(format!("prog_{}", role.program())))
+            .is_ok_and(|p| p.id() == program_id)
+    });
+    Ok((role, xdp))
+}
+
 /// Interfaces with a pinned link from this or an earlier run.
 pub fn attached_interfaces(pin_dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(pin_dir.join(LINK_DIR))
