@@ -470,6 +470,11 @@ pub const ARPHRD_ETHER: u32 = 1;
 /// Removes every pin (links first, which detaches the programs); the maps
 /// and programs go away with their last reference.
 pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        // A node kpr never ran on (or already uninstalled): nothing to do.
+        println!("nothing pinned at {}", pin_dir.display());
+        return Ok(());
+    }
     let links = pin_dir.join(LINK_DIR);
     if links.exists() {
         std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
