@@ -25,6 +25,23 @@ pub mod map_name {
     pub const AFFINITY: &str = "AFFINITY";
     pub const NODE: &str = "NODE";
     pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
+
+    /// Every map the daemon pins by name: all but the test harness's
+    /// `WIRE_PORTS`.
+    pub const PINNED: [&str; 12] = [
+        SERVICES,
+        BACKENDS,
+        RR_CURSORS,
+        CONNTRACK,
+        STATS,
+        FILTER,
+        SOCKET_PEERS,
+        FRAGMENTS,
+        SOURCE_RANGES,
+        AFFINITY,
+        NODE,
+        SERVICE_COUNTERS,
+    ];
 }
 
 /// The mark `XDP_PROGRAM` leaves in a frame's metadata (a native-endian

@@ -1,11 +1,13 @@
-//! The maps, laid out by `proxy_common`. All are pinned by name so that a
-//! daemon restart finds them again with every flow still tracked.
+//! The maps, laid out by `proxy_common`. The loader pins them by name so
+//! that a daemon restart finds them again with every flow still tracked.
+//! They are BTF-defined (`.maps`): the kernel knows their key and value
+//! types, so `bpftool map dump` prints them field by field.
 use core::intrinsics::{atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use proxy_common::{
     filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FragmentKey, FragmentPorts, NatEntry,
@@ -15,36 +17,38 @@ use proxy_common::{
 };
 
 // Written only by the daemon, so they need not be preallocated.
-#[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
-#[map]
-pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+#[btf_map]
+pub static BACKENDS: HashMap<BackendKey, Backend, { MAX_BACKEND_SLOTS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// One shared round-robin cursor per service id: a global counter (not a
 /// per-CPU one) is what makes the rotation exact across CPUs.
-#[map]
-pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+#[btf_map]
+pub static RR_CURSORS: Array<u64, { MAX_SERVICES as usize }> = Array::new();
 
 /// One LRU list for all CPUs: per-CPU lists (`BPF_F_NO_COMMON_LRU`) would
 /// give each CPU only its share of the entries, and a CPU taking most new
 /// flows would evict live ones long before the map is full.
-#[map]
-pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, NatEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 /// Keyed by socket cookie: cookies are never reused, so an entry outliving
 /// its socket is only ever evicted, never misread. One LRU list, as for
 /// `CONNTRACK`.
-#[map]
-pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer> = LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
+#[btf_map]
+pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer, { MAX_SOCKET_PEERS as usize }> = LruHashMap::new();
 
 /// The ports of datagrams whose first fragment was translated.
-#[map]
-pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { MAX_FRAGMENTS as usize }> = LruHashMap::new();
 
 /// ClientIP affinity: which backend each client of such a frontend got.
-#[map]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
 /// What became of each frontend's new flows (see `ServiceCounterKey`):
 /// per CPU, so counting takes no lock and bounces no cache line between
@@ -52,9 +56,9 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 /// by themselves. Only new flows and their refusals and drops are counted,
 /// never the packets of established ones: 5-10% of a new flow's cost in
 /// the per-packet benchmark.
-#[map]
-pub static SERVICE_COUNTERS: LruPerCpuHashMap<ServiceCounterKey, u64> =
-    LruPerCpuHashMap::pinned(MAX_SERVICE_COUNTERS, 0);
+#[btf_map]
+pub static SERVICE_COUNTERS: LruPerCpuHashMap<ServiceCounterKey, u64, { MAX_SERVICE_COUNTERS as usize }> =
+    LruPerCpuHashMap::new();
 
 /// Counts a new flow of the service `service_id` sent to `backend`.
 #[inline(always)]
@@ -91,12 +95,12 @@ fn count_for_service(service_id: u32, addr: u32, port: u16, stat: Stat) {
 }
 
 /// loadBalancerSourceRanges of every service that has them, by service id.
-#[map]
-pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 /// One entry: this node's configuration, written by the daemon.
-#[map]
-pub static NODE: Array<NodeConfig> = Array::pinned(1, 0);
+#[btf_map]
+pub static NODE: Array<NodeConfig, 1> = Array::new();
 
 /// Whether the node is being handed back (`NODE_DRAINING`): new flows are
 /// not kpr's.
@@ -111,14 +115,14 @@ pub fn snat_addr() -> Option<u32> {
     NODE.get(0).map(|n| n.snat_addr).filter(|&a| a != 0)
 }
 
-#[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::CAPACITY, 0);
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { Stat::CAPACITY as usize }> = PerCpuArray::new();
 
 /// Small enough to stay in cache, unlike the hash tables behind it.
 /// Mappable: the data path sets backend bits itself, so the daemon may only
 /// change that half with atomic operations on the shared memory.
-#[map]
-pub static FILTER: Array<u64> = Array::pinned(2 * FILTER_HALF_WORDS, BPF_F_MMAPABLE);
+#[btf_map]
+pub static FILTER: Array<u64, { 2 * FILTER_HALF_WORDS as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 #[inline(always)]
 fn filter_has(half: u32, bit: u32) -> bool {
@@ -171,8 +175,8 @@ pub fn mark_backend(addr: u32, port: u16, proto: u8) {
 
 /// The test harness's LAN switch (`kpr_xdp_wire`): member index -> LAN
 /// port. Not pinned; the daemon never fills it.
-#[map]
-pub static WIRE_PORTS: DevMap = DevMap::with_max_entries(MAX_WIRE_PORTS, 0);
+#[btf_map]
+pub static WIRE_PORTS: DevMap<{ MAX_WIRE_PORTS as usize }> = DevMap::new();
 
 #[inline(always)]
 pub fn count(stat: Stat) {

@@ -223,16 +223,13 @@ impl Cluster {
     }
 
     /// A copy of the object for the test bed's own XDP programs (one set
-    /// per LAN), its maps pinned apart from the nodes'.
+    /// per LAN), with maps of its own: loaded without pins, they are not the
+    /// nodes'.
     fn load_lan_programs(&self) -> Result<aya::Ebpf> {
         if self.lan_xdp.is_some() {
             bail!("the LAN already has its XDP programs");
         }
-        let pins = self.pin_dir.parent().context("pin dir")?.join("lan-xdp");
-        std::fs::create_dir_all(&pins)?;
-        Ok(aya::EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(proxy_user::dataplane::EBPF_OBJECT)?)
+        Ok(aya::EbpfLoader::new().load(proxy_user::dataplane::EBPF_OBJECT)?)
     }
 
     /// A veth hands a frame sent by native XDP (`XDP_TX`, a redirect) to

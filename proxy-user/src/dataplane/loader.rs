@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::BPF_F_MMAPABLE;
-use proxy_common::{TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
+use proxy_common::{map_name, TC_EXTERNAL_PROGRAM, TC_HOST_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 
 use super::{bpffs, ethtool, EBPF_OBJECT};
 
@@ -74,8 +74,13 @@ const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_dir)?;
     unpin_incompatible_maps(pin_dir)?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+    let mut loader = EbpfLoader::new();
+    // BTF-defined maps carry no pinning of their own: each is pinned (or
+    // its pin reused) here, by name.
+    for name in map_name::PINNED {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .with_context(|| format!("loading the eBPF object with maps pinned in {}", pin_dir.display()))?;
     load_programs(&mut ebpf)?;
