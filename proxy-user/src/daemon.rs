@@ -59,6 +59,9 @@ pub struct Config {
     pub flow_sweep_interval: Duration,
     /// Where the XDP program runs on the external interfaces.
     pub xdp: XdpSetting,
+    /// Remove kube-proxy's rules once the first sync has programmed every
+    /// Service and taken over the connections they translated.
+    pub cleanup_kube_proxy: bool,
 }
 
 fn matches(patterns: &[String], iface: &str) -> bool {
@@ -298,6 +301,7 @@ pub async fn run(config: Config) -> Result<()> {
         snat_addr: None,
         nat_exhausted: 0,
         adopt_until: Instant::now() + NETFILTER_ADOPTION,
+        cleanup_kube_proxy: config.cleanup_kube_proxy,
     };
     sync.run(&config, changes, &mut attacher, &mut ebpf).await?;
     // Pins stay: the dataplane keeps forwarding until the next daemon
@@ -348,6 +352,8 @@ struct SyncLoop {
     /// `adopt_netfilter_connections`): the first moments after a start,
     /// while kube-proxy's rules may still be making them.
     adopt_until: Instant,
+    /// kube-proxy's rules are still to be removed (`--cleanup-kube-proxy`).
+    cleanup_kube_proxy: bool,
 }
 
 /// How long after a start netfilter's connections are adopted: kube-proxy's
@@ -443,6 +449,12 @@ impl SyncLoop {
                     };
                     attacher.refresh(ebpf, &config.pin_dir, &addresses, &node_addrs);
                     self.report_nat_exhaustion(&config.pin_dir);
+                    // Frontends programmed by later syncs: their connections
+                    // through netfilter are taken over within a second,
+                    // without every sync paying for a read of its table.
+                    if Instant::now() < self.adopt_until {
+                        adopt_netfilter_connections(&mut self.maps, &mut self.flows);
+                    }
                     if !moved {
                         continue;
                     }
@@ -571,8 +583,31 @@ impl SyncLoop {
                 }
             }
         }
-        if Instant::now() < self.adopt_until {
+        // The whole state, just written (the start's first sync): whatever
+        // netfilter translated to it is taken over before the daemon says
+        // it is ready. Later syncs leave it to the one-second tick: reading
+        // netfilter's table takes milliseconds when it is large, which no
+        // endpoint change should wait for.
+        if (full || complete) && Instant::now() < self.adopt_until {
             adopt_netfilter_connections(&mut self.maps, &mut self.flows);
+        }
+        // Only now, with every frontend programmed and the connections
+        // kube-proxy's rules translated taken over: removing the rules
+        // earlier (an init container) would strip those connections' NAT
+        // with nobody to carry them on.
+        if self.cleanup_kube_proxy && report.failures.is_empty() {
+            self.cleanup_kube_proxy = false;
+            match crate::cleanup::cleanup_kube_proxy() {
+                Ok(removed) => tracing::info!(
+                    iptables_chains = removed.iptables_chains,
+                    nftables_tables = ?removed.nftables_tables,
+                    "removed kube-proxy's rules (--cleanup-kube-proxy); its connections are kpr's"
+                ),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "--cleanup-kube-proxy: cannot remove kube-proxy's rules; `kpr cleanup-kube-proxy` does it by hand"
+                ),
+            }
         }
         let removed_ids = report.removed_ids.iter().copied().collect();
         if let Err(e) = self.flows.forget_services(&removed_ids) {

@@ -126,6 +126,12 @@ enum Command {
         /// Where /metrics (and /healthz) are served; "" to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
+        /// Replacing kube-proxy on a running node: once the first sync has
+        /// programmed every Service and taken over the connections
+        /// kube-proxy's rules translated, remove those rules (as `kpr
+        /// cleanup-kube-proxy`), so that no connection is dropped.
+        #[arg(long)]
+        cleanup_kube_proxy: bool,
         /// Also export new flows per backend (`kpr_backend_new_flows_total`):
         /// one series per endpoint of every service, hence off by default.
         #[arg(long)]
@@ -287,6 +293,7 @@ fn main() -> Result<()> {
             healthz_bind_address,
             metrics_bind_address,
             metrics_per_backend,
+            cleanup_kube_proxy,
             socket_lb_cgroup,
             no_socket_lb,
             external_interfaces,
@@ -316,6 +323,7 @@ fn main() -> Result<()> {
                 healthz_addr: bind_address(&healthz_bind_address, "--healthz-bind-address")?,
                 metrics_addr: bind_address(&metrics_bind_address, "--metrics-bind-address")?,
                 metrics_per_backend,
+                cleanup_kube_proxy,
                 socket_lb: match (no_socket_lb, socket_lb_cgroup) {
                     (true, _) => None,
                     (false, Some(cgroup)) => Some(cgroup),

@@ -644,17 +644,23 @@ impl Cluster {
     /// over the named pods of the first node, exposed as `exposure`, and
     /// waits until the first node programs its TCP backends: those.
     pub fn serve_web(&self, vip: Ipv4Addr, exposure: &Exposure, pods: &[&str]) -> Result<Vec<SocketAddr>> {
-        let endpoints: Vec<Endpoint> = pods
-            .iter()
-            .map(|p| Endpoint::ready(self.pod(p).ip).on("node0"))
-            .collect();
-        self.write_manifest("web.yaml", &manifests::web(vip, exposure, &endpoints))?;
+        self.write_web(vip, exposure, pods)?;
         let backends: Vec<SocketAddr> = pods
             .iter()
             .map(|p| SocketAddr::from((self.pod(p).ip, POD_PORT)))
             .collect();
         self.wait_for_backends(SocketAddr::from((vip, 80)), proxy_common::IPPROTO_TCP, &backends)?;
         Ok(backends)
+    }
+
+    /// The manifest `serve_web` writes, without waiting for a daemon to
+    /// program it (one may not run yet).
+    pub fn write_web(&self, vip: Ipv4Addr, exposure: &Exposure, pods: &[&str]) -> Result<()> {
+        let endpoints: Vec<Endpoint> = pods
+            .iter()
+            .map(|p| Endpoint::ready(self.pod(p).ip).on("node0"))
+            .collect();
+        self.write_manifest("web.yaml", &manifests::web(vip, exposure, &endpoints))
     }
 
     /// A Service `name` at `vip` (80/TCP) without any endpoint: new

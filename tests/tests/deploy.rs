@@ -211,13 +211,33 @@ fn every_manifest_is_a_valid_object_and_the_rbac_only_reads() {
         );
         let resources = container.resources.as_ref().unwrap();
         assert!(resources.requests.is_some() && resources.limits.is_some(), "{origin}");
-        // kube-proxy's rules are removed only where asked.
-        let cleans_up = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .any(|c| c.args.as_deref() == Some(&["cleanup-kube-proxy".to_string()][..]));
+        // kube-proxy's rules are removed only where asked, and by the
+        // daemon once it has taken over their connections: never before it
+        // runs (an init container), which would drop them.
+        let cleans_up = container.args.iter().flatten().any(|a| a == "--cleanup-kube-proxy");
         assert_eq!(cleans_up, origin.contains("replace-kube-proxy"), "{origin}");
+        assert!(
+            !spec
+                .init_containers
+                .iter()
+                .flatten()
+                .any(|c| c.args.iter().flatten().any(|a| a.contains("cleanup"))),
+            "{origin}: no cleanup before the daemon runs"
+        );
+        let adds = |cap: &str| {
+            container
+                .security_context
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.add.as_ref())
+                .is_some_and(|a| a.iter().any(|c| c == cap))
+        };
+        if cleans_up {
+            assert!(
+                adds("NET_ADMIN") && adds("NET_RAW"),
+                "{origin}: iptables-restore and nft need them"
+            );
+        }
         let privileged = container.security_context.as_ref().and_then(|s| s.privileged);
         assert_eq!(
             privileged,

@@ -73,14 +73,21 @@ fn switch_from_kube_proxy(layout: Layout) {
     let datagrams = Datagrams::open(client).unwrap();
     let udp_pod = datagrams.request(SocketAddr::from((VIP, 53))).unwrap().pod;
 
-    // kpr starts, serving the same Service; then kube-proxy's rules go.
-    cluster.start_daemon_on(0, &[]).unwrap();
-    cluster.serve_web(VIP, &Exposure::default(), &pods).unwrap();
-    kpr(&cluster, &["cleanup-kube-proxy"]);
-    let left = in_node(&cluster, "nft", &["list", "ruleset"], "");
+    // kpr starts, serving the same Service (as deploy/replace-kube-proxy
+    // runs it): its first sync takes the connections over, then it removes
+    // kube-proxy's rules.
+    cluster.write_web(VIP, &Exposure::default(), &pods).unwrap();
+    cluster.start_daemon_on(0, &["--cleanup-kube-proxy"]).unwrap();
+    cluster
+        .wait_until("kube-proxy's rules to go", || {
+            let left = in_node(&cluster, "nft", &["list", "ruleset"], "");
+            Ok(!left.contains("KUBE-SVC-") && !left.contains("kube-proxy"))
+        })
+        .unwrap();
     assert!(
-        !left.contains("KUBE-SVC-") && !left.contains("kube-proxy"),
-        "kube-proxy's rules are gone:\n{left}"
+        cluster.nodes[0].log().contains("removed kube-proxy's rules"),
+        "{}",
+        cluster.nodes[0].log()
     );
 
     // Every established connection keeps talking, to its backend.
