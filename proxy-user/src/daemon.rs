@@ -290,6 +290,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     spawn_flow_sweeper(&config, telemetry.clone())?;
+    spawn_netfilter_adopter(&config)?;
 
     let mut sync = SyncLoop {
         maps,
@@ -387,6 +388,33 @@ fn spawn_flow_sweeper(config: &Config, telemetry: Arc<Telemetry>) -> Result<()> 
     Ok(())
 }
 
+/// For the first `NETFILTER_ADOPTION` after a start, takes over once a
+/// second the connections netfilter translated to frontends programmed
+/// since the first sync (which took over those of the frontends it wrote),
+/// on a thread of its own so that syncs never wait for netfilter's table.
+/// It only adds flows and ORs filter bits, as the data path does, so it
+/// may run beside the syncs.
+fn spawn_netfilter_adopter(config: &Config) -> Result<()> {
+    let pin_dir = config.pin_dir.clone();
+    let until = Instant::now() + NETFILTER_ADOPTION;
+    std::thread::Builder::new()
+        .name("netfilter-adopter".into())
+        .spawn(move || {
+            while Instant::now() < until {
+                std::thread::sleep(Duration::from_secs(1));
+                // Opened each time, not held: a few syscalls beside the read
+                // of netfilter's table.
+                let opened = ServiceMaps::open(&pin_dir).and_then(|m| Ok((m, FlowMaps::open(&pin_dir)?)));
+                match opened {
+                    Ok((mut maps, mut flows)) => adopt_netfilter_connections(&mut maps, &mut flows),
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "netfilter adopter: opening the maps"),
+                }
+            }
+        })
+        .context("starting the netfilter adopter")?;
+    Ok(())
+}
+
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl SyncLoop {
@@ -449,12 +477,6 @@ impl SyncLoop {
                     };
                     attacher.refresh(ebpf, &config.pin_dir, &addresses, &node_addrs);
                     self.report_nat_exhaustion(&config.pin_dir);
-                    // Frontends programmed by later syncs: their connections
-                    // through netfilter are taken over within a second,
-                    // without every sync paying for a read of its table.
-                    if Instant::now() < self.adopt_until {
-                        adopt_netfilter_connections(&mut self.maps, &mut self.flows);
-                    }
                     if !moved {
                         continue;
                     }
@@ -585,9 +607,10 @@ impl SyncLoop {
         }
         // The whole state, just written (the start's first sync): whatever
         // netfilter translated to it is taken over before the daemon says
-        // it is ready. Later syncs leave it to the one-second tick: reading
-        // netfilter's table takes milliseconds when it is large, which no
-        // endpoint change should wait for.
+        // it is ready. Later syncs leave it to the adopter thread: reading
+        // netfilter's table takes ~12 ms here even when it is empty (the
+        // kernel walks every bucket of its hash), which no endpoint change
+        // should wait for.
         if (full || complete) && Instant::now() < self.adopt_until {
             adopt_netfilter_connections(&mut self.maps, &mut self.flows);
         }
