@@ -5,12 +5,11 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::Command,
 };
 
 use anyhow::Result;
 use kpr_testbed::{
-    cluster::{kpr_binary, node_ip, POD_PORT},
+    cluster::{node_ip, POD_PORT},
     manifests::{exposed_service_with_endpoints, tcp, udp, Endpoint, Exposure},
     netns::Netns,
     pod::{connect, http_get, Datagrams, Reply},
@@ -80,13 +79,10 @@ fn manifest(cluster: &Cluster, ready: &[&str], local: bool) -> String {
 }
 
 /// Runs a `kpr` subcommand against the node's pins and prints its output indented.
+/// The CLI as an operator runs it on node0 (in its namespace, where the
+/// daemon names the frontends).
 fn show_kpr(cluster: &Cluster, args: &[&str]) -> Result<()> {
-    let out = Command::new(kpr_binary()?)
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args(args)
-        .output()?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in cluster.kpr(args)?.lines() {
         println!("    {line}");
     }
     Ok(())
