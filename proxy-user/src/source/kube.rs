@@ -260,11 +260,14 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
 /// change seen, and the Services with changes waiting for a sync.
 fn count_changes(resource: &str, seen: usize, state: &ClusterState, telemetry: &Telemetry) {
     let metrics = &telemetry.metrics;
-    match resource {
-        "services" => metrics.service_changes.inc_by(seen as u64),
-        "endpointslices" => metrics.endpoint_changes.inc_by(seen as u64),
-        _ => 0,
+    let changes = match resource {
+        "services" => Some(&metrics.service_changes),
+        "endpointslices" => Some(&metrics.endpoint_changes),
+        _ => None,
     };
+    if let Some(changes) = changes {
+        changes.inc_by(seen as u64);
+    }
     let (services, endpoints) = state.pending_changes();
     metrics.service_changes_pending.set(services as i64);
     metrics.endpoint_changes_pending.set(endpoints as i64);
