@@ -281,6 +281,19 @@ fn the_inspection_commands_show_what_was_programmed_and_sent() {
     assert_eq!(empty[0]["rejecting"], true);
     assert_eq!(empty[0]["refused_or_dropped"], serde_json::json!({"rejected": 2}));
 
+    // kpr stats: the data path's own counters tell the same story: the six
+    // TCP connections and the UDP flow, the two refusals.
+    let stats = cluster.kpr_json(&["stats"]).unwrap();
+    assert_eq!(stats["new_flow"], (sent_a.len() + sent_b.len() + 1) as u64, "{stats:#}");
+    assert_eq!(stats["rejected"], 2, "{stats:#}");
+    let table = kpr(&cluster, &["stats"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("new_flow") && l.contains(&(sent_a.len() + sent_b.len() + 1).to_string())),
+        "{table}"
+    );
+
     // The same counters on /metrics, labelled by service.
     let (_, metrics) = http_get(cluster.node(), "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
     let web = "service=\"default/web\",frontend=\"10.96.0.91:80/TCP\",kind=\"ClusterIP\"";
