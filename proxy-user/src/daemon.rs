@@ -280,10 +280,13 @@ pub async fn run(config: Config) -> Result<()> {
         "dataplane loaded"
     );
 
-    for addr in [config.healthz_addr, config.metrics_addr].into_iter().flatten() {
+    // One address for both: one server with everything.
+    let health_only = config.healthz_addr.filter(|a| Some(*a) != config.metrics_addr);
+    let servers = [(health_only, false), (config.metrics_addr, true)];
+    for (addr, everything) in servers.into_iter().filter_map(|(a, e)| Some((a?, e))) {
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
-            if let Err(e) = telemetry::serve(addr, telemetry).await {
+            if let Err(e) = telemetry::serve(addr, telemetry, everything).await {
                 tracing::error!("{e:#}");
             }
         });

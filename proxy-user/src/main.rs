@@ -120,10 +120,12 @@ enum Command {
         /// not), `generic` (on the skb), or `off` (the TC program alone).
         #[arg(long, default_value = "auto")]
         xdp: XdpSetting,
-        /// Where /healthz (and /metrics) are served; "" to disable.
+        /// Where /healthz and /livez are served (nothing else: it listens on
+        /// every interface); "" to disable.
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: String,
-        /// Where /metrics (and /healthz) are served; "" to disable.
+        /// Where /metrics, /frontends (for `kpr services`), /healthz and
+        /// /livez are served; "" to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
         /// Replacing kube-proxy on a running node: once the first sync has

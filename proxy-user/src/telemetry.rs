@@ -471,19 +471,30 @@ pub fn fetch_frontend_names(addr: SocketAddr) -> anyhow::Result<Vec<NamedFronten
     Ok(serde_json::from_str(body)?)
 }
 
-/// Serves `/healthz`, `/livez`, `/metrics` and `/frontends` on `addr` until
-/// the process ends.
-pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
-    let app = Router::new()
+/// Serves `/healthz` and `/livez` on `addr` until the process ends; with
+/// `everything`, also `/metrics` and `/frontends`. The health address is
+/// bound on every interface by default, for load balancers' checks, so it
+/// serves health alone, as kube-proxy's does: the counters and Service
+/// names stay on the metrics address (loopback by default).
+pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>, everything: bool) -> anyhow::Result<()> {
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
-        .route("/metrics", get(metrics))
-        .route(FRONTENDS_PATH, get(frontends))
-        .with_state(telemetry);
+        .route("/livez", get(livez));
+    if everything {
+        app = app
+            .route("/metrics", get(metrics))
+            .route(FRONTENDS_PATH, get(frontends));
+    }
+    let app = app.with_state(telemetry);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the health/metrics server to {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /healthz, /livez, /metrics and {FRONTENDS_PATH}");
+    let served = if everything {
+        format!("/healthz, /livez, /metrics and {FRONTENDS_PATH}")
+    } else {
+        "/healthz and /livez".to_string()
+    };
+    tracing::info!(%addr, "serving {served}");
     axum::serve(listener, app).await?;
     Ok(())
 }

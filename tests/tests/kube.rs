@@ -620,6 +620,12 @@ fn a_node_being_deleted_fails_healthz_not_livez_and_local_policy_gaps_are_counte
     let (status, body) = get("127.0.0.1:10256", "/healthz");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"nodeEligible\":true"), "{body}");
+    // The health address listens on every interface: health alone there,
+    // as kube-proxy's; counters and Service names on the metrics address.
+    for path in ["/metrics", "/frontends"] {
+        assert_eq!(get("127.0.0.1:10256", path).0, 404, "{path} on the health address");
+        assert_eq!(get("127.0.0.1:10249", path).0, 200, "{path} on the metrics address");
+    }
 
     // An endpoint comes to this node: nothing left to count.
     let with_local = [Endpoint::ready(ip(0)).on(node_name), Endpoint::ready(ip(1)).on("node1")];
