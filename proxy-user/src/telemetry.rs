@@ -447,28 +447,45 @@ async fn frontends(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
     ([("content-type", "application/json")], body)
 }
 
-/// Asks the daemon serving `addr` (its `--metrics-bind-address` or
-/// `--healthz-bind-address`) which Service each frontend belongs to.
+/// Asks the daemon serving `addr` (its `--metrics-bind-address`) which
+/// Service each frontend belongs to.
 pub fn fetch_frontend_names(addr: SocketAddr) -> anyhow::Result<Vec<NamedFrontend>> {
-    use std::io::{Read, Write};
     let timeout = Duration::from_secs(2);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    let (status, body) = http_get(stream, addr, FRONTENDS_PATH, timeout)?;
+    if status != 200 {
+        anyhow::bail!(
+            "GET {FRONTENDS_PATH} answered {status} (a kpr daemon older than this CLI, or its health address?)"
+        );
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// A plain HTTP/1.0 GET of `path` over `stream`, connected to `to` (so a
+/// caller may connect from wherever it must, another network namespace
+/// say): the status code and the body.
+pub fn http_get(
+    mut stream: std::net::TcpStream,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {FRONTENDS_PATH} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let (head, body) = response
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response from {to}: {response:?}"))?;
+    let body = response
         .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("an HTTP response without a body"))?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        anyhow::bail!("GET {FRONTENDS_PATH} answered {status:?} (a kpr daemon older than this CLI?)");
-    }
-    Ok(serde_json::from_str(body)?)
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Serves `/healthz` and `/livez` on `addr` until the process ends; with

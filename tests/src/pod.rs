@@ -187,22 +187,8 @@ impl Datagrams {
 
 /// A plain HTTP/1.0 GET from inside `ns`: (status code, body).
 pub fn http_get(ns: &Netns, to: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use std::io::Read;
-    let mut stream = ns
+    let stream = ns
         .run(|| TcpStream::connect_timeout(&to, TIMEOUT))?
         .with_context(|| format!("connecting to {to}"))?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    proxy_user::telemetry::http_get(stream, to, path, TIMEOUT)
 }
