@@ -126,14 +126,41 @@ pub struct Report {
     pub nftables_tables: Vec<String>,
 }
 
+/// The iptables front-ends kube-proxy may have written its rules with, by
+/// family: the nftables-backed one and the legacy one (kube-proxy's image
+/// picks whichever the node already uses, and a node may hold both), for
+/// IPv4 and IPv6 (dual-stack). The plain name is the fallback where neither
+/// variant is installed.
+const IPTABLES_FAMILIES: [[&str; 3]; 2] = [
+    ["iptables-nft", "iptables-legacy", "iptables"],
+    ["ip6tables-nft", "ip6tables-legacy", "ip6tables"],
+];
+
 /// Removes kube-proxy's iptables chains and nftables tables from the
 /// current network namespace.
 pub fn cleanup_kube_proxy() -> Result<Report> {
     let mut report = Report::default();
-    let saved = run("iptables-save", &[], None)?;
-    if let Some(script) = iptables_cleanup(&saved) {
-        report.iptables_chains = script.lines().filter(|l| l.starts_with("-X ")).count();
-        run("iptables-restore", &["--noflush"], Some(&script)).context("removing kube-proxy's iptables chains")?;
+    for (family, [nft, legacy, plain]) in IPTABLES_FAMILIES.into_iter().enumerate() {
+        // A variant that is not installed, or whose tables this kernel
+        // lacks, holds nothing of kube-proxy's.
+        let saved: Vec<(&str, String)> = [nft, legacy]
+            .into_iter()
+            .filter_map(|tool| Some((tool, run(&format!("{tool}-save"), &[], None).ok()?)))
+            .collect();
+        let saved = match (saved.is_empty(), run(&format!("{plain}-save"), &[], None)) {
+            (false, _) => saved,
+            (true, Ok(text)) => vec![(plain, text)],
+            // Without any IPv6 tool there are no IPv6 rules to remove.
+            (true, Err(_)) if family > 0 => continue,
+            (true, Err(e)) => return Err(e),
+        };
+        for (tool, text) in saved {
+            if let Some(script) = iptables_cleanup(&text) {
+                report.iptables_chains += script.lines().filter(|l| l.starts_with("-X ")).count();
+                run(&format!("{tool}-restore"), &["--noflush"], Some(&script))
+                    .with_context(|| format!("removing kube-proxy's chains with {tool}"))?;
+            }
+        }
     }
     // nft is optional: a node without it has no nftables kube-proxy either.
     if let Ok(tables) = run("nft", &["list", "tables"], None) {

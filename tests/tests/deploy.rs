@@ -455,6 +455,12 @@ fn cleanup_removes_kube_proxys_rules_and_nothing_else() {
     // Others' rules: the kubelet's chain, a CNI's masquerade, a plain rule.
     let others = "*filter\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n*nat\n:CNI-NAT - [0:0]\n-A POSTROUTING -j CNI-NAT\n-A CNI-NAT -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
     ns.exec("iptables-restore", &["--noflush"], others).unwrap();
+    // A node may also hold rules of the other iptables front-end (legacy),
+    // and IPv6 ones (dual-stack): kube-proxy's go there too, others stay.
+    let legacy = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-LEGACY - [0:0]\n:LEGACY-OTHER - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d 10.96.0.11/32 -p tcp -j KUBE-SVC-LEGACY\n-A PREROUTING -j LEGACY-OTHER\nCOMMIT\n";
+    ns.exec("iptables-legacy-restore", &["--noflush"], legacy).unwrap();
+    let six = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-SIX - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d fd00::10/128 -p tcp -j KUBE-SVC-SIX\nCOMMIT\n";
+    ns.exec("ip6tables-restore", &["--noflush"], six).unwrap();
     let before = ns.exec("iptables-save", &[], "").unwrap();
     assert!(
         before.contains("KUBE-SVC-") && before.contains("KUBE-NODEPORTS"),
@@ -481,6 +487,11 @@ fn cleanup_removes_kube_proxys_rules_and_nothing_else() {
     ] {
         assert!(after.lines().any(|l| l == kept), "{kept} kept:\n{after}");
     }
+    let legacy_after = ns.exec("iptables-legacy-save", &[], "").unwrap();
+    assert!(!legacy_after.contains("KUBE-"), "{legacy_after}");
+    assert!(legacy_after.contains("-A PREROUTING -j LEGACY-OTHER"), "{legacy_after}");
+    let six_after = ns.exec("ip6tables-save", &[], "").unwrap();
+    assert!(!six_after.contains("KUBE-"), "{six_after}");
     let tables = ns.exec("nft", &["list", "tables"], "").unwrap();
     assert!(!tables.contains("kube-proxy"), "{tables}");
     // Run again: nothing left to do, and no error.
