@@ -1,7 +1,7 @@
 //! Live migration from kube-proxy: on a node running kube-proxy's rules (its
 //! iptables layout, and its nftables layout), with TCP connections and a UDP
-//! flow open through its NAT, kpr starts and kube-proxy's rules are removed
-//! (`kpr cleanup-kube-proxy`); every established connection keeps working,
+//! flow open through its NAT, kpr starts and removes kube-proxy's rules
+//! (`--cleanup-kube-proxy`); every established connection keeps working,
 //! with its backend, while new connections go through kpr.
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -9,6 +9,7 @@ use kpr_testbed::{
     bench::rules::{iptables_restore, nft_script, RuleService},
     cluster::POD_PORT,
     manifests::Exposure,
+    netns::Netns,
     pod::{connect, Conn, Datagrams},
     Cluster, ClusterSpec,
 };
@@ -26,6 +27,18 @@ fn kpr_json(cluster: &Cluster, args: &[&str]) -> Value {
 
 fn kpr(cluster: &Cluster, args: &[&str]) -> String {
     cluster.kpr(args).unwrap()
+}
+
+/// `n` connections from `client` to the Service, each answered once: the
+/// connection, open, and the pod that answered it.
+fn answered_connections(client: &Netns, n: usize) -> Vec<(Conn, String)> {
+    (0..n)
+        .map(|_| {
+            let mut conn = connect(client, SocketAddr::from((VIP, 80))).unwrap();
+            let pod = conn.request().unwrap().pod;
+            (conn, pod)
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,13 +76,7 @@ fn switch_from_kube_proxy(layout: Layout) {
 
     // Connections through kube-proxy's NAT: each answered by its backend.
     let client = &cluster.pod("client").ns.handle();
-    let mut old: Vec<(Conn, String)> = (0..6)
-        .map(|_| {
-            let mut conn = connect(client, SocketAddr::from((VIP, 80))).unwrap();
-            let pod = conn.request().unwrap().pod;
-            (conn, pod)
-        })
-        .collect();
+    let mut old = answered_connections(client, 6);
     let datagrams = Datagrams::open(client).unwrap();
     let udp_pod = datagrams.request(SocketAddr::from((VIP, 53))).unwrap().pod;
 
@@ -147,13 +154,7 @@ fn draining_hands_a_node_back_to_kube_proxy_without_dropping_a_connection() {
     let backends: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (cluster.pod(p).ip, POD_PORT)).collect();
     cluster.serve_web(VIP, &Exposure::default(), &pods).unwrap();
     let client = &cluster.pod("client").ns.handle();
-    let mut kprs: Vec<(Conn, String)> = (0..4)
-        .map(|_| {
-            let mut conn = connect(client, SocketAddr::from((VIP, 80))).unwrap();
-            let pod = conn.request().unwrap().pod;
-            (conn, pod)
-        })
-        .collect();
+    let mut kprs = answered_connections(client, 4);
 
     // kube-proxy's rules come back; kpr drains.
     let services = [RuleService::cluster_ip("web".into(), VIP, 80, backends.clone())];
