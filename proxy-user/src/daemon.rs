@@ -741,7 +741,7 @@ impl SyncLoop {
                     FrontendLabels {
                         service: state.service.to_string(),
                         frontend: frontend.to_string(),
-                        kind: state.kind.name(),
+                        kind: state.kind.name().to_string(),
                     },
                 );
             }

@@ -88,7 +88,7 @@ pub fn services(
 ) -> Vec<ServiceView> {
     let names: HashMap<(u32, &str), &str> = names
         .iter()
-        .map(|n| ((n.id, n.frontend.as_str()), n.service.as_str()))
+        .map(|n| ((n.id, n.labels.frontend.as_str()), n.labels.service.as_str()))
         .collect();
     frontends
         .iter()
@@ -341,6 +341,7 @@ mod tests {
     use proxy_common::{addr_to_map, NAT_REDIRECT, SEEN_FIN, SEEN_STREAM};
 
     use super::*;
+    use crate::telemetry::FrontendLabels;
 
     const NOW: u32 = 1_000;
 
@@ -585,9 +586,11 @@ mod tests {
         let frontends = [(key, value, vec![here, elsewhere])];
         let named = |id, frontend: &str| NamedFrontend {
             id,
-            service: "shop/web".into(),
-            frontend: frontend.into(),
-            kind: "ClusterIP".into(),
+            labels: FrontendLabels {
+                service: "shop/web".into(),
+                frontend: frontend.into(),
+                kind: "ClusterIP".into(),
+            },
         };
         let views = services(&frontends, &HashMap::new(), &[named(7, "10.96.0.1:80/TCP")]);
         assert_eq!(views[0].service.as_deref(), Some("shop/web"));

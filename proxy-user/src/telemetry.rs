@@ -250,15 +250,15 @@ pub struct Telemetry {
     pub per_backend: bool,
 }
 
-/// A frontend as the per-service metrics name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A frontend as the per-service metrics (and `kpr services`) name it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FrontendLabels {
     /// `namespace/name`
     pub service: String,
     /// `address:port/protocol`
     pub frontend: String,
     /// ClusterIP, NodePort, LoadBalancer, externalIP.
-    pub kind: &'static str,
+    pub kind: String,
 }
 
 impl Telemetry {
@@ -422,11 +422,8 @@ pub const FRONTENDS_PATH: &str = "/frontends";
 pub struct NamedFrontend {
     /// The service id the maps key it by.
     pub id: u32,
-    /// `namespace/name`
-    pub service: String,
-    /// `address:port/protocol`
-    pub frontend: String,
-    pub kind: String,
+    #[serde(flatten)]
+    pub labels: FrontendLabels,
 }
 
 async fn frontends(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
@@ -437,9 +434,7 @@ async fn frontends(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
         .iter()
         .map(|(&id, labels)| NamedFrontend {
             id,
-            service: labels.service.clone(),
-            frontend: labels.frontend.clone(),
-            kind: labels.kind.to_string(),
+            labels: labels.clone(),
         })
         .collect();
     named.sort_by_key(|n| n.id);
@@ -595,7 +590,7 @@ mod tests {
             FrontendLabels {
                 service: "default/web".into(),
                 frontend: "10.96.0.1:80/TCP".into(),
-                kind: "ClusterIP",
+                kind: "ClusterIP".into(),
             },
         )]
         .into();
