@@ -173,10 +173,15 @@ impl Datagrams {
     pub fn request(&self, to: SocketAddr) -> Result<Reply> {
         self.0.send_to(b"hello\n", to)?;
         let mut buf = [0u8; 512];
-        let (n, from) = self
-            .0
-            .recv_from(&mut buf)
-            .with_context(|| format!("no UDP answer from {to}"))?;
+        // A signal arriving meanwhile (a socket with a timeout is never
+        // restarted) is not the answer's absence: wait on.
+        let (n, from) = loop {
+            match self.0.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        }
+        .with_context(|| format!("no UDP answer from {to}"))?;
         anyhow::ensure!(
             from == to,
             "answer came from {from}, not from {to}: reply not reverse-translated"
