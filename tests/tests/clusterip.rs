@@ -13,7 +13,9 @@ use kpr_testbed::{
     pod::{connect, Conn, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
-use proxy_common::{addr_to_map, FlowKey, NatEntry, IPPROTO_TCP, IPPROTO_UDP, SEEN_FIN};
+use proxy_common::{
+    addr_to_map, FlowKey, NatEntry, FLOW_TCP_CLOSED_SECS, FLOW_UDP_STREAM_SECS, IPPROTO_TCP, IPPROTO_UDP, SEEN_FIN,
+};
 use proxy_user::dataplane::maps::{read_stats, FlowMaps};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -392,8 +394,8 @@ fn connections_reusing_closed_tuples_are_balanced_afresh() {
 
 /// The daemon sweeps the flow table: a closed connection's entries and an
 /// answered UDP query's go once their timeouts have passed (simulated by
-/// ageing every entry of the client by an hour), while an open connection
-/// idle as long stays, and keeps working.
+/// ageing every entry of the client past the longest of those timeouts),
+/// while an open connection idle as long stays, and keeps working.
 #[test]
 fn the_daemon_sweeps_expired_flows_and_keeps_open_connections() {
     let cluster = web_cluster();
@@ -432,14 +434,17 @@ fn the_daemon_sweeps_expired_flows_and_keeps_open_connections() {
                 == 2)
         })
         .unwrap();
-    let hour_ago = monotonic_secs() - 3600;
+    // Past every timeout but an established connection's, and not before
+    // boot: the clock counts from it, and a fresh machine is minutes old.
+    let aged = FLOW_TCP_CLOSED_SECS.max(FLOW_UDP_STREAM_SECS) + 60;
+    let long_ago = monotonic_secs().saturating_sub(aged).max(1);
     for (_, key, entry) in ports_of_client(&flows) {
         if entry.last_seen != 0 {
             flows
                 .insert(
                     &key,
                     &NatEntry {
-                        last_seen: hour_ago,
+                        last_seen: long_ago,
                         ..entry
                     },
                 )
