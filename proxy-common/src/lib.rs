@@ -27,7 +27,7 @@ pub mod map_name {
     pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 
     /// Every map the daemon pins by name: all but the test harness's
-    /// `WIRE_PORTS`.
+    /// `WIRE_PORTS` and the data path's private clock cache.
     pub const PINNED: [&str; 12] = [
         SERVICES,
         BACKENDS,
