@@ -7,7 +7,7 @@
 //! used: `kpr_tc`, `kpr_noop`, and the layouts of the first version of
 //! `SERVICES` (id, backend count, affinity timeout, flags), `BACKENDS` and
 //! `FILTER` (whose frontend bits are computed as they always were).
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use aya::{
@@ -43,19 +43,31 @@ struct FirstBackend {
     flags: u16,
 }
 
+/// `SERVICES`' value since the external-traffic issue: the first layout,
+/// then two fields that are zero for a ClusterIP service (cluster slots
+/// start at 0; no local-only slots).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ExtendedServiceValue {
+    first: FirstServiceValue,
+    cluster_start: u32,
+    local_count: u32,
+}
+
 // SAFETY: plain #[repr(C)] integers without padding.
 unsafe impl aya::Pod for FirstServiceValue {}
+unsafe impl aya::Pod for ExtendedServiceValue {}
 unsafe impl aya::Pod for FirstBackend {}
 
 pub struct Baseline {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
     // Last: unmounted after the maps and programs are closed.
     _bpffs: BpffsMount,
 }
 
 impl Baseline {
-    /// Loads the object at `path` with its maps pinned in a bpffs of its own.
+    /// Loads the object at `path`; maps an older build declares pinned are
+    /// pinned in a bpffs of its own, never the host's.
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let bpffs = BpffsMount::new()?;
@@ -74,26 +86,22 @@ impl Baseline {
                 .load()
                 .with_context(|| format!("loading the baseline's {name}"))?;
         }
-        Ok(Baseline {
-            ebpf,
-            pin_dir,
-            _bpffs: bpffs,
-        })
+        Ok(Baseline { ebpf, _bpffs: bpffs })
     }
 
-    fn map(&self, name: &str) -> Result<MapData> {
-        Ok(MapData::from_pin(self.pin_dir.join(name))?)
+    /// One of the object's maps, as loaded (maps of a build with BTF map
+    /// definitions carry no pinning, so they are not found by pin).
+    fn map(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("the baseline has no map {name}"))
     }
 
     /// `n` ClusterIP services on port 80 (`super::service_vip`) over
     /// `backends`, as the daemon of that build would write them.
     pub fn program(&mut self, n: usize, backends: &[(Ipv4Addr, u16)]) -> Result<()> {
-        let mut services: HashMap<MapData, ServiceKey, FirstServiceValue> =
-            HashMap::try_from(Map::HashMap(self.map(map_name::SERVICES)?))?;
-        let mut slots: HashMap<MapData, BackendKey, FirstBackend> =
-            HashMap::try_from(Map::HashMap(self.map(map_name::BACKENDS)?))?;
-        let mut filter: Array<MapData, u64> = Array::try_from(Map::Array(self.map(map_name::FILTER)?))?;
-        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        let mut slots: HashMap<&mut MapData, BackendKey, FirstBackend> =
+            HashMap::try_from(self.map(map_name::BACKENDS)?)?;
         for slot in 0..backends.len() as u32 {
             let (addr, port) = backends[slot as usize];
             let backend = FirstBackend {
@@ -105,18 +113,40 @@ impl Baseline {
                 slots.insert(BackendKey { service_id: id, slot }, backend, 0)?;
             }
         }
-        for id in 0..n {
-            let key = ServiceKey::new(super::service_vip(id), 80, IPPROTO_TCP);
-            let value = FirstServiceValue {
-                id: id as u32,
-                backend_count: backends.len() as u32,
-                ..Default::default()
-            };
-            services.insert(key, value, 0)?;
+        let extended = match self.map(map_name::SERVICES)? {
+            Map::HashMap(data) => data.info()?.value_size() as usize == size_of::<ExtendedServiceValue>(),
+            _ => anyhow::bail!("the baseline's {} is not a hash map", map_name::SERVICES),
+        };
+        let keys = (0..n).map(|id| ServiceKey::new(super::service_vip(id), 80, IPPROTO_TCP));
+        let first = |id: usize| FirstServiceValue {
+            id: id as u32,
+            backend_count: backends.len() as u32,
+            ..Default::default()
+        };
+        if extended {
+            let mut services: HashMap<&mut MapData, ServiceKey, ExtendedServiceValue> =
+                HashMap::try_from(self.map(map_name::SERVICES)?)?;
+            for (id, key) in keys.clone().enumerate() {
+                let value = ExtendedServiceValue {
+                    first: first(id),
+                    ..Default::default()
+                };
+                services.insert(key, value, 0)?;
+            }
+        } else {
+            let mut services: HashMap<&mut MapData, ServiceKey, FirstServiceValue> =
+                HashMap::try_from(self.map(map_name::SERVICES)?)?;
+            for (id, key) in keys.clone().enumerate() {
+                services.insert(key, first(id), 0)?;
+            }
+        }
+        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for key in keys {
             for bit in filter_bits(key.addr, key.port, key.proto) {
                 *words.entry(FRONTEND_HALF + (bit >> 6)).or_default() |= 1u64 << (bit & 63);
             }
         }
+        let mut filter: Array<&mut MapData, u64> = Array::try_from(self.map(map_name::FILTER)?)?;
         for (index, word) in words {
             filter.set(index, word, 0)?;
         }
