@@ -1,7 +1,11 @@
 //! Connection tracking: both directions of a translated flow, keyed by the
 //! tuple each direction's packets carry on arrival; and the allocation of
 //! NAT ports for flows whose source is translated too.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    cty::c_void,
+    helpers::bpf_loop,
+};
 use proxy_common::{
     nat_port, FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_COUNT, NAT_PORT_STRIDE,
     NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
@@ -286,30 +290,69 @@ pub enum NatError {
 /// claimed atomically by the reply entry's insert (a port whose flow has
 /// ended is taken over). The search starts at a hash of the client's
 /// tuple, so clients spread over the range.
+///
+/// The search runs in `bpf_loop`, whose callback the verifier checks once:
+/// as an open loop of `NAT_PORT_TRIES` turns it was checked turn by turn,
+/// at every place a flow is source-NATed, in every program: most of what
+/// the verifier did (four fifths of the instructions it walked), and so of
+/// the daemon's start.
 #[inline(always)]
 pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
-    let seed = (pkt.src ^ ((pkt.sport as u32) << 16) ^ pkt.dst ^ pkt.dport as u32).wrapping_mul(0x9E37_79B1);
-    let mut claimed = false;
-    for i in 0..NAT_PORT_TRIES {
-        let port = nat_port((seed >> 16).wrapping_add(i.wrapping_mul(NAT_PORT_STRIDE)) % NAT_PORT_COUNT);
-        flow.source = Endpoint {
-            addr: node_addr,
-            port: port.to_be(),
-        };
-        if insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
-            claimed = true;
-            break;
-        }
-        let reply_key = flow_key(flow.backend, flow.source, pkt.proto);
-        if reclaim_if_ended(&reply_key, pkt.proto) && insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok() {
-            claimed = true;
-            break;
-        }
-    }
-    if !claimed {
+    let mut search = PortSearch {
+        pkt,
+        flow,
+        seed: (pkt.src ^ ((pkt.sport as u32) << 16) ^ pkt.dst ^ pkt.dport as u32).wrapping_mul(0x9E37_79B1),
+        node_addr,
+        claimed: 0,
+    };
+    // SAFETY: a callback of the signature `bpf_loop` calls, and a context
+    // that outlives the call.
+    unsafe {
+        bpf_loop(
+            NAT_PORT_TRIES,
+            try_nat_port as usize as *mut c_void,
+            &mut search as *mut PortSearch as *mut c_void,
+            0,
+        )
+    };
+    if search.claimed == 0 {
         return Err(NatError::Exhausted);
     }
     insert_request(pkt, flow).map_err(|_| NatError::Map)
+}
+
+/// What the NAT port search's turns share.
+#[repr(C)]
+struct PortSearch {
+    pkt: *const Packet,
+    flow: *mut Flow,
+    seed: u32,
+    node_addr: u32,
+    /// Set (1) by the turn that claimed a port, which is left in the flow.
+    claimed: u32,
+}
+
+/// One turn of the NAT port search: the `turn`th port from the seed, if no
+/// live flow holds it. Returns 1 (stop) once a port is claimed.
+#[inline(never)]
+extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
+    // SAFETY: `create_nated`'s search, on its stack for the whole loop.
+    let search = unsafe { &mut *(search as *mut PortSearch) };
+    // SAFETY: the packet and flow `create_nated` was given, alive as above.
+    let (pkt, flow) = unsafe { (&*search.pkt, &mut *search.flow) };
+    let port = nat_port((search.seed >> 16).wrapping_add((turn as u32).wrapping_mul(NAT_PORT_STRIDE)) % NAT_PORT_COUNT);
+    flow.source = Endpoint {
+        addr: search.node_addr,
+        port: port.to_be(),
+    };
+    let claimed = insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok()
+        || (reclaim_if_ended(&flow_key(flow.backend, flow.source, pkt.proto), pkt.proto)
+            && insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok());
+    if claimed {
+        search.claimed = 1;
+        return 1;
+    }
+    0
 }
 
 /// A new connection straight to an address that once answered for a
