@@ -541,7 +541,11 @@ impl SyncLoop {
             }
         }
         let mut state = self.state.lock().expect("state lock");
-        let changes = state.take_changes();
+        let changes = if full || complete {
+            state.take_changes_for_whole_sync()
+        } else {
+            state.take_changes()
+        };
         for conflict in &changes.conflicts {
             tracing::warn!("rejected: {conflict}");
         }

@@ -209,7 +209,19 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
             }
             Ok(Event::InitDone) => {
                 tracing::info!(resource = K::RESOURCE, objects = listing.len(), "listed");
-                let notices = K::replace(&mut state.lock().expect("state lock"), &listing);
+                let mut locked = state.lock().expect("state lock");
+                let notices = K::replace(&mut locked, &listing);
+                if !listed {
+                    listed = true;
+                    unlisted.fetch_sub(1, Ordering::SeqCst);
+                }
+                // The cluster is whole once every kind is listed: the model
+                // is computed here, on this worker, while the daemon may
+                // still be loading its programs, instead of in the first sync.
+                if unlisted.load(Ordering::SeqCst) == 0 {
+                    locked.recompute();
+                }
+                drop(locked);
                 let seen = listing.len();
                 // Freeing a large listing takes tens of milliseconds that the
                 // first sync need not wait for.
@@ -218,10 +230,6 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
                     drop(applied);
                     release_freed_memory();
                 });
-                if !listed {
-                    listed = true;
-                    unlisted.fetch_sub(1, Ordering::SeqCst);
-                }
                 (notices, seen)
             }
             Ok(Event::Apply(obj)) => (K::apply(&mut state.lock().expect("state lock"), &obj), 1),

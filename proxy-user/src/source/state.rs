@@ -40,6 +40,8 @@ pub enum Notice {
 /// remove) and the conflicts among them.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// The changed frontends and what each should now do (none if gone);
+    /// left empty by `take_changes_for_whole_sync`.
     pub frontends: Vec<(Frontend, Option<FrontendState>)>,
     pub conflicts: Vec<Rejection>,
     /// What of the changed Services this node does not serve as asked,
@@ -100,8 +102,12 @@ pub struct ClusterState {
     /// Services whose recomputation changed what a frontend should do since
     /// the last `take_changes`.
     effective: BTreeSet<ObjectName>,
+    /// Frontends touched by a recomputation ahead of a sync (`recompute`),
+    /// for the next `take_changes`.
+    recomputed: BTreeSet<Frontend>,
     /// Services whose Service object, and whose slices, changed since the
-    /// last recomputation: kube-proxy's pending service and endpoint changes.
+    /// last sync took the changes: kube-proxy's pending service and
+    /// endpoint changes.
     service_changes: BTreeSet<ObjectName>,
     endpoint_changes: BTreeSet<ObjectName>,
     /// Per Service, its ports whose Local policy finds no endpoint here;
@@ -270,11 +276,29 @@ impl ClusterState {
         self.dirty.extend(self.desired.services().cloned());
     }
 
-    /// Recomputes the dirty Services; the frontends they touched.
+    /// Recomputes the dirty Services now, so that the next sync finds the
+    /// work done: called after a whole listing, which at a start arrives
+    /// while the daemon is still loading its programs (then the model's
+    /// work, most of a first sync at scale, costs the start nothing). The
+    /// frontends touched wait for `take_changes`.
+    pub fn recompute(&mut self) {
+        let changed = self.recompute_dirty();
+        self.recomputed.extend(changed);
+    }
+
+    /// For a sync: recomputes the dirty Services; every frontend touched
+    /// since the last sync.
     fn flush(&mut self) -> BTreeSet<Frontend> {
-        let mut changed = BTreeSet::new();
         self.service_changes.clear();
         self.endpoint_changes.clear();
+        let mut changed = std::mem::take(&mut self.recomputed);
+        changed.extend(self.recompute_dirty());
+        changed
+    }
+
+    /// Recomputes the dirty Services; the frontends they touched.
+    fn recompute_dirty(&mut self) -> BTreeSet<Frontend> {
+        let mut changed = BTreeSet::new();
         for service in std::mem::take(&mut self.dirty) {
             let (claims, notes, health_check, no_local) = match self.snapshot.services.get(&service) {
                 Some(info) => {
@@ -318,6 +342,17 @@ impl ClusterState {
     /// What to program since the last call: only the frontends of the
     /// Services that changed, so a sync costs what changed.
     pub fn take_changes(&mut self) -> Changes {
+        self.take(true)
+    }
+
+    /// The same, for a sync that programs the whole desired state (read
+    /// with `desired`): the changed frontends' states are not copied out,
+    /// which at a start means every frontend.
+    pub fn take_changes_for_whole_sync(&mut self) -> Changes {
+        self.take(false)
+    }
+
+    fn take(&mut self, with_frontends: bool) -> Changes {
         let changed = self.flush();
         let mut changes = Changes {
             notes: std::mem::take(&mut self.pending_notes),
@@ -337,9 +372,11 @@ impl ClusterState {
         self.trigger_times = triggers;
         for frontend in changed {
             changes.conflicts.extend(self.desired.conflicts_at(&frontend));
-            changes
-                .frontends
-                .push((frontend, self.desired.winner(&frontend).cloned()));
+            if with_frontends {
+                changes
+                    .frontends
+                    .push((frontend, self.desired.winner(&frontend).cloned()));
+            }
         }
         changes
     }
