@@ -291,11 +291,12 @@ pub enum NatError {
 /// ended is taken over). The search starts at a hash of the client's
 /// tuple, so clients spread over the range.
 ///
-/// The search runs in `bpf_loop`, whose callback the verifier checks once:
-/// as an open loop of `NAT_PORT_TRIES` turns it was checked turn by turn,
-/// at every place a flow is source-NATed, in every program: most of what
-/// the verifier did (four fifths of the instructions it walked), and so of
-/// the daemon's start.
+/// The search runs in `bpf_loop`, whose callback the verifier checks as a
+/// body of its own (once for each way the program reaches it, until its
+/// state repeats). As an open loop of `NAT_PORT_TRIES` turns it was checked
+/// turn by turn, at every place a flow is source-NATed, in every program:
+/// four fifths of the instructions the verifier walked, and so most of the
+/// daemon's start.
 #[inline(always)]
 pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
     let mut search = PortSearch {
