@@ -5,8 +5,9 @@
 //!
 //! Only what every build since the ClusterIP data path has in common is
 //! used: `kpr_tc`, `kpr_noop`, and the layouts of the first version of
-//! `SERVICES` (id, backend count, affinity timeout, flags), `BACKENDS` and
-//! `FILTER` (whose frontend bits are computed as they always were).
+//! `SERVICES` (id, backend count, affinity timeout, flags; zero-extended
+//! where a build's value is longer), `BACKENDS` and `FILTER` (whose
+//! frontend bits are computed as they always were).
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
