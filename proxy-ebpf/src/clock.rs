@@ -17,7 +17,7 @@ use aya_ebpf::{
 /// The seconds last read on this CPU, and the jiffies when they were.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ClockCache {
+struct ClockCache {
     jiffies: u64,
     secs: u32,
     _pad: u32,

@@ -124,22 +124,21 @@ impl Baseline {
             backend_count: backends.len() as u32,
             ..Default::default()
         };
+        let values = keys.clone().enumerate();
         if extended {
-            let mut services: HashMap<&mut MapData, ServiceKey, ExtendedServiceValue> =
-                HashMap::try_from(self.map(map_name::SERVICES)?)?;
-            for (id, key) in keys.clone().enumerate() {
-                let value = ExtendedServiceValue {
-                    first: first(id),
-                    ..Default::default()
-                };
-                services.insert(key, value, 0)?;
-            }
+            let extend = |(id, key)| {
+                let first = first(id);
+                (
+                    key,
+                    ExtendedServiceValue {
+                        first,
+                        ..Default::default()
+                    },
+                )
+            };
+            self.insert_services(values.map(extend))?;
         } else {
-            let mut services: HashMap<&mut MapData, ServiceKey, FirstServiceValue> =
-                HashMap::try_from(self.map(map_name::SERVICES)?)?;
-            for (id, key) in keys.clone().enumerate() {
-                services.insert(key, first(id), 0)?;
-            }
+            self.insert_services(values.map(|(id, key)| (key, first(id))))?;
         }
         let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
         for key in keys {
@@ -150,6 +149,15 @@ impl Baseline {
         let mut filter: Array<&mut MapData, u64> = Array::try_from(self.map(map_name::FILTER)?)?;
         for (index, word) in words {
             filter.set(index, word, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `SERVICES` entries in the value layout `V` the build has.
+    fn insert_services<V: aya::Pod>(&mut self, entries: impl Iterator<Item = (ServiceKey, V)>) -> Result<()> {
+        let mut services: HashMap<&mut MapData, ServiceKey, V> = HashMap::try_from(self.map(map_name::SERVICES)?)?;
+        for (key, value) in entries {
+            services.insert(key, value, 0)?;
         }
         Ok(())
     }
