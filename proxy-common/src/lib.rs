@@ -155,6 +155,28 @@ pub const NAT_PORT_TRIES: u32 = 32;
 /// `NAT_PORT_COUNT`.
 pub const NAT_PORT_STRIDE: u32 = 7_919;
 
+/// Where a new flow's NAT port search starts: its client's source port,
+/// shifted by a hash of the rest of the tuple (client address, service
+/// address and port, all as the packet carries them). Within one client and
+/// service this is a one-to-one map of source ports: a client's connections
+/// never take each other's first port, and a connection reusing a source
+/// port gets the same NAT port again, as netfilter keeps a source port
+/// where it can. It matters at the backend: it holds the NATed tuple in
+/// TIME_WAIT for 60 s after a connection it closed, and admits a new SYN on
+/// that tuple only when its timestamp is newer. Clients offset their
+/// timestamps per tuple, so a different client tuple landing there (as a
+/// hash of the whole tuple lets it) is refused half the time, and the
+/// client waits a second for its retry.
+pub const fn nat_port_search_start(src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> u32 {
+    let salt = (src_addr ^ dst_addr.rotate_left(16) ^ dst_port as u32).wrapping_mul(0x9E37_79B1) >> 16;
+    (salt + u16::from_be(src_port) as u32) % NAT_PORT_COUNT
+}
+
+/// The `turn`th port of a search from `start`.
+pub const fn nat_port_try(start: u32, turn: u32) -> u16 {
+    nat_port((start + (turn % NAT_PORT_TRIES) * NAT_PORT_STRIDE) % NAT_PORT_COUNT)
+}
+
 /// Sockets connected through the socket-level balancer whose service
 /// address `getpeername` restores (least recently connected evicted first).
 pub const MAX_SOCKET_PEERS: u32 = 262_144;
@@ -931,6 +953,8 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+    extern crate std;
+    use std::vec::Vec;
 
     #[test]
     fn a_stat_read_back_from_a_map_is_the_one_written() {
@@ -1107,6 +1131,34 @@ mod tests {
         }
         tries.sort_unstable();
         assert!(tries.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn a_clients_source_ports_start_their_nat_port_searches_apart() {
+        let client = addr_to_map(Ipv4Addr::new(192, 0, 2, 100));
+        let node = addr_to_map(Ipv4Addr::new(192, 0, 2, 10));
+        let start = |addr: u32, port: u16| nat_port_search_start(addr, port.to_be(), node, 30080u16.to_be());
+        // Linux's whole ephemeral range, from one client to one service:
+        // every connection's first port is its own.
+        let mut firsts: Vec<u16> = (32_768..=60_999).map(|p| nat_port_try(start(client, p), 0)).collect();
+        let drawn = firsts.len();
+        firsts.sort_unstable();
+        firsts.dedup();
+        assert_eq!(firsts.len(), drawn);
+        // The same tuple again: the same port (its TIME_WAIT at the backend
+        // has this client's timestamps).
+        assert_eq!(start(client, 40_000), start(client, 40_000));
+        // Another client's ports are shifted elsewhere.
+        let other = addr_to_map(Ipv4Addr::new(192, 0, 2, 101));
+        assert_ne!(start(client, 40_000), start(other, 40_000));
+        // Every try is a NAT port, and a search's tries are distinct.
+        for start in [0, 1, NAT_PORT_COUNT - 1, start(client, 65_535)] {
+            let mut tries: Vec<u16> = (0..NAT_PORT_TRIES).map(|t| nat_port_try(start, t)).collect();
+            assert!(tries.iter().all(|&p| is_nat_port(p)));
+            tries.sort_unstable();
+            tries.dedup();
+            assert_eq!(tries.len(), NAT_PORT_TRIES as usize);
+        }
     }
 
     #[test]

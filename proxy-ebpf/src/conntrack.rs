@@ -7,8 +7,8 @@ use aya_ebpf::{
     helpers::bpf_loop,
 };
 use proxy_common::{
-    nat_port, FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_COUNT, NAT_PORT_STRIDE,
-    NAT_PORT_TRIES, NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
+    nat_port_search_start, nat_port_try, FlowKey, NatEntry, FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_UDP, NAT_PORT_TRIES,
+    NAT_REDIRECT, NAT_REPLY, NAT_REPLY_REDIRECT, NAT_SNAT, SEEN_FIN, SEEN_RST, SEEN_STREAM,
 };
 
 use crate::{
@@ -302,7 +302,7 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
     let mut search = PortSearch {
         pkt,
         flow,
-        seed: (pkt.src ^ ((pkt.sport as u32) << 16) ^ pkt.dst ^ pkt.dport as u32).wrapping_mul(0x9E37_79B1),
+        start: nat_port_search_start(pkt.src, pkt.sport, pkt.dst, pkt.dport),
         node_addr,
         claimed: 0,
     };
@@ -311,7 +311,7 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
     unsafe {
         bpf_loop(
             NAT_PORT_TRIES,
-            try_nat_port as usize as *mut c_void,
+            try_nat_port as *const () as *mut c_void,
             &mut search as *mut PortSearch as *mut c_void,
             0,
         )
@@ -327,13 +327,13 @@ pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(),
 struct PortSearch {
     pkt: *const Packet,
     flow: *mut Flow,
-    seed: u32,
+    start: u32,
     node_addr: u32,
     /// Set (1) by the turn that claimed a port, which is left in the flow.
     claimed: u32,
 }
 
-/// One turn of the NAT port search: the `turn`th port from the seed, if no
+/// One turn of the NAT port search: the `turn`th port from the start, if no
 /// live flow holds it. Returns 1 (stop) once a port is claimed.
 #[inline(never)]
 extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
@@ -341,7 +341,7 @@ extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
     let search = unsafe { &mut *(search as *mut PortSearch) };
     // SAFETY: the packet and flow `create_nated` was given, alive as above.
     let (pkt, flow) = unsafe { (&*search.pkt, &mut *search.flow) };
-    let port = nat_port((search.seed >> 16).wrapping_add((turn as u32).wrapping_mul(NAT_PORT_STRIDE)) % NAT_PORT_COUNT);
+    let port = nat_port_try(search.start, turn as u32);
     flow.source = Endpoint {
         addr: search.node_addr,
         port: port.to_be(),

@@ -2,7 +2,7 @@
 //! (or datagram) with `<pod name> <peer ip>:<peer port>`, so a test can see
 //! which backend it reached and which source address that backend saw.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -80,6 +80,11 @@ fn serve_connection(conn: TcpStream, peer: SocketAddr, pod: &str, stop: &AtomicB
                 if writer.write_all(answer(pod, peer).as_bytes()).is_err() {
                     return;
                 }
+                // The server closes first, as HTTP/1.0 servers do: the
+                // tuple's TIME_WAIT is then the pod's.
+                if line == LAST_REQUEST {
+                    return;
+                }
                 line.clear();
             }
             Ok(_) => {}
@@ -118,6 +123,9 @@ impl Reply {
     }
 }
 
+/// A request the pod server answers and then closes the connection.
+const LAST_REQUEST: &str = "bye\n";
+
 /// A client connection that stays open, for requests over one flow.
 pub struct Conn {
     reader: BufReader<TcpStream>,
@@ -125,11 +133,33 @@ pub struct Conn {
 }
 
 impl Conn {
+    fn over(stream: TcpStream) -> Result<Self> {
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        Ok(Conn {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
     pub fn request(&mut self) -> Result<Reply> {
         self.writer.write_all(b"hello\n")?;
         let mut line = String::new();
         self.reader.read_line(&mut line).context("reading the answer")?;
         Reply::parse(&line)
+    }
+
+    /// A last request, after which the server closes first (and so keeps
+    /// the tuple in TIME_WAIT); returns once the server has closed.
+    pub fn last_request(mut self) -> Result<Reply> {
+        self.writer.write_all(LAST_REQUEST.as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).context("reading the answer")?;
+        let reply = Reply::parse(&line)?;
+        let mut rest = Vec::new();
+        self.reader
+            .read_to_end(&mut rest)
+            .context("waiting for the server to close")?;
+        Ok(reply)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -144,11 +174,21 @@ pub fn connect(ns: &Netns, to: SocketAddr) -> Result<Conn> {
     let stream = ns
         .run(|| TcpStream::connect_timeout(&to, TIMEOUT))?
         .with_context(|| format!("connecting to {to}"))?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    Ok(Conn {
-        reader: BufReader::new(stream.try_clone()?),
-        writer: stream,
-    })
+    Conn::over(stream)
+}
+
+/// Opens a TCP connection from inside `ns`, from source port `port`.
+pub fn connect_from(ns: &Netns, port: u16, to: SocketAddr) -> Result<Conn> {
+    let stream = ns
+        .run(|| -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            socket.connect_timeout(&to.into(), TIMEOUT)?;
+            Ok(socket.into())
+        })?
+        .with_context(|| format!("connecting to {to} from port {port}"))?;
+    Conn::over(stream)
 }
 
 /// A UDP socket bound in `ns` to its own source port.

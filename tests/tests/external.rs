@@ -19,7 +19,7 @@ use kpr_testbed::{
     pod::{connect, http_get, Datagrams, Reply},
     Cluster, ClusterSpec,
 };
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{FLOW_NAT_TAKEOVER_CLOSED_SECS, IPPROTO_TCP, IPPROTO_UDP};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -569,9 +569,9 @@ fn a_udp_flow_whose_backend_goes_moves_to_a_live_one() {
     }
 }
 
-#[test]
-fn running_out_of_nat_ports_is_counted_and_logged() {
-    let cluster = two_nodes();
+/// A NodePort (30099) on node0 whose one backend, web-1, is on node1: every
+/// flow through it is source-NATed to node0.
+fn expose_far(cluster: &Cluster) -> SocketAddr {
     let remote = cluster.pod("web-1").ip;
     let yaml = exposed_service_with_endpoints(
         "far",
@@ -590,6 +590,61 @@ fn running_out_of_nat_ports_is_counted_and_logged() {
     cluster
         .wait_for_backends(frontend, IPPROTO_TCP, &[at(remote, POD_PORT)])
         .unwrap();
+    frontend
+}
+
+/// SYNs `ns` has sent again (the kernel's TCPSynRetrans): a first one that
+/// went unanswered or was refused.
+fn syn_retransmits(ns: &Netns) -> u64 {
+    let netstat = ns.exec("cat", &["/proc/net/netstat"], "").unwrap();
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == "TCPSynRetrans").unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// A backend holds each source-NATed tuple in TIME_WAIT for a minute after
+/// it closed the connection, and admits a new SYN on it only when that
+/// SYN's timestamp is newer; clients offset their timestamps per
+/// connection tuple, so a different client connection given that NAT port
+/// is refused half the time, and waits a second for its retry. Two passes
+/// over the same source ports, the second in reverse order once kpr may
+/// take the first pass's closed ports over: every connection gets its
+/// answer at once.
+#[test]
+fn source_nat_gives_a_backends_waiting_tuple_only_to_the_connection_that_left_it() {
+    let cluster = two_nodes();
+    let frontend = expose_far(&cluster);
+    let outside = cluster.outside();
+    // 1,500 distinct ports drawn across Linux's ephemeral range, as a busy
+    // client's connections are.
+    let mut ports: Vec<u16> = (0..1_500u32).map(|i| 32_768 + (i * 7_759 % 28_232) as u16).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 1_500);
+    let pass = |ports: &mut dyn Iterator<Item = &u16>| {
+        for &port in ports {
+            let conn = kpr_testbed::pod::connect_from(outside, port, frontend).unwrap();
+            let reply = conn.last_request().unwrap();
+            assert_eq!(reply.peer.ip(), IpAddr::V4(node_ip(0)), "source NAT to node0");
+        }
+    };
+    let retransmits = syn_retransmits(outside);
+    pass(&mut ports.iter());
+    std::thread::sleep(std::time::Duration::from_secs(FLOW_NAT_TAKEOVER_CLOSED_SECS as u64 + 2));
+    pass(&mut ports.iter().rev());
+    assert_eq!(
+        syn_retransmits(outside) - retransmits,
+        0,
+        "SYNs refused at the backend's TIME_WAIT"
+    );
+}
+
+#[test]
+fn running_out_of_nat_ports_is_counted_and_logged() {
+    let cluster = two_nodes();
+    let remote = cluster.pod("web-1").ip;
+    let frontend = expose_far(&cluster);
     assert!(connect(cluster.outside(), frontend).unwrap().request().is_ok());
     // Every NAT port of node0 towards web-1 is held by a live flow.
     hold_nat_ports(
