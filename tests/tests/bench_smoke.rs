@@ -17,6 +17,16 @@ fn the_benchmark_runs_end_to_end_with_tiny_sizes() {
     ] {
         assert!(md.contains(section), "missing {section}:\n{md}");
     }
+    // Each rate part reports its own noise beside its targets.
+    assert_eq!(
+        md.matches("direct runs against the direct runs around them").count(),
+        2,
+        "{md}"
+    );
+    for row in &report.external.rates {
+        assert_eq!(row.failed, 0, "{row:?}");
+        assert!(row.ratio_ci.0 <= row.ratio && row.ratio <= row.ratio_ci.1, "{row:?}");
+    }
     // Every dataplane answered every request.
     for row in &report.datapath.rows {
         assert_eq!(row.failed, 0, "{row:?}");

@@ -20,7 +20,9 @@ use proxy_user::{
     sync::Syncer,
 };
 
-use super::{ab, median, nginx::Nginx, nginx::HTTP_PORT, quiet, rules, service_vip, services_desired, BenchConfig};
+use super::{
+    ab, median, median_ci, nginx::Nginx, nginx::HTTP_PORT, quiet, rules, service_vip, services_desired, BenchConfig,
+};
 use crate::{sh, Cluster, ClusterSpec};
 
 /// A cluster with nginx in its three backend pods.
@@ -175,6 +177,8 @@ pub struct Row {
     pub ratio: f64,
     /// Lowest and highest ratio over the rounds.
     pub ratio_range: (f64, f64),
+    /// The median ratio's 95% confidence interval (`median_ci`).
+    pub ratio_ci: (f64, f64),
     pub mean_ms: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -210,6 +214,9 @@ struct Sample {
     ratio: f64,
     per_packet: Option<f64>,
 }
+
+/// The baseline's row.
+pub const DIRECT_LABEL: &str = "direct to pod IP (no proxy)";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Config {
@@ -270,7 +277,7 @@ impl Config {
 
     fn label(self) -> &'static str {
         match self {
-            Config::Direct => "direct to pod IP (no proxy)",
+            Config::Direct => DIRECT_LABEL,
             Config::Floor => "direct, empty TC program attached",
             Config::KprSocketOne => "kpr, one-endpoint service",
             Config::KprSocketFirst => "kpr, first service",
@@ -493,6 +500,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                     r.iter().map(|x| x.ratio).fold(f64::INFINITY, f64::min),
                     r.iter().map(|x| x.ratio).fold(0.0, f64::max),
                 ),
+                ratio_ci: median_ci(&r.iter().map(|x| x.ratio).collect::<Vec<_>>()),
                 mean_ms: pick(&|x| x.ab.mean_ms),
                 p50_ms: pick(&|x| x.ab.p50_ms),
                 p99_ms: pick(&|x| x.ab.p99_ms),

@@ -27,7 +27,7 @@ use proxy_user::dataplane::maps::read_stats;
 use super::{
     ab,
     datapath::load_rules,
-    median,
+    median, median_ci,
     nginx::{Nginx, HTTP_PORT},
     pin_thread, quiet, rules, service_vip, BenchConfig, Cpu,
 };
@@ -391,7 +391,13 @@ impl Site {
     fn ab(&self, target: SocketAddr, cfg: &BenchConfig) -> Result<ab::AbResult> {
         self.empty_flow_table()?;
         let url = format!("http://{target}/");
-        ab::run(self.cluster.outside(), None, &url, cfg.requests, cfg.concurrency)
+        ab::run(
+            self.cluster.outside(),
+            None,
+            &url,
+            cfg.external_requests,
+            cfg.concurrency,
+        )
     }
 }
 
@@ -446,6 +452,8 @@ pub struct RateRow {
     pub requests_per_s: f64,
     pub ratio: f64,
     pub ratio_range: (f64, f64),
+    /// The median ratio's 95% confidence interval (`median_ci`).
+    pub ratio_ci: (f64, f64),
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub failed: u64,
@@ -600,6 +608,7 @@ fn alternate(
                 pod_ip: run.pod_ip,
                 requests_per_s: pick(&|x| x.0.requests_per_s),
                 ratio: pick(&|x| x.1),
+                ratio_ci: median_ci(&ratios.clone().collect::<Vec<_>>()),
                 ratio_range: (ratios.clone().fold(f64::INFINITY, f64::min), ratios.fold(0.0, f64::max)),
                 p50_ms: pick(&|x| x.0.p50_ms),
                 p99_ms: pick(&|x| x.0.p99_ms),

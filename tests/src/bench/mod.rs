@@ -41,8 +41,10 @@ pub struct BenchConfig {
     /// An earlier build's eBPF object, whose per-packet cost is sampled
     /// beside this build's, packet for packet (`baseline`).
     pub baseline_object: Option<std::path::PathBuf>,
-    /// Rounds of the external path's connection-rate runs.
+    /// Rounds of the external path's connection-rate runs, and requests
+    /// per run.
     pub external_rounds: usize,
+    pub external_requests: u32,
     /// Rounds and length of the external path's packet-rate windows.
     pub packet_rate_rounds: usize,
     pub packet_rate_seconds: f64,
@@ -69,7 +71,11 @@ impl BenchConfig {
             only: Vec::new(),
             skip_rule_loads: false,
             baseline_object: None,
-            external_rounds: 8,
+            // Twice the rounds of half the length of the first full run's
+            // (8 x 5,000): eight rounds put no pair of order statistics
+            // inside the whole range at 95%, sixteen put the 4th and 13th.
+            external_rounds: 16,
+            external_requests: 2_500,
             packet_rate_rounds: 5,
             packet_rate_seconds: 2.0,
         }
@@ -93,6 +99,7 @@ impl BenchConfig {
             skip_rule_loads: false,
             baseline_object: None,
             external_rounds: 1,
+            external_requests: 200,
             packet_rate_rounds: 1,
             packet_rate_seconds: 0.3,
         }
@@ -105,8 +112,8 @@ impl Report {
         if e.rates.is_empty() {
             return;
         }
-        let _ = writeln!(md, "\n## The external path\n\nA two-node namespace cluster per dataplane (nginx in three pods on the receiving node and one on the other; a client host outside the cluster on their LAN): none (the client routed to the pod through the receiving node), kpr with XDP (`kpr run --xdp native`), kpr with its TC program only (`--xdp off`), kube-proxy's iptables layout and its nftables layout, NodePorts included, as kube-proxy writes them (KUBE-NODEPORTS after every ClusterIP rule; the `service-nodeports` map). kpr is the release daemon, reading the Services as manifests. Besides the measured Services, each size adds that many ClusterIP Services (three endpoints each). `ab -n {} -c {}` from the outside host, a new TCP connection per request; {} rounds; every run is preceded and followed by a direct run to the same pods, *vs direct* is the median over rounds of the run's rate over the mean of those two, and the order reverses every other round. Every run starts from an empty flow table: kpr's conntrack map and netfilter's conntrack (`conntrack -F`) are emptied before it, so every connection chooses a backend. The direct row compares each direct run with the two around it: the spread of that row is the noise floor. The *to the pod IP* rows reach the pod directly through a node running kpr: the cost of the hooks merely being there. The LAN hands the nodes bare frames, as NICs do, and the receiving node's interface is processed on the second CPU (see *Packet rate* below), with the nginx pods; `ab` is on the first.\n", cfg.requests, cfg.concurrency, cfg.external_rounds);
-        let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | p50 ms | p99 ms | failed |\n|---:|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "\n## The external path\n\nA two-node namespace cluster per dataplane (nginx in three pods on the receiving node and one on the other; a client host outside the cluster on their LAN): none (the client routed to the pod through the receiving node), kpr with XDP (`kpr run --xdp native`), kpr with its TC program only (`--xdp off`), kube-proxy's iptables layout and its nftables layout, NodePorts included, as kube-proxy writes them (KUBE-NODEPORTS after every ClusterIP rule; the `service-nodeports` map). kpr is the release daemon, reading the Services as manifests. Besides the measured Services, each size adds that many ClusterIP Services (three endpoints each). `ab -n {} -c {}` from the outside host, a new TCP connection per request; {} rounds; every run is preceded and followed by a direct run to the same pods, *vs direct* is the median over rounds of the run's rate over the mean of those two, and the order reverses every other round. *median's 95% CI* is that median's confidence interval, taken from the rounds' order statistics (no assumption about the noise's distribution): a target's verdict is firm where the interval stays on one side of it. Every run starts from an empty flow table: kpr's conntrack map and netfilter's conntrack (`conntrack -F`) are emptied before it, so every connection chooses a backend. The direct row compares each direct run with the two around it: the spread of that row is the noise floor. The *to the pod IP* rows reach the pod directly through a node running kpr: the cost of the hooks merely being there. The LAN hands the nodes bare frames, as NICs do, and the receiving node's interface is processed on the second CPU (see *Packet rate* below), with the nginx pods; `ab` is on the first.\n", cfg.external_requests, cfg.concurrency, cfg.external_rounds);
+        let _ = writeln!(md, "| services | configuration | req/s | vs direct | median's 95% CI | rounds' range | p50 ms | p99 ms | failed |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &e.rates {
             table_row(
                 md,
@@ -115,6 +122,7 @@ impl Report {
                     r.config.clone(),
                     format!("{:.0}", r.requests_per_s),
                     format!("{:.2}x", r.ratio),
+                    format!("{:.2}–{:.2}", r.ratio_ci.0, r.ratio_ci.1),
                     format!("{:.2}–{:.2}", r.ratio_range.0, r.ratio_range.1),
                     format!("{:.0}", r.p50_ms),
                     format!("{:.0}", r.p99_ms),
@@ -310,6 +318,35 @@ pub fn median(values: Vec<f64>) -> f64 {
     percentile(values, 0.5)
 }
 
+/// A 95% confidence interval of the median of `values`, free of any
+/// assumption about their distribution (this machine's noise comes in
+/// bursts, far from normal): the `k`th lowest and the `k`th highest value,
+/// `k` the largest for which a binomial(n, 1/2) count falls below `k` with
+/// at most 2.5% chance. Below six values no pair reaches 95%: the whole
+/// range.
+pub fn median_ci(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    // P(count <= i) for binomial(n, 1/2), accumulated term by term.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut below = 0.0;
+    let mut k = 1;
+    for i in 0..n {
+        below += term;
+        if below > 0.025 {
+            break;
+        }
+        k = i + 1;
+        term *= (n - i) as f64 / (i + 1) as f64;
+    }
+    let k = k.min(n.div_ceil(2));
+    (sorted[k - 1], sorted[n - k])
+}
+
 pub fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
@@ -376,6 +413,32 @@ fn machine() -> String {
     )
 }
 
+/// A rate target's worst row: its median ratio, that median's 95%
+/// confidence interval (the verdict reproduces where the interval stays on
+/// one side of the target), and where it was measured.
+fn worst_rate(ratio: f64, ci: (f64, f64), at: &str) -> String {
+    format!("worst {ratio:.2}x (95% CI {:.2}–{:.2}; {at})", ci.0, ci.1)
+}
+
+/// How far the direct runs' median against their neighbours may be from
+/// 1.00x, at 95% confidence, for a rate verdict to be worth reading.
+const NOISE_TOLERANCE: f64 = 0.05;
+
+/// The noise row of a rate table: of `cis` (the direct row's median
+/// interval at each size, with the size), the one furthest from 1.00x.
+fn noise_target(what: &str, cis: impl Iterator<Item = ((f64, f64), usize)>) -> Option<(String, String, bool)> {
+    let off = |ci: (f64, f64)| (1.0 - ci.0).max(ci.1 - 1.0);
+    let (ci, n) = cis.max_by(|a, b| off(a.0).total_cmp(&off(b.0)))?;
+    Some((
+        format!(
+            "{what}: direct runs against the direct runs around them, the median's 95% CI within ±{:.0}% at every size",
+            NOISE_TOLERANCE * 100.0
+        ),
+        format!("widest {:.2}–{:.2} ({n} services)", ci.0, ci.1),
+        off(ci) <= NOISE_TOLERANCE,
+    ))
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
@@ -391,10 +454,18 @@ impl Report {
         if let Some(worst) = self.datapath.worst(&["kpr, one-endpoint"]) {
             out.push((
                 "connection rate through kpr >= 0.95x direct to the same pod, at every size".into(),
-                format!("worst {:.2}x ({} services)", worst.ratio, worst.services),
+                worst_rate(worst.ratio, worst.ratio_ci, &format!("{} services", worst.services)),
                 worst.ratio >= 0.95,
             ));
         }
+        out.extend(noise_target(
+            "connection rate",
+            self.datapath
+                .rows
+                .iter()
+                .filter(|r| r.config == datapath::DIRECT_LABEL)
+                .map(|r| (r.ratio_ci, r.services)),
+        ));
         let sizes: Vec<usize> = self.packets.iter().map(|r| r.services).collect();
         if let (Some(&small), Some(&large)) = (sizes.iter().min(), sizes.iter().max()) {
             let at = |n: usize, path: &str| {
@@ -493,11 +564,18 @@ impl Report {
                 .filter(|r| r.dataplane == dataplane.label() && r.remote == remote && !r.pod_ip)
                 .min_by(|a, b| a.ratio.total_cmp(&b.ratio))
         };
+        out.extend(noise_target(
+            "from outside",
+            e.rates
+                .iter()
+                .filter(|r| r.dataplane == Dataplane::Direct.label())
+                .map(|r| (r.ratio_ci, r.services)),
+        ));
         if let Some(r) = worst(Dataplane::KprXdp, false) {
             out.push((
                 "from outside to a NodePort (Local policy, local endpoints), kpr with XDP >= 0.95x direct, every size"
                     .into(),
-                format!("worst {:.2}x ({} services)", r.ratio, r.services),
+                worst_rate(r.ratio, r.ratio_ci, &format!("{} services", r.services)),
                 r.ratio >= 0.95,
             ));
         }
@@ -505,7 +583,7 @@ impl Report {
             if let Some(r) = worst(dataplane, false) {
                 out.push((
                     format!("from outside to that NodePort, kpr {label} >= 0.95x direct, every size"),
-                    format!("worst {:.2}x ({} services)", r.ratio, r.services),
+                    worst_rate(r.ratio, r.ratio_ci, &format!("{} services", r.services)),
                     r.ratio >= 0.95,
                 ));
             }
@@ -514,7 +592,7 @@ impl Report {
             out.push((
                 "to a ClusterIP, kpr's TC path (clients the socket hooks cannot see) >= 0.95x direct, every size"
                     .into(),
-                format!("worst {:.2}x ({}, {} services)", r.ratio, r.config, r.services),
+                worst_rate(r.ratio, r.ratio_ci, &format!("{}, {} services", r.config, r.services)),
                 r.ratio >= 0.95,
             ));
         }
@@ -615,18 +693,20 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. Every run starts from an empty flow table (kpr's conntrack map, emptied through its pin; netfilter's, with `conntrack -F`), so every connection it translates chooses a backend. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included; that accounting costs two clock reads per program run, so it is on in the last round only, and only that round gives this column.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
+            "\n## Connection rate and latency\n\nA namespace cluster per dataplane (two for kpr, see below), each with three nginx pods and client pods; `ab -n {} -c {}` from the client, a new TCP connection per request; {} rounds alternating between configurations, medians reported. Every run is preceded and followed by a direct run (to the pod, no proxy), and *vs direct* is the median over rounds of the run's rate divided by the mean of those two: the machine's drift over a round cancels out. The order of configurations is reversed every other round. Every run starts from an empty flow table (kpr's conntrack map, emptied through its pin; netfilter's, with `conntrack -F`), so every connection it translates chooses a backend. *median's 95% CI* is that median's confidence interval, taken from the rounds' order statistics (no assumption about the noise's distribution): a target's verdict is firm where the interval stays on one side of it. *rounds' range* is the lowest and highest of those per-round ratios; for the direct row itself it compares each direct run with the two around it. The load tool is kept on the first CPU and the nginx processes on the second, in every configuration. *ab CPU* is the load tool's CPU time over wall time: near 1.0 it saturated a core and the rate is the tool's ceiling. *ns/packet* is the kernel's own accounting (`BPF_ENABLE_STATS`) of the TC program during the run, every packet of every direction included; that accounting costs two clock reads per program run, so it is on in the last round only, and only that round gives this column.\n\n*kpr* is the dataplane as the daemon runs it: the client is a process of the cgroup the socket-level hooks are attached to (on a node, the root: every pod), so its TCP connections to a service are sent to a backend inside `connect()`; the TC program still sees every packet. *kpr TC path only* is the same dataplane with the client outside that cgroup, so every packet of the connection is translated by the TC program (with conntrack), as for clients the hooks cannot see; it runs on a second kpr cluster, with the *kpr mixed node* row: a socket-balanced client there, whose backend also serves those translated flows.\n",
             cfg.requests, cfg.concurrency, cfg.rounds
         );
-        let _ = writeln!(md, "| services | configuration | req/s | vs direct | rounds' range | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "| services | configuration | req/s | vs direct | median's 95% CI | rounds' range | mean ms | p50 ms | p99 ms | failed | ab CPU | ns/packet |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.datapath.rows {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.3} | {:.0} | {:.0} | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.2}x | {:.2}–{:.2} | {:.2}–{:.2} | {:.3} | {:.0} | {:.0} | {} | {:.2} | {} |",
                 r.services,
                 r.config,
                 r.requests_per_s,
                 r.ratio,
+                r.ratio_ci.0,
+                r.ratio_ci.1,
                 r.ratio_range.0,
                 r.ratio_range.1,
                 r.mean_ms,
@@ -715,5 +795,30 @@ impl Report {
         }
         let _ = writeln!(md, "\n{} changes, each to one endpoint of one Service, spaced {} ms apart (past the daemon's minimum sync interval, so each is measured alone). The latency is measured end to end by the benchmark: from writing the EndpointSlice to the API server until the new backend is readable in the pinned BACKENDS map; it includes the watch delivery and the polling granularity (20 us).", c.changes, cfg.change_spacing_ms);
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_ci;
+
+    #[test]
+    fn the_medians_interval_is_the_order_statistics_a_binomial_allows() {
+        let values = |n: usize| -> Vec<f64> { (1..=n).rev().map(|v| v as f64).collect() };
+        // (samples, k): the k-th lowest and highest, from binomial tables.
+        for (n, k) in [
+            (1, 1),
+            (5, 1),
+            (6, 1),
+            (8, 1),
+            (9, 2),
+            (16, 4),
+            (25, 8),
+            (40, 14),
+            (100, 40),
+        ] {
+            assert_eq!(median_ci(&values(n)), (k as f64, (n + 1 - k) as f64), "{n} samples");
+        }
+        assert_eq!(median_ci(&[]), (0.0, 0.0));
     }
 }

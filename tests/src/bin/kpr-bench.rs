@@ -26,6 +26,7 @@ fn main() -> Result<()> {
             "--requests" => cfg.requests = value("a number")?.parse()?,
             "--rounds" => cfg.rounds = value("a number")?.parse()?,
             "--external-rounds" => cfg.external_rounds = value("a number")?.parse()?,
+            "--external-requests" => cfg.external_requests = value("a number")?.parse()?,
             "--only" => cfg.only.push(value("datapath, packets, control or external")?),
             "--skip-rule-loads" => cfg.skip_rule_loads = true,
             "--baseline-object" => cfg.baseline_object = Some(value("an eBPF object")?.into()),
@@ -44,7 +45,7 @@ fn main() -> Result<()> {
                 cfg.kpr_only_services.clear();
             }
             other => anyhow::bail!(
-                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --external-rounds N, --only PART, --skip-rule-loads, --sizes N,N, --packet-sizes N,N, --baseline-object FILE)"
+                "unknown argument {other:?} (expected --out PATH, --smoke, --requests N, --rounds N, --external-rounds N, --external-requests N, --only PART, --skip-rule-loads, --sizes N,N, --packet-sizes N,N, --baseline-object FILE)"
             ),
         }
     }
