@@ -99,7 +99,7 @@ pub fn service_frontends(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node:
             endpoints
                 .into_iter()
                 .map(|(e, port)| BackendAddr {
-                    ip: e.addresses[0],
+                    ip: e.address,
                     port,
                     local: e.node_name.as_deref() == Some(node.name.as_str()),
                     terminating: !e.ready,
@@ -211,7 +211,7 @@ pub fn health_check(svc: &ServiceInfo, slices: &[&EndpointSliceInfo], node: &Nod
         .iter()
         .flat_map(|s| &s.endpoints)
         .filter(|e| e.ready && e.node_name.as_deref() == Some(node.name.as_str()))
-        .map(|e| e.addresses[0])
+        .map(|e| e.address)
         .collect();
     Some(HealthCheck {
         service: svc.name.clone(),

@@ -229,8 +229,10 @@ pub struct EndpointSliceInfo {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// Never empty; like kube-proxy, only the first is used.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The first of the endpoint's addresses: like kube-proxy, the only
+    /// one used (all are validated). One address, not the list: 100,000
+    /// endpoints would hold 100,000 small allocations for nothing.
+    pub address: Ipv4Addr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -580,23 +582,26 @@ impl EndpointSliceInfo {
 }
 
 fn endpoint(reject: &Reject, i: usize, e: &Endpoint) -> Result<EndpointInfo, Rejection> {
-    let addresses = e
-        .addresses
-        .iter()
-        .enumerate()
-        .map(|(j, a)| match parse_ip(a) {
-            Some(IpAddr::V4(v4)) => Ok(v4),
-            _ => Err(reject.at(
-                format!("endpoints[{i}].addresses[{j}]"),
-                format!("{a:?} is not an IPv4 address"),
-            )),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut addresses = e.addresses.iter().enumerate().map(|(j, a)| match parse_ip(a) {
+        Some(IpAddr::V4(v4)) => Ok(v4),
+        _ => Err(reject.at(
+            format!("endpoints[{i}].addresses[{j}]"),
+            format!("{a:?} is not an IPv4 address"),
+        )),
+    });
+    // The caller skips endpoints without addresses, as kube-proxy does.
+    let Some(address) = addresses.next() else {
+        return Err(reject.at(format!("endpoints[{i}].addresses"), "no address"));
+    };
+    let address = address?;
+    for later in addresses {
+        later?;
+    }
     let c = e.conditions.as_ref();
     // kube-proxy's reading of the conditions: nil ready and nil serving mean
     // true, nil terminating means false.
     Ok(EndpointInfo {
-        addresses,
+        address,
         ready: c.and_then(|c| c.ready).unwrap_or(true),
         serving: c.and_then(|c| c.serving).unwrap_or(true),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),

@@ -296,6 +296,16 @@ fn invalid_objects_are_rejected_naming_the_field() {
             "EndpointSlice default/web-a: endpoints[0].addresses[0]: \"10.0.0.256\" is not an IPv4 address",
         ),
         (
+            // Only the first address is used, but every one must be valid.
+            slice_rejection(&slice(
+                "web-a",
+                "web",
+                SLICE_HTTP_8080,
+                "- addresses: [10.0.0.1, 10.0.0.256]\n",
+            )),
+            "EndpointSlice default/web-a: endpoints[0].addresses[1]: \"10.0.0.256\" is not an IPv4 address",
+        ),
+        (
             service_rejection(
                 &(svc("web", "10.96.0.1", HTTP)
                     + "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8, 192.168.1.0/33]\n"),

@@ -284,7 +284,7 @@ mod tests {
         }
         fn info(&self) -> EndpointInfo {
             EndpointInfo {
-                addresses: vec![Ipv4Addr::new(10, 0, 0, self.id)],
+                address: Ipv4Addr::new(10, 0, 0, self.id),
                 ready: self.ready,
                 serving: self.serving,
                 terminating: self.terminating,
@@ -638,7 +638,7 @@ mod tests {
             };
             let got = categorize(&refs, |e| e, case.policy, &node);
             let ids = |set: Option<Vec<&EndpointInfo>>| {
-                set.map(|v| v.iter().map(|e| e.addresses[0].octets()[3]).collect::<Vec<u8>>())
+                set.map(|v| v.iter().map(|e| e.address.octets()[3]).collect::<Vec<u8>>())
             };
             assert_eq!(ids(got.cluster), case.cluster, "{}: cluster endpoints", case.name);
             assert_eq!(ids(got.local), case.local, "{}: local endpoints", case.name);
