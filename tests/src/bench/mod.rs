@@ -677,6 +677,18 @@ impl Report {
         for (what, measured, ok) in self.targets() {
             let _ = writeln!(md, "| {what} | {measured} | {} |", verdict(ok));
         }
+        self.datapath_markdown(cfg, &mut md);
+        self.packets_markdown(cfg, &mut md);
+        self.external_markdown(cfg, &mut md);
+        self.control_markdown(cfg, &mut md);
+        md
+    }
+
+    /// The ClusterIP connection-rate part, where it ran.
+    fn datapath_markdown(&self, cfg: &BenchConfig, md: &mut String) {
+        if self.datapath.rows.is_empty() {
+            return;
+        }
         let worst = |prefixes: &[&str]| {
             self.datapath.worst(prefixes).map_or("not measured".to_string(), |r| {
                 format!("{:.2}x ({}, {} services)", r.ratio, r.config, r.services)
@@ -722,7 +734,13 @@ impl Report {
         for (n, ipt, nft) in &self.datapath.rule_loads {
             let _ = writeln!(md, "| {n} | {ipt:.2} s | {nft:.2} s |");
         }
+    }
 
+    /// The per-packet part, where it ran.
+    fn packets_markdown(&self, cfg: &BenchConfig, md: &mut String) {
+        if self.packets.is_empty() {
+            return;
+        }
         let _ = writeln!(md, "\n## Per-packet cost by path\n\n`BPF_PROG_TEST_RUN` on crafted packets, {} samples per path, each a single run (repeat = 1) on its own packet, since the program rewrites what it is given; kernel-measured ns per run. The clock advances in steps of about 10 ns here, so the ratios compare trimmed means (the middle 80% of samples), which resolve below a step; medians are shown too. Tuples are fresh for every sample, so *new flow* really creates a flow and *established* really finds one. Each size has its own dataplane, programmed before any sample is taken; samples are taken in {} rounds that visit every size in turn, after a warm-up round that is not counted, so that drift of the machine over the run is shared by all sizes. The pre-filter is a whole-tuple bitmap behind a small one keyed by the address's /24: a packet to and from /24s holding no service address and no backend that serves translated flows is decided by the small one, which stays in cache (the *no match* rows; their clients are outside the backends' /24). One from a backend's /24 also reads the whole-tuple bitmap, out of cache for a tuple not seen lately: the *from a backend's /24* row. The *XDP* rows run the XDP program of the external interfaces on TCP from clients outside the cluster to the same service (backends on this node: translated and passed up, marked for the TC program), against an XDP program that passes everything; the *TC external* rows run the TC program of those interfaces on the same kind of packets, as a node without XDP does. With `--baseline-object FILE`, the *baseline build* rows are an earlier build's `kpr_tc` (and empty program), loaded beside this one and run on the same packets right after this build's, so that the machine's drift cannot come between them.\n", cfg.packet_samples, packets::ROUNDS);
         let _ = writeln!(
             md,
@@ -746,12 +764,13 @@ impl Report {
                 r.trimmed_mean_ns / base
             );
         }
+    }
 
-        self.external_markdown(cfg, &mut md);
-
+    /// The control-plane part, where it ran.
+    fn control_markdown(&self, cfg: &BenchConfig, md: &mut String) {
         let c = &self.control;
         if c.services == 0 {
-            return md;
+            return;
         }
         let _ = writeln!(md, "\n## Control plane\n\n{} Services x {} endpoints, served by the in-tree test API server (real list/watch over HTTP) to the release-built daemon.\n", c.services, c.endpoints_per_service);
         let _ = writeln!(md, "| measurement | value |\n|---|---:|");
@@ -794,7 +813,6 @@ impl Report {
             let _ = writeln!(md, "| {what} | {value} |");
         }
         let _ = writeln!(md, "\n{} changes, each to one endpoint of one Service, spaced {} ms apart (past the daemon's minimum sync interval, so each is measured alone). The latency is measured end to end by the benchmark: from writing the EndpointSlice to the API server until the new backend is readable in the pinned BACKENDS map; it includes the watch delivery and the polling granularity (20 us).", c.changes, cfg.change_spacing_ms);
-        md
     }
 }
 
