@@ -458,6 +458,18 @@ impl Report {
                 worst.ratio >= 0.95,
             ));
         }
+        if let Some(worst) = self.datapath.worst(&["kpr, first", "kpr, last"]) {
+            out.push((
+                "the same through kpr to a three-endpoint service (against direct to one of its pods), at every size"
+                    .into(),
+                worst_rate(
+                    worst.ratio,
+                    worst.ratio_ci,
+                    &format!("{}, {} services", worst.config, worst.services),
+                ),
+                worst.ratio >= 0.95,
+            ));
+        }
         out.extend(noise_target(
             "connection rate",
             self.datapath
