@@ -159,6 +159,7 @@ pub fn other_end(entry: &NatEntry, unchanged: Endpoint) -> Endpoint {
 
 /// A flow's translation: where its requests go, with which source, and
 /// where the choice came from.
+#[derive(Clone, Copy)]
 pub struct Flow {
     pub service_id: u32,
     pub slot: u32,
@@ -288,8 +289,9 @@ pub enum NatError {
 /// Records `flow` with its source translated to `node_addr` and a free NAT
 /// port: one whose reply tuple (backend -> node:port) no live flow holds,
 /// claimed atomically by the reply entry's insert (a port whose flow has
-/// ended is taken over). The search starts at a hash of the client's
-/// tuple, so clients spread over the range.
+/// ended is taken over). The search starts where the client's source port
+/// maps (`nat_port_search_start`): one client's connections start apart,
+/// and a reused tuple gets its port back.
 ///
 /// The search runs in `bpf_loop`, whose callback the verifier checks as a
 /// body of its own (once for each way the program reaches it, until its
@@ -341,19 +343,25 @@ extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
     let search = unsafe { &mut *(search as *mut PortSearch) };
     // SAFETY: the packet and flow `create_nated` was given, alive as above.
     let (pkt, flow) = unsafe { (&*search.pkt, &mut *search.flow) };
-    let port = nat_port_try(search.start, turn as u32);
-    flow.source = Endpoint {
-        addr: search.node_addr,
-        port: port.to_be(),
+    let candidate = Flow {
+        source: Endpoint {
+            addr: search.node_addr,
+            port: nat_port_try(search.start, turn as u32).to_be(),
+        },
+        ..*flow
     };
-    let claimed = insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok()
-        || (reclaim_if_ended(&flow_key(flow.backend, flow.source, pkt.proto), pkt.proto)
-            && insert_reply(pkt, flow, BPF_NOEXIST as u64).is_ok());
-    if claimed {
-        search.claimed = 1;
-        return 1;
+    let claimed = insert_reply(pkt, &candidate, BPF_NOEXIST as u64).is_ok()
+        || (reclaim_if_ended(&flow_key(candidate.backend, candidate.source, pkt.proto), pkt.proto)
+            && insert_reply(pkt, &candidate, BPF_NOEXIST as u64).is_ok());
+    if !claimed {
+        return 0;
     }
-    0
+    // Only a claimed port is written back: a turn that fails leaves the
+    // caller's memory as it was, so the verifier finds the loop's state
+    // repeating after the first turn instead of a new one each turn.
+    flow.source = candidate.source;
+    search.claimed = 1;
+    1
 }
 
 /// A new connection straight to an address that once answered for a
