@@ -698,7 +698,7 @@ impl SyncLoop {
             );
         }
         if full || complete {
-            release_freed_memory();
+            crate::memory::release_freed_memory();
         }
         true
     }
@@ -750,16 +750,5 @@ impl SyncLoop {
                 );
             }
         }
-    }
-}
-
-/// Hands the heap's free pages back to the kernel. A whole sync (and, at
-/// start, the watchers' first lists, decoded whole) leaves tens of MB
-/// freed but still resident at scale, which glibc's allocator keeps.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: no preconditions; only returns memory no allocation holds.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

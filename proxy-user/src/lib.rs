@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod healthcheck;
 pub mod inspect;
+pub mod memory;
 pub mod model;
 pub mod packet;
 pub mod source;

@@ -228,7 +228,7 @@ async fn watch<K: Watched>(api: Api<K>, shared: Shared) {
                 let applied = std::mem::take(&mut listing);
                 tokio::task::spawn_blocking(move || {
                     drop(applied);
-                    release_freed_memory();
+                    crate::memory::release_freed_memory();
                 });
                 (notices, seen)
             }
@@ -279,13 +279,6 @@ fn count_changes(resource: &str, seen: usize, state: &ClusterState, telemetry: &
     let (services, endpoints) = state.pending_changes();
     metrics.service_changes_pending.set(services as i64);
     metrics.endpoint_changes_pending.set(endpoints as i64);
-}
-
-/// A list holds every object at once; hand the memory back once it is
-/// applied, or the daemon's resident size stays at its peak for good.
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only returns free heap memory to the system.
-    unsafe { libc::malloc_trim(0) };
 }
 
 /// Logs each notice once (the state only returns new ones) and counts it.
