@@ -21,7 +21,8 @@ use proxy_user::{
 };
 
 use super::{
-    ab, median, median_ci, nginx::Nginx, nginx::HTTP_PORT, quiet, rules, service_vip, services_desired, BenchConfig,
+    ab, median, median_ci, nginx::Nginx, nginx::HTTP_PORT, quiet, range, rules, service_vip, services_desired,
+    BenchConfig,
 };
 use crate::{sh, Cluster, ClusterSpec};
 
@@ -496,10 +497,7 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 config: config.label().to_string(),
                 requests_per_s: pick(&|x| x.ab.requests_per_s),
                 ratio: pick(&|x| x.ratio),
-                ratio_range: (
-                    r.iter().map(|x| x.ratio).fold(f64::INFINITY, f64::min),
-                    r.iter().map(|x| x.ratio).fold(0.0, f64::max),
-                ),
+                ratio_range: range(r.iter().map(|x| x.ratio)),
                 ratio_ci: median_ci(&r.iter().map(|x| x.ratio).collect::<Vec<_>>()),
                 mean_ms: pick(&|x| x.ab.mean_ms),
                 p50_ms: pick(&|x| x.ab.p50_ms),

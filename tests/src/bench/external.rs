@@ -29,7 +29,7 @@ use super::{
     datapath::load_rules,
     median, median_ci,
     nginx::{Nginx, HTTP_PORT},
-    pin_thread, quiet, rules, service_vip, BenchConfig, Cpu,
+    pin_thread, quiet, range, rules, service_vip, BenchConfig, Cpu,
 };
 use crate::{
     cluster::{node_ip, node_name, OUTSIDE_IP},
@@ -609,7 +609,7 @@ fn alternate(
                 requests_per_s: pick(&|x| x.0.requests_per_s),
                 ratio: pick(&|x| x.1),
                 ratio_ci: median_ci(&ratios.clone().collect::<Vec<_>>()),
-                ratio_range: (ratios.clone().fold(f64::INFINITY, f64::min), ratios.fold(0.0, f64::max)),
+                ratio_range: range(ratios),
                 p50_ms: pick(&|x| x.0.p50_ms),
                 p99_ms: pick(&|x| x.0.p99_ms),
                 failed: s.iter().map(|x| x.0.failed).sum(),
@@ -892,7 +892,7 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
                 delivered_pps: median(s.iter().map(|x| x.0.counted).collect()),
                 cost: Cost::median(s.iter().map(|x| &x.0.cost)),
                 ratio: median(ratios.clone().collect()),
-                ratio_range: (ratios.clone().fold(f64::INFINITY, f64::min), ratios.fold(0.0, f64::max)),
+                ratio_range: range(ratios),
             });
         }
     }
@@ -924,10 +924,7 @@ fn packet_rates(sites: &[Site], cfg: &BenchConfig, progress: &dyn Fn(&str), resu
             offered_pps: median(s.iter().map(|x| x.offered).collect()),
             dropped_pps: median(dropped.clone()),
             cost: Cost::median(s.iter().map(|x| &x.cost)),
-            dropped_range: (
-                dropped.iter().copied().fold(f64::INFINITY, f64::min),
-                dropped.iter().copied().fold(0.0, f64::max),
-            ),
+            dropped_range: range(dropped.iter().copied()),
         });
     }
     Ok(())

@@ -318,6 +318,13 @@ pub fn median(values: Vec<f64>) -> f64 {
     percentile(values, 0.5)
 }
 
+/// The lowest and highest of `values`.
+pub fn range(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
+    values
+        .into_iter()
+        .fold((f64::INFINITY, 0.0), |(low, high), v| (low.min(v), high.max(v)))
+}
+
 /// A 95% confidence interval of the median of `values`, free of any
 /// assumption about their distribution (this machine's noise comes in
 /// bursts, far from normal): the `k`th lowest and the `k`th highest value,
