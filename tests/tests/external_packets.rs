@@ -360,6 +360,42 @@ fn running_out_of_nat_ports_is_counted_and_dropped() {
     node.expect_outside("no NAT port left", &syn, TC_ACT_SHOT, &syn, Stat::NatExhausted);
 }
 
+/// A flow's NAT port is the first of its search, which starts where its
+/// source port maps (`nat_port_search_start`), on TC and on XDP: a reused
+/// client tuple gets its port back, so the backend's TIME_WAIT tuple goes
+/// to the connection that left it.
+#[test]
+fn a_new_flows_nat_port_is_where_its_source_port_maps() {
+    let start = |client_port: u16| {
+        proxy_common::nat_port_search_start(
+            proxy_common::addr_to_map(CLIENT),
+            client_port.to_be(),
+            proxy_common::addr_to_map(NODE),
+            30090u16.to_be(),
+        )
+    };
+    for (program, client_port) in [(TC_EXTERNAL_PROGRAM, 41000), (XDP_PROGRAM, 41001)] {
+        let node = Node::new();
+        let syn = packet::tcp((CLIENT, client_port), (NODE, 30090), TCP_SYN);
+        let out = if program == XDP_PROGRAM {
+            let (_, out, by_xdp) = node.through_xdp_then_tc(&syn);
+            assert!(by_xdp, "XDP translates a new flow to a remote backend itself");
+            out
+        } else {
+            node.run(program, &syn).1
+        };
+        let port = proxy_common::nat_port_try(start(client_port), 0);
+        let expected = syn.clone().with_src((NODE, port)).with_dst((REMOTE.ip, REMOTE.port));
+        // XDP forwards the frame with its addresses rewritten; only the
+        // network and transport headers are compared.
+        assert_eq!(
+            hex(&out[14..]),
+            hex(&expected.frame()[14..]),
+            "{program}: source-NATed to the port the client's source port maps to"
+        );
+    }
+}
+
 #[test]
 fn the_nat_port_of_a_flow_that_ended_is_taken_over() {
     let node = Node::new();
