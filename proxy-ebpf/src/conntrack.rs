@@ -293,56 +293,84 @@ pub enum NatError {
 /// maps (`nat_port_search_start`): one client's connections start apart,
 /// and a reused tuple gets its port back.
 ///
-/// The search runs in `bpf_loop`, whose callback the verifier checks as a
-/// body of its own (once for each way the program reaches it, until its
-/// state repeats). As an open loop of `NAT_PORT_TRIES` turns it was checked
-/// turn by turn, at every place a flow is source-NATed, in every program:
-/// four fifths of the instructions the verifier walked, and so most of the
-/// daemon's start.
+/// The search runs in `bpf_loop` (as an open loop of `NAT_PORT_TRIES`
+/// turns the verifier checked it turn by turn, at every place a flow is
+/// source-NATed), inside a global function (see `kpr_search_nat_port`).
 #[inline(always)]
 pub fn create_nated(pkt: &Packet, flow: &mut Flow, node_addr: u32) -> Result<(), NatError> {
     let mut search = PortSearch {
-        pkt,
-        flow,
+        pkt: *pkt,
+        flow: *flow,
         start: nat_port_search_start(pkt.src, pkt.sport, pkt.dst, pkt.dport),
         node_addr,
         claimed: 0,
     };
+    if kpr_search_nat_port(&mut search) == 0 {
+        return Err(NatError::Exhausted);
+    }
+    flow.source = search.flow.source;
+    insert_request(pkt, flow).map_err(|_| NatError::Map)
+}
+
+/// What the NAT port search works on: copies, not pointers, since the
+/// verifier accepts a pointer argument of a global function only to a
+/// struct of plain values.
+#[repr(C)]
+pub struct PortSearch {
+    pkt: Packet,
+    /// The flow; its source is the claimed port once one is.
+    flow: Flow,
+    start: u32,
+    node_addr: u32,
+    /// Set (1) by the turn that claimed a port.
+    claimed: u32,
+}
+
+/// The NAT port search: 1 if a port was claimed (left in the search's
+/// flow), 0 if every port tried is held.
+///
+/// A global function, so the verifier checks it once, on its own, from
+/// what its argument's type says; the callers then only see a number come
+/// back. A static one (or the loop's callback called directly) is checked
+/// again for each state a caller reaches it in: about 60 times a program,
+/// half of all the verifier walked, and so of the daemon's start.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn kpr_search_nat_port(search: *mut PortSearch) -> u32 {
+    // The verifier cannot know the caller passes a live search.
+    if search.is_null() {
+        return 0;
+    }
+    // `bpf_loop` takes its callback's context only on this stack: the
+    // search is reached through it.
+    let mut turns = SearchTurns { search };
     // SAFETY: a callback of the signature `bpf_loop` calls, and a context
-    // that outlives the call.
+    // that outlives the call; the search is the caller's, alive as long.
     unsafe {
         bpf_loop(
             NAT_PORT_TRIES,
             try_nat_port as *const () as *mut c_void,
-            &mut search as *mut PortSearch as *mut c_void,
+            &mut turns as *mut SearchTurns as *mut c_void,
             0,
-        )
-    };
-    if search.claimed == 0 {
-        return Err(NatError::Exhausted);
+        );
+        (*search).claimed
     }
-    insert_request(pkt, flow).map_err(|_| NatError::Map)
 }
 
-/// What the NAT port search's turns share.
+/// The context of the search's turns.
 #[repr(C)]
-struct PortSearch {
-    pkt: *const Packet,
-    flow: *mut Flow,
-    start: u32,
-    node_addr: u32,
-    /// Set (1) by the turn that claimed a port, which is left in the flow.
-    claimed: u32,
+struct SearchTurns {
+    search: *mut PortSearch,
 }
 
 /// One turn of the NAT port search: the `turn`th port from the start, if no
 /// live flow holds it. Returns 1 (stop) once a port is claimed.
 #[inline(never)]
 extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
-    // SAFETY: `create_nated`'s search, on its stack for the whole loop.
-    let search = unsafe { &mut *(search as *mut PortSearch) };
-    // SAFETY: the packet and flow `create_nated` was given, alive as above.
-    let (pkt, flow) = unsafe { (&*search.pkt, &mut *search.flow) };
+    // SAFETY: `kpr_search_nat_port`'s context and search, alive for the
+    // whole loop.
+    let search = unsafe { &mut *(*(search as *mut SearchTurns)).search };
+    let (pkt, flow) = (&search.pkt, &mut search.flow);
     let candidate = Flow {
         source: Endpoint {
             addr: search.node_addr,
@@ -357,8 +385,8 @@ extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
         return 0;
     }
     // Only a claimed port is written back: a turn that fails leaves the
-    // caller's memory as it was, so the verifier finds the loop's state
-    // repeating after the first turn instead of a new one each turn.
+    // search as it was, so the verifier finds the loop's state repeating
+    // after the first turn instead of a new one each turn.
     flow.source = candidate.source;
     search.claimed = 1;
     1

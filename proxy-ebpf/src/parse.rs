@@ -57,6 +57,7 @@ pub enum Fragment {
 
 /// What the later stages need of a TCP or UDP over IPv4 packet. Addresses and
 /// ports stay in network order.
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub l4_off: usize,
     pub proto: u8,
