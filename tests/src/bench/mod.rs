@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub cp_endpoints: usize,
     pub cp_changes: usize,
     pub change_spacing_ms: u64,
+    /// Cold starts of the daemon, each on a node with nothing pinned.
+    pub cold_starts: usize,
     /// Run only these parts ("datapath", "packets", "control"); all when empty.
     pub only: Vec<String>,
     /// Skip loading kube-proxy's rulesets in the control-plane part (nft
@@ -68,6 +70,8 @@ impl BenchConfig {
             cp_endpoints: 10,
             cp_changes: 1_000,
             change_spacing_ms: 15,
+            // Nine: the median's 95% interval is then the 2nd to the 8th.
+            cold_starts: 9,
             only: Vec::new(),
             skip_rule_loads: false,
             baseline_object: None,
@@ -95,6 +99,7 @@ impl BenchConfig {
             cp_endpoints: 3,
             cp_changes: 5,
             change_spacing_ms: 15,
+            cold_starts: 2,
             only: Vec::new(),
             skip_rule_loads: false,
             baseline_object: None,
@@ -552,13 +557,17 @@ impl Report {
         if c.services == 0 {
             return out;
         }
+        let cold_start = median(c.cold_starts_s.clone());
+        let (low, high) = median_ci(&c.cold_starts_s);
         out.push((
             format!(
-                "cold start of {} services x {} endpoints under 1 s",
-                c.services, c.endpoints_per_service
+                "cold start of {} services x {} endpoints under 1 s (median of {} starts)",
+                c.services,
+                c.endpoints_per_service,
+                c.cold_starts_s.len()
             ),
-            format!("{:.2} s", c.cold_start_s),
-            c.cold_start_s < 1.0,
+            format!("{cold_start:.2} s (95% CI {low:.2}–{high:.2})"),
+            cold_start < 1.0,
         ));
         out.push((
             "one endpoint change to maps, p99 under 5 ms".into(),
@@ -793,13 +802,21 @@ impl Report {
         }
         let _ = writeln!(md, "\n## Control plane\n\n{} Services x {} endpoints, served by the in-tree test API server (real list/watch over HTTP) to the release-built daemon.\n", c.services, c.endpoints_per_service);
         let _ = writeln!(md, "| measurement | value |\n|---|---:|");
+        let cold_starts = c
+            .cold_starts_s
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+            + " s";
         let rows = [
             (
-                "cold start: daemon launched to every frontend and backend in the maps",
-                format!("{:.3} s", c.cold_start_s),
+                "cold start: daemon launched to every frontend and backend in the maps, median",
+                format!("{:.3} s", median(c.cold_starts_s.clone())),
             ),
+            ("  each start, in order", cold_starts),
             (
-                "  of which the daemon's syncs (map writes)",
+                "  of which the daemon's syncs (map writes), median",
                 format!("{:.3} s", c.cold_sync_s),
             ),
             (
@@ -831,6 +848,7 @@ impl Report {
         for (what, value) in rows {
             let _ = writeln!(md, "| {what} | {value} |");
         }
+        let _ = writeln!(md, "\nEach cold start begins on a node with nothing pinned (`kpr uninstall` after the previous one), once the machine is idle: maps created, programs verified and attached, the cluster listed and modelled, every frontend and backend written. The 95% interval of the target row is the median's, from the starts' order statistics.");
         let _ = writeln!(md, "\n{} changes, each to one endpoint of one Service, spaced {} ms apart (past the daemon's minimum sync interval, so each is measured alone). The latency is measured end to end by the benchmark: from writing the EndpointSlice to the API server until the new backend is readable in the pinned BACKENDS map; it includes the watch delivery and the polling granularity (20 us).", c.changes, cfg.change_spacing_ms);
     }
 }
