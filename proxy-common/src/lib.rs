@@ -177,10 +177,6 @@ pub const fn nat_port_try(start: u32, turn: u32) -> u16 {
     nat_port((start + (turn % NAT_PORT_TRIES) * NAT_PORT_STRIDE) % NAT_PORT_COUNT)
 }
 
-/// Sockets connected through the socket-level balancer whose service
-/// address `getpeername` restores (least recently connected evicted first).
-pub const MAX_SOCKET_PEERS: u32 = 262_144;
-
 /// The pre-filter, in u64 words of the `FILTER` array: two halves, one
 /// for the tuples services are addressed by (written by the daemon), one
 /// for the tuples backends of translated flows answer from (set by the data
@@ -800,8 +796,8 @@ pub struct NodeConfig {
 /// handing a node back to it), at `connect()` and per packet alike.
 pub const NODE_DRAINING: u32 = 1;
 
-/// Value of `SOCKET_PEERS`, keyed by socket cookie: the service a socket
-/// connected to and the backend it was sent to instead. `getpeername`
+/// Value of `SOCKET_PEERS`, stored with the socket itself: the service a
+/// socket connected to and the backend it was sent to instead. `getpeername`
 /// answers with the service only while the socket is still connected to
 /// that backend.
 #[repr(C)]

@@ -6,14 +6,14 @@ use core::intrinsics::{atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    btf_maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
     filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FragmentKey, FragmentPorts, NatEntry,
     NodeConfig, ServiceCounterKey, ServiceKey, ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF,
     FILTER_HALF_WORDS, FRONTEND_HALF, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_SERVICES,
-    MAX_SERVICE_COUNTERS, MAX_SOCKET_PEERS, MAX_SOURCE_RANGES, MAX_WIRE_PORTS,
+    MAX_SERVICE_COUNTERS, MAX_SOURCE_RANGES, MAX_WIRE_PORTS,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -36,11 +36,13 @@ pub static RR_CURSORS: Array<u64, { MAX_SERVICES as usize }> = Array::new();
 #[btf_map]
 pub static CONNTRACK: LruHashMap<FlowKey, NatEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
-/// Keyed by socket cookie: cookies are never reused, so an entry outliving
-/// its socket is only ever evicted, never misread. One LRU list, as for
-/// `CONNTRACK`.
+/// Socket-local storage: each record lives and dies with its socket, so a
+/// live socket's is never evicted (a table keyed by socket cookie would
+/// evict the oldest sockets' first, however long they live) and nothing
+/// outlives its socket. Creating one costs no LRU list work either: that
+/// was most of `connect()`'s time in the hook.
 #[btf_map]
-pub static SOCKET_PEERS: LruHashMap<u64, SocketPeer, { MAX_SOCKET_PEERS as usize }> = LruHashMap::new();
+pub static SOCKET_PEERS: SkStorage<SocketPeer> = SkStorage::new();
 
 /// The ports of datagrams whose first fragment was translated.
 #[btf_map]

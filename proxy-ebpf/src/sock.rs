@@ -7,7 +7,7 @@
 //! UDP is left to the TC path: its flows must move when a backend goes away,
 //! which a connected UDP socket pointed at that backend could not do.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -76,17 +76,22 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         maps::count_service_verdict(svc.id, stat);
         return Some(stat);
     };
-    let peer = SocketPeer {
+    let mut peer = SocketPeer {
         service_addr: addr,
         backend_addr: backend.addr,
         service_port: port,
         backend_port: backend.port,
     };
-    // SAFETY: a sock_addr context is what the cookie helper takes.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Without the record only getpeername would be wrong; connecting the
     // socket matters more.
-    let _ = maps::SOCKET_PEERS.insert(&cookie, &peer, 0);
+    // SAFETY: the context's socket, which the helper takes.
+    let stored = unsafe { maps::SOCKET_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut peer)) };
+    // A socket connecting again (after a failed attempt, say) already has
+    // one, which the helper leaves as it was.
+    if !stored.is_null() {
+        // SAFETY: this socket's storage, which its connect() owns.
+        unsafe { *stored = peer };
+    }
     sa.user_ip4 = backend.addr;
     sa.user_port = backend.port as u32;
     Some(Stat::SocketConnect)
@@ -99,10 +104,8 @@ fn restore_service_peer(ctx: &SockAddrContext) {
     if sa.protocol != IPPROTO_TCP as u32 {
         return;
     }
-    // SAFETY: as above.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: copied out at once.
-    let Some(peer) = (unsafe { maps::SOCKET_PEERS.get(&cookie).copied() }) else {
+    // SAFETY: the context's socket; copied out at once.
+    let Some(peer) = (unsafe { maps::SOCKET_PEERS.get_ptr_mut(ctx).as_ref().copied() }) else {
         return;
     };
     if sa.user_ip4 == peer.backend_addr && sa.user_port as u16 == peer.backend_port {

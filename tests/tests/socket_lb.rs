@@ -152,6 +152,54 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
     assert_eq!(stat(&cluster, Stat::NewFlow), new_flows + 3);
 }
 
+/// Before the records lived with their sockets they were an LRU table
+/// keyed by socket cookie: a node upgraded from such a kpr gets the new
+/// kind of map in place of the pinned old one, and getpeername still works.
+#[test]
+fn an_older_kprs_socket_record_table_is_replaced_at_start() {
+    let mut cluster = cluster_with_web(3);
+    let client = cluster.pod("client").ip;
+    cluster.stop_daemon().unwrap();
+    let pin = cluster.pin_dir.join(proxy_common::map_name::SOCKET_PEERS);
+    std::fs::remove_file(&pin).unwrap();
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "12",
+            "entries",
+            "262144",
+            "name",
+            "SOCKET_PEERS",
+        ])
+        .status()
+        .unwrap();
+    assert!(created.success(), "bpftool could not pin the old table");
+    cluster.start_daemon().unwrap();
+    assert!(
+        cluster
+            .log()
+            .lines()
+            .any(|l| l.contains("another layout") && l.contains("SOCKET_PEERS")),
+        "the old table is replaced, and the log says so:\n{}",
+        cluster.log()
+    );
+    let kind = aya::maps::MapData::from_pin(&pin)
+        .unwrap()
+        .info()
+        .unwrap()
+        .map_type()
+        .unwrap();
+    assert_eq!(kind, aya::maps::MapType::SkStorage);
+    let results = cluster.socket_clients(&cluster.pod("client").ns, FRONTEND, 3).unwrap();
+    assert_eq!(tally(&results, client).values().sum::<usize>(), 3);
+}
+
 #[test]
 fn a_service_without_endpoints_is_refused_at_connect() {
     let cluster = cluster_with_web(0);
