@@ -384,9 +384,8 @@ extern "C" fn try_nat_port(turn: u64, search: *mut c_void) -> i64 {
     if !claimed {
         return 0;
     }
-    // Only a claimed port is written back: a turn that fails leaves the
-    // search as it was, so the verifier finds the loop's state repeating
-    // after the first turn instead of a new one each turn.
+    // Only a claimed port is written back: a search that claims none
+    // leaves the caller's flow as it was.
     flow.source = candidate.source;
     search.claimed = 1;
     1
