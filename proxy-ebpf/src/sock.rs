@@ -76,21 +76,20 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         maps::count_service_verdict(svc.id, stat);
         return Some(stat);
     };
-    let mut peer = SocketPeer {
+    let peer = SocketPeer {
         service_addr: addr,
         backend_addr: backend.addr,
         service_port: port,
         backend_port: backend.port,
     };
-    // Without the record only getpeername would be wrong; connecting the
-    // socket matters more.
+    // Created empty at the socket's first connect() and written at each (a
+    // socket may connect again after a failed attempt). Without it only
+    // getpeername would be wrong; connecting the socket matters more.
     // SAFETY: the context's socket, which the helper takes.
-    let stored = unsafe { maps::SOCKET_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut peer)) };
-    // A socket connecting again (after a failed attempt, say) already has
-    // one, which the helper leaves as it was.
-    if !stored.is_null() {
-        // SAFETY: this socket's storage, which its connect() owns.
-        unsafe { *stored = peer };
+    let stored = unsafe { maps::SOCKET_PEERS.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: this socket's storage, which its connect() owns.
+    if let Some(stored) = unsafe { stored.as_mut() } {
+        *stored = peer;
     }
     sa.user_ip4 = backend.addr;
     sa.user_port = backend.port as u32;
