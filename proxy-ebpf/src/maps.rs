@@ -38,9 +38,8 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry, { MAX_CONNTRACK as usize }> 
 
 /// Socket-local storage: each record lives and dies with its socket, so a
 /// live socket's is never evicted (a table keyed by socket cookie would
-/// evict the oldest sockets' first, however long they live) and nothing
-/// outlives its socket. Creating one costs no LRU list work either: that
-/// was most of `connect()`'s time in the hook.
+/// evict the least recently used first, however long their sockets live)
+/// and nothing outlives its socket.
 #[btf_map]
 pub static SOCKET_PEERS: SkStorage<SocketPeer> = SkStorage::new();
 
