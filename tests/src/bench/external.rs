@@ -388,9 +388,11 @@ impl Site {
         Ok(())
     }
 
-    fn ab(&self, target: SocketAddr, cfg: &BenchConfig) -> Result<ab::AbResult> {
+    /// `run` names the run (for `super::Profile`).
+    fn ab(&self, target: SocketAddr, cfg: &BenchConfig, run: &str) -> Result<ab::AbResult> {
         self.empty_flow_table()?;
         let url = format!("http://{target}/");
+        let _profile = super::Profile::start(run)?;
         ab::run(
             self.cluster.outside(),
             None,
@@ -566,8 +568,11 @@ fn alternate(
     n: usize,
 ) -> Result<Vec<RateRow>> {
     let mut samples: Vec<Vec<(ab::AbResult, f64)>> = vec![Vec::new(); runs.len() + 1];
-    let measure = |run: Run| sites[run.site].ab(run.target(sites), cfg);
     for round in 0..cfg.external_rounds {
+        let measure = |run: Run| {
+            let name = format!("external-{n}-round{round}-{}", run.label(sites));
+            sites[run.site].ab(run.target(sites), cfg, &name)
+        };
         progress(&format!(
             "external path: {n} services, {} round {}/{}",
             direct.label(sites),

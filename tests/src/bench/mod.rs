@@ -13,7 +13,7 @@ pub mod rules;
 
 use std::{fmt::Write, net::Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use proxy_user::model::{
     objects::{ObjectName, Protocol},
     BackendAddr, DesiredState, Frontend, FrontendKind, FrontendState,
@@ -230,6 +230,46 @@ impl Cpu {
         match self {
             Cpu::Client => 0,
             Cpu::Servers => 1,
+        }
+    }
+}
+
+/// A system-wide `perf record` while it lives, when `KPR_BENCH_PROFILE`
+/// names a directory: one profile per measured run, named after it, to
+/// compare where the CPUs' time goes between configurations. Off unless
+/// asked for: perf's sampling costs every configuration alike, but it
+/// costs.
+pub struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    pub fn start(run: &str) -> Result<Self> {
+        let Some(dir) = std::env::var_os("KPR_BENCH_PROFILE") else {
+            return Ok(Profile(None));
+        };
+        let name: String = run
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-a", "-g", "-F", "2000", "-o"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record (KPR_BENCH_PROFILE is set)")?;
+        // perf needs a moment before its first sample.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(Profile(Some(child)))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
         }
     }
 }
