@@ -184,17 +184,22 @@ pub const fn nat_port_try(start: u32, turn: u32) -> u16 {
 /// any service and skips every hash lookup; a set bit only means "look".
 ///
 /// Each half is an exact bitmap of 2^FILTER_BITS_LOG2 bits keyed by the
-/// whole tuple, then a small one of 2^PREFIX_BITS_LOG2 bits keyed by the
-/// address's /24. The small one is read first: it stays in cache, so a
-/// packet to or from a part of the network with no service or marked
-/// backend (pod to pod, say) is decided without a cache miss, even the
-/// first packet of a connection.
+/// whole tuple, then two small ones of 2^PREFIX_BITS_LOG2 bits: one keyed
+/// by the address's /24, one by the /24 and the port. The small ones are
+/// read first: they stay in cache. The /24 one decides, without a cache
+/// miss, a packet to or from a part of the network with no service or
+/// marked backend (pod to pod, say); the port one a packet of such a part
+/// on another port: a reply to a client that shares its /24 with a node
+/// address NodePorts are served on, the packets of a client pod that shares
+/// its /24 with a marked backend. Those are keyed by the client's ephemeral
+/// port, so the exact bitmap alone would be read at another word for every
+/// connection, out of cache.
 pub const FILTER_BITS_LOG2: u32 = 20;
 pub const PREFIX_BITS_LOG2: u32 = 16;
 pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
 pub const PREFIX_WORDS: u32 = 1 << (PREFIX_BITS_LOG2 - 6);
-/// Words of one half: exact bitmap, then prefix bitmap.
-pub const FILTER_HALF_WORDS: u32 = FILTER_WORDS + PREFIX_WORDS;
+/// Words of one half: exact bitmap, /24 bitmap, then /24-and-port bitmap.
+pub const FILTER_HALF_WORDS: u32 = FILTER_WORDS + 2 * PREFIX_WORDS;
 /// First word of the frontend half and of the backend half.
 pub const FRONTEND_HALF: u32 = 0;
 pub const BACKEND_HALF: u32 = FILTER_HALF_WORDS;
@@ -205,16 +210,42 @@ fn spread(x: u64, bits_log2: u32) -> u32 {
 }
 
 /// The bits an (address, port, protocol) tuple sets within a half, counted
-/// from the half's first word: its prefix bit, then its exact bit. Address
-/// and port in network order as the maps hold them.
+/// from the half's first word, in the order they are best read: its /24
+/// bit, its /24-and-port bit, then its exact bit. Address and port in
+/// network order as the maps hold them.
 #[inline(always)]
-pub fn filter_bits(addr: u32, port: u16, proto: u8) -> [u32; 2] {
-    let exact = ((addr as u64) << 24) ^ ((port as u64) << 8) ^ proto as u64;
-    let prefix = (u32::from_be(addr) >> 8) as u64;
+pub fn filter_bits(addr: u32, port: u16, proto: u8) -> [u32; 3] {
     [
-        FILTER_WORDS * 64 + spread(prefix, PREFIX_BITS_LOG2),
-        spread(exact, FILTER_BITS_LOG2),
+        filter_network_bit(addr),
+        filter_network_port_bit(addr, port, proto),
+        filter_exact_bit(addr, port, proto),
     ]
+}
+
+/// Each of `filter_bits` on its own, for the data path to compute only
+/// the ones it reads.
+#[inline(always)]
+pub fn filter_network_bit(addr: u32) -> u32 {
+    FILTER_WORDS * 64 + spread(network(addr), PREFIX_BITS_LOG2)
+}
+
+#[inline(always)]
+pub fn filter_network_port_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    let key = network(addr) | ((port as u64) << 24) | ((proto as u64) << 40);
+    (FILTER_WORDS + PREFIX_WORDS) * 64 + spread(key, PREFIX_BITS_LOG2)
+}
+
+#[inline(always)]
+pub fn filter_exact_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    spread(
+        ((addr as u64) << 24) ^ ((port as u64) << 8) ^ proto as u64,
+        FILTER_BITS_LOG2,
+    )
+}
+
+#[inline(always)]
+fn network(addr: u32) -> u64 {
+    (u32::from_be(addr) >> 8) as u64
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -1244,5 +1275,33 @@ mod tests {
             assert_eq!(request.partner(&request_key), (reply_key, reply));
             assert_eq!(reply.partner(&reply_key), (request_key, request));
         }
+    }
+
+    /// Each bit in its own bitmap of the half; and what the /24-and-port
+    /// bitmap is for: a backend's tuple marked, the ephemeral ports of its
+    /// /24's other pods still ruled out by the small bitmaps, almost all.
+    #[test]
+    fn filter_bits_fall_in_their_bitmaps_and_rule_out_a_backends_neighbours() {
+        let addr = |last: u8| u32::from_ne_bytes([10, 244, 1, last]);
+        let [network, network_port, exact] = filter_bits(addr(7), 8080u16.to_be(), IPPROTO_TCP);
+        assert!(exact < FILTER_WORDS * 64, "exact bit {exact}");
+        assert!((FILTER_WORDS * 64..(FILTER_WORDS + PREFIX_WORDS) * 64).contains(&network));
+        assert!(((FILTER_WORDS + PREFIX_WORDS) * 64..FILTER_HALF_WORDS * 64).contains(&network_port));
+        // One /24, one bit in the /24 bitmap, whatever the port.
+        assert_eq!(filter_bits(addr(200), 40_000u16.to_be(), IPPROTO_TCP)[0], network);
+
+        let marked = [network_port];
+        let neighbours: Vec<[u32; 3]> = (32_768u16..61_000)
+            .step_by(7)
+            .map(|port| filter_bits(addr(9), port.to_be(), IPPROTO_TCP))
+            .collect();
+        let passed = neighbours.iter().filter(|bits| marked.contains(&bits[1])).count();
+        assert!(
+            passed * 1_000 < neighbours.len(),
+            "{passed} of {} passed",
+            neighbours.len()
+        );
+        // The other protocol on the backend's own port is another bit.
+        assert_ne!(filter_bits(addr(7), 8080u16.to_be(), IPPROTO_UDP)[1], network_port);
     }
 }

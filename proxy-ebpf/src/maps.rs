@@ -10,10 +10,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    filter_bits, AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FragmentKey, FragmentPorts, NatEntry,
-    NodeConfig, ServiceCounterKey, ServiceKey, ServiceValue, SocketPeer, SourceRange, Stat, BACKEND_HALF,
-    FILTER_HALF_WORDS, FRONTEND_HALF, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_SERVICES,
-    MAX_SERVICE_COUNTERS, MAX_SOURCE_RANGES, MAX_WIRE_PORTS,
+    filter_exact_bit, filter_network_bit, filter_network_port_bit, AffinityKey, AffinityValue, Backend, BackendKey,
+    FlowKey, FragmentKey, FragmentPorts, NatEntry, NodeConfig, ServiceCounterKey, ServiceKey, ServiceValue, SocketPeer,
+    SourceRange, Stat, BACKEND_HALF, FILTER_HALF_WORDS, FRONTEND_HALF, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_CONNTRACK,
+    MAX_FRAGMENTS, MAX_SERVICES, MAX_SERVICE_COUNTERS, MAX_SOURCE_RANGES, MAX_WIRE_PORTS,
 };
 
 // Written only by the daemon, so they need not be preallocated.
@@ -133,11 +133,12 @@ fn filter_has(half: u32, bit: u32) -> bool {
     }
 }
 
-/// Prefix bit first: it is the one in cache.
+/// The small bitmaps' bits first: they are the ones in cache.
 #[inline(always)]
 fn half_has(half: u32, addr: u32, port: u16, proto: u8) -> bool {
-    let [prefix, exact] = filter_bits(addr, port, proto);
-    filter_has(half, prefix) && filter_has(half, exact)
+    filter_has(half, filter_network_bit(addr))
+        && filter_has(half, filter_network_port_bit(addr, port, proto))
+        && filter_has(half, filter_exact_bit(addr, port, proto))
 }
 
 /// Whether a service may be addressed by this tuple.
@@ -158,18 +159,26 @@ pub fn may_be_backend(addr: u32, port: u16, proto: u8) -> bool {
 /// touch the conntrack table unless their backend also serves such a flow.
 #[inline(always)]
 pub fn mark_backend(addr: u32, port: u16, proto: u8) {
-    for bit in filter_bits(addr, port, proto) {
-        let Some(word) = FILTER.get_ptr_mut(BACKEND_HALF + (bit >> 6)) else {
-            return;
-        };
-        let mask = 1u64 << (bit & 63);
-        // SAFETY: a live array element; read first so that a backend already
-        // marked costs no locked write (and no cache line bouncing between
-        // CPUs).
-        unsafe {
-            if *word & mask == 0 {
-                atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask);
-            }
+    // One bit at a time, not a loop over `filter_bits`' array: the array
+    // would take stack in the flow-creating functions, whose frames with
+    // the NAT port search's are close to the 512-byte limit.
+    set_backend_bit(filter_network_bit(addr));
+    set_backend_bit(filter_network_port_bit(addr, port, proto));
+    set_backend_bit(filter_exact_bit(addr, port, proto));
+}
+
+#[inline(always)]
+fn set_backend_bit(bit: u32) {
+    let Some(word) = FILTER.get_ptr_mut(BACKEND_HALF + (bit >> 6)) else {
+        return;
+    };
+    let mask = 1u64 << (bit & 63);
+    // SAFETY: a live array element; read first so that a backend already
+    // marked costs no locked write (and no cache line bouncing between
+    // CPUs).
+    unsafe {
+        if *word & mask == 0 {
+            atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask);
         }
     }
 }

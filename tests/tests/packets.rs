@@ -540,8 +540,18 @@ fn a_restart_keeps_the_marks_flows_need_and_drops_the_rest() {
     assert!(!backend_marked(&dp, chosen), "mark of a backend nothing reaches");
 }
 
+/// Filters earlier builds pinned: (entries, mappable). The first one; and
+/// the one before the /24-and-port bitmaps, whose halves are shorter.
+const OLDER_FILTERS: [(u32, bool); 2] = [(32_768, false), (2 * (16_384 + 1_024), true)];
+
 #[test]
 fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
+    for (entries, mappable) in OLDER_FILTERS {
+        upgrade_from_filter(entries, mappable);
+    }
+}
+
+fn upgrade_from_filter(entries: u32, mappable: bool) {
     let mut dp = loaded();
     let syn = packet::tcp((CLIENT, 49000), (VIP, 80), TCP_SYN);
     let chosen = backend_of(&dp.run(&syn.frame()).unwrap().frame);
@@ -560,29 +570,33 @@ fn an_upgrade_replaces_a_filter_of_an_older_layout_and_keeps_flows_working() {
         before,
         "no map replaced"
     );
-    // What an earlier build pinned: a smaller filter, not mappable.
+    // What an earlier build pinned: a smaller filter.
     let filter = dp.pin_dir.join(proxy_common::map_name::FILTER);
     std::fs::remove_file(&filter).unwrap();
-    kpr_testbed::sh(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            filter.to_str().unwrap(),
-            "type",
-            "array",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "32768",
-            "name",
-            "FILTER",
-        ],
-    )
-    .unwrap();
-    assert!(ServiceMaps::open(&dp.pin_dir).is_err(), "the old layout cannot be used");
+    let entries = entries.to_string();
+    let mut create = vec![
+        "map",
+        "create",
+        filter.to_str().unwrap(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        &entries,
+        "name",
+        "FILTER",
+    ];
+    if mappable {
+        create.extend(["flags", "1024"]);
+    }
+    kpr_testbed::sh("bpftool", &create).unwrap();
+    assert!(
+        ServiceMaps::open(&dp.pin_dir).is_err(),
+        "the old layout ({entries} entries) cannot be used"
+    );
     // The next daemon's load replaces it; its rebuild refills it from what
     // is programmed and tracked.
     dp.ebpf = proxy_user::dataplane::loader::load(&dp.pin_dir).unwrap();

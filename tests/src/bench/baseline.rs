@@ -7,7 +7,8 @@
 //! used: `kpr_tc`, `kpr_noop`, and the layouts of the first version of
 //! `SERVICES` (id, backend count, affinity timeout, flags; zero-extended
 //! where a build's value is longer), `BACKENDS` and `FILTER` (whose
-//! frontend bits are computed as they always were).
+//! frontend /24 and exact bits are computed as they always were, and the
+//! /24-and-port bits where the build's halves hold them).
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
@@ -17,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    filter_bits, map_name, BackendKey, ServiceKey, FRONTEND_HALF, IPPROTO_TCP, NOOP_PROGRAM, TC_PROGRAM,
+    filter_bits, map_name, BackendKey, ServiceKey, FILTER_HALF_WORDS, FRONTEND_HALF, IPPROTO_TCP, NOOP_PROGRAM,
+    TC_PROGRAM,
 };
 
 use crate::{
@@ -140,9 +142,20 @@ impl Baseline {
         } else {
             self.insert_services(values.map(|(id, key)| (key, first(id))))?;
         }
+        // The /24 and exact bits sit where every build has them; the
+        // /24-and-port bitmap, after them, only in builds whose halves are
+        // long enough to hold it.
+        let with_port_bits = match self.map(map_name::FILTER)? {
+            Map::Array(data) => data.info()?.max_entries() >= 2 * FILTER_HALF_WORDS,
+            _ => anyhow::bail!("the baseline's {} is not an array", map_name::FILTER),
+        };
         let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
         for key in keys {
-            for bit in filter_bits(key.addr, key.port, key.proto) {
+            let [network, network_port, exact] = filter_bits(key.addr, key.port, key.proto);
+            let bits = [network, exact]
+                .into_iter()
+                .chain(with_port_bits.then_some(network_port));
+            for bit in bits {
                 *words.entry(FRONTEND_HALF + (bit >> 6)).or_default() |= 1u64 << (bit & 63);
             }
         }

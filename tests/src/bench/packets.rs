@@ -45,8 +45,8 @@ fn trimmed_mean(mut values: Vec<f64>) -> f64 {
 pub const NO_MATCH: &str = "no match (later packet of a connection)";
 pub const NO_MATCH_SYN: &str = "no match, first packet of a connection (clears stale reply state)";
 pub const FLOOR: &str = "empty program (floor)";
-/// From a /24 where a backend serves translated flows: the small prefix
-/// filter cannot rule it out, so the whole-tuple filter is read too.
+/// From a /24 where a backend serves translated flows, on another port:
+/// the /24 bitmap cannot rule it out, the /24-and-port one can.
 pub const NO_MATCH_NEAR_BACKEND: &str = "no match, first packet, from a backend's /24";
 pub const NEW_FLOW: &str = "new flow (SYN: select, track, DNAT)";
 pub const ESTABLISHED: &str = "established flow (tracked, DNAT)";
