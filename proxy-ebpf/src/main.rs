@@ -266,9 +266,10 @@ fn process<F: Frame, const ORIGIN: u8>(frame: &F) -> Verdict {
     // Nothing addressed to a service, nothing from a backend, and no new
     // connection to a backend (which may need stale state cleared): not ours,
     // decided without touching the hash tables. A packet to a service skips
-    // the backend probes: keyed by its client's port, the word the first
-    // one reads is a different one for every connection, and out of cache
-    // (the costliest load of the TC path in a profile of real traffic).
+    // the backend probes, whose answer it does not need: keyed by its
+    // client's port, they read other filter words for every connection
+    // (out of cache, the exact one was the costliest load of the TC path in
+    // a profile of real traffic).
     let to_service = maps::may_be_frontend(pkt.dst, pkt.dport, pkt.proto);
     if !to_service
         && !maps::may_be_backend(pkt.src, pkt.sport, pkt.proto)
