@@ -571,28 +571,15 @@ fn upgrade_from_filter(entries: u32, mappable: bool) {
         "no map replaced"
     );
     // What an earlier build pinned: a smaller filter.
-    let filter = dp.pin_dir.join(proxy_common::map_name::FILTER);
-    std::fs::remove_file(&filter).unwrap();
-    let entries = entries.to_string();
-    let mut create = vec![
-        "map",
-        "create",
-        filter.to_str().unwrap(),
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        &entries,
-        "name",
-        "FILTER",
-    ];
-    if mappable {
-        create.extend(["flags", "1024"]);
-    }
-    kpr_testbed::sh("bpftool", &create).unwrap();
+    let older = kpr_testbed::bpffs::OlderMap {
+        name: "FILTER",
+        kind: "array",
+        key_size: 4,
+        value_size: 8,
+        entries,
+        flags: if mappable { 1024 } else { 0 },
+    };
+    older.pin(&dp.pin_dir.join(proxy_common::map_name::FILTER)).unwrap();
     assert!(
         ServiceMaps::open(&dp.pin_dir).is_err(),
         "the old layout ({entries} entries) cannot be used"

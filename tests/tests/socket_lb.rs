@@ -161,25 +161,15 @@ fn an_older_kprs_socket_record_table_is_replaced_at_start() {
     let client = cluster.pod("client").ip;
     cluster.stop_daemon().unwrap();
     let pin = cluster.pin_dir.join(proxy_common::map_name::SOCKET_PEERS);
-    std::fs::remove_file(&pin).unwrap();
-    let created = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type",
-            "lru_hash",
-            "key",
-            "8",
-            "value",
-            "12",
-            "entries",
-            "262144",
-            "name",
-            "SOCKET_PEERS",
-        ])
-        .status()
-        .unwrap();
-    assert!(created.success(), "bpftool could not pin the old table");
+    let older = kpr_testbed::bpffs::OlderMap {
+        name: "SOCKET_PEERS",
+        kind: "lru_hash",
+        key_size: 8,
+        value_size: 12,
+        entries: 262_144,
+        flags: 0,
+    };
+    older.pin(&pin).unwrap();
     cluster.start_daemon().unwrap();
     assert!(
         cluster

@@ -451,9 +451,10 @@ pub fn run(cfg: &BenchConfig, progress: &dyn Fn(&str)) -> Result<Results> {
                 } else if config != Config::Direct && config != Config::Floor {
                     super::empty_netfilter_flow_table(&node.cluster.node().name)?;
                 }
-                let profile = super::Profile::start(&format!("clusterip-{n}-round{round}-{}", config.label()))?;
-                let result = node.ab(config.client(), config.socket_lb(), target, cfg)?;
-                drop(profile);
+                let result = {
+                    let _profile = super::Profile::start(&format!("clusterip-{n}-round{round}-{}", config.label()))?;
+                    node.ab(config.client(), config.socket_lb(), target, cfg)?
+                };
                 let per_packet = match (program, before) {
                     (Some(p), Some((t0, c0))) => {
                         let (t1, c1) = accounted.kernel_stats(p)?;
