@@ -507,6 +507,17 @@ fn replies_are_looked_up_only_from_backends_that_translated_flows_reach() {
     // Its replies are reverse-translated from the first one on.
     let reply = packet::tcp(chosen, (CLIENT, 47000), TCP_SYN | TCP_ACK);
     expect_reverse_nat(&dp, "first reply", reply, (VIP, 80));
+    // A pod in the marked backend's /24, from a port of its own, to no
+    // service: passed as it is (the /24-and-port bits rule it out).
+    let beside = packet::tcp((CLIENT, 47001), (OTHER, 80), TCP_ACK).frame();
+    expect(
+        &dp,
+        "a packet from beside a marked backend",
+        &beside,
+        TC_ACT_UNSPEC,
+        &beside,
+        Stat::NoMatch,
+    );
 }
 
 fn forget_all_flows(dp: &Loaded) {
