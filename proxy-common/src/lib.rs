@@ -20,6 +20,7 @@ pub mod map_name {
     pub const STATS: &str = "STATS";
     pub const FILTER: &str = "FILTER";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
+    pub const SOCKET_PEERS_BY_COOKIE: &str = "SOCKET_PEERS_BY_COOKIE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const AFFINITY: &str = "AFFINITY";
@@ -28,7 +29,7 @@ pub mod map_name {
 
     /// Every map the daemon pins by name: all but the test harness's
     /// `WIRE_PORTS` and the data path's private clock cache.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         SERVICES,
         BACKENDS,
         RR_CURSORS,
@@ -36,6 +37,7 @@ pub mod map_name {
         STATS,
         FILTER,
         SOCKET_PEERS,
+        SOCKET_PEERS_BY_COOKIE,
         FRAGMENTS,
         SOURCE_RANGES,
         AFFINITY,
@@ -93,9 +95,11 @@ pub const WIRE_MAC_PREFIX: [u8; 5] = [0x02, 0x6b, 0x70, 0x72, 0x00];
 pub const MAX_WIRE_PORTS: u32 = 16;
 /// The socket-level balancer: cgroup `connect4` and `getpeername4` hooks
 /// that point a TCP socket at a backend when it connects to a service, so
-/// its packets need no per-packet translation.
+/// its packets need no per-packet translation; and `sock_release`, which
+/// drops the socket's record when it is closed.
 pub const CONNECT_PROGRAM: &str = "kpr_connect4";
 pub const GETPEERNAME_PROGRAM: &str = "kpr_getpeername4";
+pub const SOCK_RELEASE_PROGRAM: &str = "kpr_sock_release";
 
 /// Service frontends (VIP, port, protocol); also the size of `RR_CURSORS`,
 /// which service ids index.
@@ -104,6 +108,10 @@ pub const MAX_SERVICES: u32 = 262_144;
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Tracked flows; each connection takes two entries (one per direction).
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Records of sockets the socket-level balancer connected, kept in
+/// `SOCKET_PEERS_BY_COOKIE` while their sockets are open; the sockets
+/// connected while it is full keep theirs in `SOCKET_PEERS`.
+pub const MAX_SOCKET_PEER_RECORDS: u32 = 131_072;
 /// Remembered (frontend, client) -> backend choices of ClientIP affinity,
 /// least recently used evicted first.
 pub const MAX_AFFINITY: u32 = 262_144;
@@ -827,7 +835,8 @@ pub struct NodeConfig {
 /// handing a node back to it), at `connect()` and per packet alike.
 pub const NODE_DRAINING: u32 = 1;
 
-/// Value of `SOCKET_PEERS`, stored with the socket itself: the service a
+/// Value of `SOCKET_PEERS_BY_COOKIE` (keyed by socket cookie) and of
+/// `SOCKET_PEERS` (stored with the socket itself): the service a
 /// socket connected to and the backend it was sent to instead. `getpeername`
 /// answers with the service only while the socket is still connected to
 /// that backend.

@@ -2,14 +2,18 @@
 //! pointed at a backend inside `connect()`, so every packet of the
 //! connection travels pod to pod untranslated and conntrack-free (the
 //! approach of Cilium's socket LB). `getpeername()` still answers with the
-//! service address, as it would behind kube-proxy.
+//! service address, as it would behind kube-proxy: the socket's record,
+//! written at `connect()`, says which it was, and goes when the socket is
+//! released.
 //!
 //! UDP is left to the TC path: its flows must move when a backend goes away,
 //! which a connected UDP socket pointed at that backend could not do.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+    EbpfContext,
 };
 use proxy_common::{SocketPeer, Stat, AFFINITY_NETNS, IPPROTO_TCP, SVC_REJECT};
 
@@ -39,6 +43,20 @@ pub fn kpr_connect4(ctx: SockAddrContext) -> i32 {
 pub fn kpr_getpeername4(ctx: SockAddrContext) -> i32 {
     restore_service_peer(&ctx);
     PROCEED
+}
+
+/// A socket is closed: its record, if it has one in the table, goes.
+#[cgroup_sock(sock_release)]
+pub fn kpr_sock_release(ctx: SockContext) -> i32 {
+    forget_socket(&ctx);
+    PROCEED
+}
+
+/// The socket's cookie: a number no other socket gets while the node runs.
+#[inline(always)]
+fn cookie_of<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the context of a socket program, which the helper takes.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// lookup service -> select backend -> remember the service -> translate
@@ -82,15 +100,7 @@ fn balance_connect(ctx: &SockAddrContext) -> Option<Stat> {
         service_port: port,
         backend_port: backend.port,
     };
-    // Created empty at the socket's first connect() and written at each (a
-    // socket may connect again after a failed attempt). Without it only
-    // getpeername would be wrong; connecting the socket matters more.
-    // SAFETY: the context's socket, which the helper takes.
-    let stored = unsafe { maps::SOCKET_PEERS.get_or_insert_ptr_mut(ctx, None) };
-    // SAFETY: this socket's storage, which its connect() owns.
-    if let Some(stored) = unsafe { stored.as_mut() } {
-        *stored = peer;
-    }
+    remember_peer(ctx, &peer);
     sa.user_ip4 = backend.addr;
     sa.user_port = backend.port as u32;
     Some(Stat::SocketConnect)
@@ -103,12 +113,60 @@ fn restore_service_peer(ctx: &SockAddrContext) {
     if sa.protocol != IPPROTO_TCP as u32 {
         return;
     }
-    // SAFETY: the context's socket; copied out at once.
-    let Some(peer) = (unsafe { maps::SOCKET_PEERS.get_ptr_mut(ctx).as_ref().copied() }) else {
+    let Some(peer) = recorded_peer(ctx) else {
         return;
     };
     if sa.user_ip4 == peer.backend_addr && sa.user_port as u16 == peer.backend_port {
         sa.user_ip4 = peer.service_addr;
         sa.user_port = peer.service_port as u32;
+    }
+}
+
+/// Records which service the socket connected to, at each `connect()` (a
+/// socket may connect again after a failed attempt): in the table, or, when
+/// it is full, in the socket's own storage. Without either only getpeername
+/// would be wrong; connecting the socket matters more.
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, peer: &SocketPeer) {
+    // A socket already in the table is updated in place, even when it is
+    // full.
+    if maps::SOCKET_PEERS_BY_COOKIE
+        .insert(cookie_of(ctx), peer, BPF_ANY as u64)
+        .is_ok()
+    {
+        return;
+    }
+    // SAFETY: the context's socket, which the helper takes.
+    let stored = unsafe { maps::SOCKET_PEERS.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: this socket's storage, which its connect() owns.
+    if let Some(stored) = unsafe { stored.as_mut() } {
+        *stored = *peer;
+    }
+}
+
+/// The socket's record: the table's, written by its latest `connect()`
+/// whenever the table had room then, else its own storage's.
+#[inline(always)]
+fn recorded_peer(ctx: &SockAddrContext) -> Option<SocketPeer> {
+    // SAFETY: copied out at once.
+    if let Some(peer) = unsafe { maps::SOCKET_PEERS_BY_COOKIE.get(cookie_of(ctx)) } {
+        return Some(*peer);
+    }
+    // SAFETY: the context's socket; copied out at once.
+    unsafe { maps::SOCKET_PEERS.get_ptr_mut(ctx).as_ref().copied() }
+}
+
+#[inline(always)]
+fn forget_socket(ctx: &SockContext) {
+    // SAFETY: the context pointer is the kernel's, valid for this run.
+    if unsafe { (*ctx.sock).protocol } != IPPROTO_TCP as u32 {
+        return;
+    }
+    let cookie = cookie_of(ctx);
+    // Most sockets closed never connected to a service: a lookup, which
+    // takes no lock, tells them apart before the removal, which does.
+    // SAFETY: only tested for presence.
+    if unsafe { maps::SOCKET_PEERS_BY_COOKIE.get(cookie) }.is_some() {
+        let _ = maps::SOCKET_PEERS_BY_COOKIE.remove(cookie);
     }
 }

@@ -523,14 +523,31 @@ impl Cluster {
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|line| match line.strip_prefix("error ") {
-                Some(e) => Ok(Err(e.to_owned())),
-                None => {
-                    let (answer, peer) = line.rsplit_once(' ').context("unexpected kpr-client line")?;
-                    Ok(Ok((Reply::parse(answer)?, peer.parse()?)))
-                }
-            })
+            .map(parse_socket_client)
             .collect()
+    }
+
+    /// As `socket_clients`, but the connections stay open until the
+    /// returned `HeldClients` is closed.
+    pub fn hold_socket_clients(&self, ns: &Netns, to: SocketAddr, count: usize) -> Result<HeldClients> {
+        let mut child = self
+            .in_netns(ns, sibling_binary("kpr-client")?)
+            .args([to.to_string(), count.to_string(), "hold".into()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running kpr-client")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        // Owned from here: the client is ended even if its output is wrong.
+        let mut held = HeldClients {
+            child,
+            results: Vec::new(),
+        };
+        for line in std::io::BufRead::lines(stdout).take(count) {
+            held.results.push(parse_socket_client(&line?)?);
+        }
+        anyhow::ensure!(held.results.len() == count, "kpr-client ended early");
+        Ok(held)
     }
 
     pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
@@ -772,6 +789,40 @@ impl Cluster {
 /// One connection of `kpr-client`: the server's answer and the peer
 /// address the client's socket reported, or why it failed.
 pub type SocketClient = std::result::Result<(Reply, SocketAddr), String>;
+
+fn parse_socket_client(line: &str) -> Result<SocketClient> {
+    match line.strip_prefix("error ") {
+        Some(e) => Ok(Err(e.to_owned())),
+        None => {
+            let (answer, peer) = line.rsplit_once(' ').context("unexpected kpr-client line")?;
+            Ok(Ok((Reply::parse(answer)?, peer.parse()?)))
+        }
+    }
+}
+
+/// Connections a `kpr-client` keeps open (see `Cluster::hold_socket_clients`);
+/// closed, its process ended, when this is closed or dropped.
+pub struct HeldClients {
+    child: Child,
+    pub results: Vec<SocketClient>,
+}
+
+impl HeldClients {
+    /// Closes the connections: returns once the client has exited.
+    pub fn close(mut self) -> Result<()> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "kpr-client failed: {status}");
+        Ok(())
+    }
+}
+
+impl Drop for HeldClients {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
 
 /// The daemon binary: `KPR_BIN`, or `kpr` next to (or one level above) the
 /// running executable, as cargo lays out `target/<profile>/`.

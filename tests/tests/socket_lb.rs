@@ -12,7 +12,7 @@ use kpr_testbed::{
     manifests::{ready, service_with_endpoints, tcp},
     Cluster, ClusterSpec,
 };
-use proxy_common::{Stat, IPPROTO_TCP};
+use proxy_common::{map_name, SocketPeer, Stat, IPPROTO_TCP, MAX_SOCKET_PEER_RECORDS};
 use proxy_user::dataplane::maps::read_stats;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -130,8 +130,8 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("cgroup_"))
         .count();
     assert_eq!(
-        links, 2,
-        "the restart reuses the pinned connect4 and getpeername4 links"
+        links, 3,
+        "the restart reuses the pinned connect4, getpeername4 and sock_release links"
     );
     let results = cluster.socket_clients(&cluster.pod("client").ns, FRONTEND, 3).unwrap();
     assert_eq!(tally(&results, client).values().sum::<usize>(), 3);
@@ -150,6 +150,44 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
     }
     assert_eq!(stat(&cluster, Stat::SocketConnect), socket_connects);
     assert_eq!(stat(&cluster, Stat::NewFlow), new_flows + 3);
+}
+
+/// The socket-level balancer's table of socket records, by cookie.
+fn socket_table(cluster: &Cluster) -> aya::maps::HashMap<aya::maps::MapData, u64, SocketPeer> {
+    let pin = cluster.pin_dir.join(map_name::SOCKET_PEERS_BY_COOKIE);
+    let table = aya::maps::MapData::from_pin(pin).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(table)).unwrap()
+}
+
+fn socket_records(cluster: &Cluster) -> usize {
+    socket_table(cluster).keys().count()
+}
+
+#[test]
+fn a_sockets_record_lives_as_long_as_the_socket_and_overflows_into_its_storage() {
+    let cluster = cluster_with_web(3);
+    let client = cluster.pod("client");
+    let held = cluster.hold_socket_clients(&client.ns, FRONTEND, 3).unwrap();
+    assert_eq!(tally(&held.results, client.ip).values().sum::<usize>(), 3);
+    assert_eq!(socket_records(&cluster), 3, "one record per open socket");
+    held.close().unwrap();
+    assert_eq!(socket_records(&cluster), 0, "a closed socket's record goes with it");
+
+    // A full table: sockets that connect now keep their records in their
+    // own storage, and getpeername still answers the service. The filler
+    // keys count down from the top: cookies count up from 1.
+    let mut table = socket_table(&cluster);
+    for i in 0..u64::from(MAX_SOCKET_PEER_RECORDS) {
+        table.insert(u64::MAX - i, SocketPeer::default(), 0).unwrap();
+    }
+    let held = cluster.hold_socket_clients(&client.ns, FRONTEND, 3).unwrap();
+    assert_eq!(tally(&held.results, client.ip).values().sum::<usize>(), 3);
+    assert_eq!(
+        socket_records(&cluster),
+        MAX_SOCKET_PEER_RECORDS as usize,
+        "no room: no record of these sockets in the table"
+    );
+    held.close().unwrap();
 }
 
 /// Before the records lived with their sockets they were an LRU table

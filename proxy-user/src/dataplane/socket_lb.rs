@@ -1,9 +1,11 @@
-//! The socket-level balancer's attachment: the `connect4` and `getpeername4`
-//! programs on a cgroup v2 directory (by default the hierarchy's root, so
-//! every pod and host process on the node), through pinned links that a
-//! restarted daemon updates in place, as it does the TC links.
+//! The socket-level balancer's attachment: the `connect4`, `getpeername4`
+//! and `sock_release` programs on a cgroup v2 directory (by default the
+//! hierarchy's root, so every pod and host process on the node), through
+//! pinned links that a restarted daemon updates in place, as it does the TC
+//! links.
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    fs::File,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -12,15 +14,56 @@ use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
         links::{CgroupAttachMode, FdLink},
-        CgroupSockAddr,
+        CgroupSock, CgroupSockAddr, Program,
     },
     Ebpf,
 };
-use proxy_common::{CONNECT_PROGRAM, GETPEERNAME_PROGRAM};
+use proxy_common::{CONNECT_PROGRAM, GETPEERNAME_PROGRAM, SOCK_RELEASE_PROGRAM};
 
 use super::sys as raw;
 
-const PROGRAMS: [&str; 2] = [CONNECT_PROGRAM, GETPEERNAME_PROGRAM];
+const PROGRAMS: [&str; 3] = [CONNECT_PROGRAM, GETPEERNAME_PROGRAM, SOCK_RELEASE_PROGRAM];
+
+/// What attaching needs of a cgroup program, whichever kind it is
+/// (`sock_addr` hooks, or the `sock` one of `sock_release`).
+trait CgroupProgram {
+    /// Loads it; its descriptor.
+    fn load_fd(&mut self) -> Result<RawFd>;
+    /// Attaches it to `cgroup` through a new link.
+    fn attach_link(&mut self, cgroup: &File) -> Result<FdLink>;
+}
+
+macro_rules! cgroup_program {
+    ($kind:ty) => {
+        impl CgroupProgram for $kind {
+            fn load_fd(&mut self) -> Result<RawFd> {
+                self.load()?;
+                Ok(self.fd()?.as_fd().as_raw_fd())
+            }
+
+            fn attach_link(&mut self, cgroup: &File) -> Result<FdLink> {
+                // A link attachment coexists with other programs on the
+                // cgroup whatever the mode; the kernel takes no flags for it.
+                let link_id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                self.take_link(link_id)?
+                    .try_into()
+                    .context("a cgroup link expected (kernel >= 5.7)")
+            }
+        }
+    };
+}
+
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(CgroupSock);
+
+fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut dyn CgroupProgram> {
+    match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(program)) => Ok(program),
+        Some(Program::CgroupSock(program)) => Ok(program),
+        Some(_) => bail!("the eBPF object's {name} is not a cgroup socket program"),
+        None => bail!("the eBPF object has no program {name}"),
+    }
+}
 
 fn link_path(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(super::loader::LINK_DIR).join(format!("cgroup_{program}"))
@@ -41,7 +84,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .context("no cgroup v2 hierarchy is mounted (the socket-level balancer needs one; or pass --no-socket-lb)")
 }
 
-/// Attaches both programs to `cgroup`. Links pinned by an earlier run on the
+/// Attaches the programs to `cgroup`. Links pinned by an earlier run on the
 /// same cgroup get the new programs atomically; links on another cgroup are
 /// replaced.
 pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
@@ -51,14 +94,10 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
     for name in PROGRAMS {
         let path = link_path(pin_dir, name);
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object has no program {name}"))?
-            .try_into()?;
-        program
-            .load()
+        let program = cgroup_program(ebpf, name)?;
+        let program_fd = program
+            .load_fd()
             .with_context(|| format!("loading {name} (the verifier rejected it?)"))?;
-        let program_fd = program.fd()?.as_fd().as_raw_fd();
         if let Ok(old) = raw::open_pinned(&path) {
             if link_cgroup_id(old.as_fd()) == Some(cgroup_id) {
                 raw::update_link(old.as_fd(), program_fd)
@@ -68,15 +107,9 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
             tracing::info!(link = %path.display(), "pinned socket link belongs to another cgroup, replacing it");
         }
         let _ = std::fs::remove_file(&path);
-        let link_id = program
-            // A link attachment coexists with other programs on the cgroup
-            // whatever the mode; the kernel takes no flags for it.
-            .attach(&cgroup_file, CgroupAttachMode::Single)
+        let link = program
+            .attach_link(&cgroup_file)
             .with_context(|| format!("attaching {name} to the cgroup {}", cgroup.display()))?;
-        let link: FdLink = program
-            .take_link(link_id)?
-            .try_into()
-            .context("a cgroup link expected (kernel >= 5.7)")?;
         link.pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
     }

@@ -1,10 +1,12 @@
 //! A TCP client to run as its own process inside a test cluster's cgroup
 //! (where the socket-level balancer acts, unlike in the test process):
-//! `kpr-client ADDR COUNT` opens COUNT connections, keeps them all open,
-//! asks each pod server who it is, and prints one line per connection:
-//! `<pod> <address the server saw> <getpeername()>`, or `error <why>`.
+//! `kpr-client ADDR COUNT [hold]` opens COUNT connections, keeps them all
+//! open, asks each pod server who it is, and prints one line per
+//! connection: `<pod> <address the server saw> <getpeername()>`, or
+//! `error <why>`. With `hold`, the connections stay open until its stdin
+//! closes.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -25,6 +27,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let to: SocketAddr = args.next().context("usage: kpr-client ADDR COUNT")?.parse()?;
     let count: usize = args.next().context("usage: kpr-client ADDR COUNT")?.parse()?;
+    let hold = args.next().as_deref() == Some("hold");
     let mut open = Vec::new();
     for _ in 0..count {
         match ask(to) {
@@ -35,5 +38,10 @@ fn main() -> Result<()> {
             Err(e) => println!("error {e}"),
         }
     }
+    if hold {
+        std::io::stdout().flush()?;
+        std::io::stdin().read_to_end(&mut Vec::new())?;
+    }
+    drop(open);
     Ok(())
 }
