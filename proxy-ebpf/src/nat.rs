@@ -102,6 +102,36 @@ pub fn rewrite<F: Frame>(frame: &F, pkt: &Packet, src: Endpoint, dst: Endpoint) 
     Ok(())
 }
 
+/// A FIB lookup's parameters: IPv4 from `src` to `dst`, arriving on
+/// `ifindex`; every other field zero.
+///
+/// Built as its eight words: zeroing the struct (`mem::zeroed`) becomes a
+/// call to the BPF build's `memset`, a byte-at-a-time loop that was 8% of
+/// the TC program's time on NodePort replies in a profile.
+#[inline(always)]
+fn fib_query(src: u32, dst: u32, ifindex: u32) -> bpf_fib_lookup {
+    // family, l4_protocol, sport, dport, tot_len | ifindex, tos |
+    // ipv4_src | (rest of ipv6_src) | ipv4_dst | (rest of ipv6_dst) |
+    // vlan, mark | macs: little-endian, so each field sits in its word's
+    // low bytes.
+    // A zero the compiler cannot see, or it would merge the zero words
+    // into a `memset` call again.
+    let zero = core::hint::black_box(0u64);
+    let words: [u64; 8] = [
+        AF_INET as u64,
+        ifindex as u64,
+        src as u64,
+        zero,
+        dst as u64,
+        zero,
+        zero,
+        zero,
+    ];
+    // SAFETY: the same size (asserted at compile time by `transmute`), and
+    // every bit pattern is a valid value of every field.
+    unsafe { core::mem::transmute::<[u64; 8], bpf_fib_lookup>(words) }
+}
+
 /// Hands a frame already addressed to lo's MAC (all zeros) to the node
 /// itself, through lo's ingress: the verdict to return.
 #[inline(always)]
@@ -119,13 +149,8 @@ pub fn into_node_through_lo() -> i32 {
 /// exactly this.
 #[inline(always)]
 pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
-    // SAFETY: plain data; zero is a valid value of every field.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: the context is the kernel's skb for this run.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut params = fib_query(src, dst, unsafe { (*ctx.skb.skb).ifindex });
     // SAFETY: params is a live, correctly sized struct.
     let found = unsafe {
         fib_lookup(
@@ -158,13 +183,8 @@ pub fn forward_by_fib(ctx: &TcContext, src: u32, dst: u32) -> i32 {
 /// subsystem.
 #[inline(always)]
 pub fn forward_from_xdp(ctx: &XdpContext, src: u32, dst: u32) -> Option<u32> {
-    // SAFETY: plain data; zero is a valid value of every field.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
     let arrived_on = ctx.ingress_ifindex() as u32;
-    params.ifindex = arrived_on;
+    let mut params = fib_query(src, dst, arrived_on);
     // SAFETY: params is a live, correctly sized struct.
     let found = unsafe {
         fib_lookup(
@@ -177,10 +197,8 @@ pub fn forward_from_xdp(ctx: &XdpContext, src: u32, dst: u32) -> Option<u32> {
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return None;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    ctx.write(0, &macs).ok()?;
+    ctx.write(0, &params.dmac).ok()?;
+    ctx.write(6, &params.smac).ok()?;
     if params.ifindex == arrived_on {
         return Some(XDP_TX);
     }
