@@ -139,9 +139,21 @@ fn a_restarted_daemon_keeps_the_hooks_and_one_started_without_them_removes_them(
     assert_eq!(socket_connects, 3, "one program, not an old one beside the new");
 
     // Without the socket-level hooks the TC path translates the same
-    // connections per packet.
+    // connections per packet. The records of sockets still open are
+    // forgotten: no hook would remove them when they close.
+    let held = cluster
+        .hold_socket_clients(&cluster.pod("client").ns, FRONTEND, 2)
+        .unwrap();
+    assert_eq!(socket_records(&cluster), 2);
+    let socket_connects = stat(&cluster, Stat::SocketConnect);
     cluster.stop_daemon().unwrap();
     cluster.start_daemon_with(&["--no-socket-lb"]).unwrap();
+    assert_eq!(
+        socket_records(&cluster),
+        0,
+        "the detached balancer's records are forgotten"
+    );
+    held.close().unwrap();
     let new_flows = stat(&cluster, Stat::NewFlow);
     let results = cluster.socket_clients(&cluster.pod("client").ns, FRONTEND, 3).unwrap();
     for result in &results {

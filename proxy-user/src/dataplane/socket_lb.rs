@@ -12,13 +12,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
+    maps::{HashMap, Map, MapData},
     programs::{
         links::{CgroupAttachMode, FdLink},
         CgroupSock, CgroupSockAddr, Program,
     },
     Ebpf,
 };
-use proxy_common::{CONNECT_PROGRAM, GETPEERNAME_PROGRAM, SOCK_RELEASE_PROGRAM};
+use proxy_common::{map_name, SocketPeer, CONNECT_PROGRAM, GETPEERNAME_PROGRAM, SOCK_RELEASE_PROGRAM};
 
 use super::sys as raw;
 
@@ -117,7 +118,10 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
 }
 
 /// Detaches the socket-level balancer (a daemon started without it must
-/// not leave an earlier run's hooks behind).
+/// not leave an earlier run's hooks behind), and empties its table of
+/// socket records: with the hooks gone nothing reads it, and the records of
+/// the sockets open now would stay when they close, with no hook to remove
+/// them.
 pub fn detach(pin_dir: &Path) -> Result<()> {
     for name in PROGRAMS {
         let path = link_path(pin_dir, name);
@@ -126,6 +130,26 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => bail!("removing {}: {e}", path.display()),
         }
+    }
+    forget_socket_records(pin_dir)
+}
+
+fn forget_socket_records(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.join(map_name::SOCKET_PEERS_BY_COOKIE).exists() {
+        return Ok(());
+    }
+    let table = super::maps::open(pin_dir, map_name::SOCKET_PEERS_BY_COOKIE)?;
+    let mut table: HashMap<MapData, u64, SocketPeer> = HashMap::try_from(Map::HashMap(table))?;
+    let cookies = table.keys().collect::<Result<Vec<_>, _>>()?;
+    for cookie in &cookies {
+        // Gone meanwhile (its socket closed while the hook still ran): fine.
+        let _ = table.remove(cookie);
+    }
+    if !cookies.is_empty() {
+        tracing::info!(
+            records = cookies.len(),
+            "socket records of the detached balancer forgotten"
+        );
     }
     Ok(())
 }
